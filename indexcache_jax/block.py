@@ -1,0 +1,67 @@
+"""One DSA transformer block: MLA attention whose keys are chosen by the lightning indexer, then the FFN.
+
+IndexCache (SPEC §2) lives in `DSABlock.__call__`: a Full layer runs its indexer and passes its top-k on; a Shared
+layer skips the indexer and attends with the indices carried from the nearest preceding Full layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+from flax import nnx
+
+from indexcache_jax.cache import LayerCache
+from indexcache_jax.config import ModelConfig
+from indexcache_jax.ffn import MLP, MoE
+from indexcache_jax.indexer import LightningIndexer
+from indexcache_jax.mla import MLAttention
+from indexcache_jax.nn import RMSNorm
+
+
+class LayerContext(NamedTuple):
+    """What every layer of one forward step shares (computed once, outside the layer scan)."""
+
+    positions: jax.Array  # int32[B,T], absolute position of each query token
+    write_offsets: Optional[jax.Array]  # int32[B], cache row where this step's first token goes; None: no cache
+    rope: tuple  # (cos, sin) f32[B,T,P/2] at `positions`; MLA and the indexer rotate by the same angles
+    topk: int  # index slots per query (static)
+    attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
+    impl: Optional[str]  # kernel implementation for pallas_kernels.dispatch (static)
+
+
+class DSABlock(nnx.Module):
+    def __init__(self, config: ModelConfig, ffn: str, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
+        self.self_attn = MLAttention(config, rngs=rngs)
+        self.indexer = LightningIndexer(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
+        self.mlp = MLP(config, config.intermediate_size, rngs=rngs) if ffn == "dense" else MoE(config, rngs=rngs)
+
+    def __call__(self, hidden, indices, is_full, ctx: LayerContext, cache: Optional[LayerCache]):
+        """hidden [B,T,D], indices int32[B,T,K] (from the nearest preceding Full layer), is_full bool[] ->
+        (hidden, indices for the next layer, this layer's updated cache slice or None)."""
+        x = self.input_layernorm(hidden)
+        q_resid, q_nope, q_rope = self.self_attn.queries(x, ctx.rope)
+        kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x, ctx.rope)
+        if cache is not None:  # attend over everything cached so far, this step's tokens included
+            cache = cache.append(ctx.write_offsets, kv_rows, index_keys)
+            kv_rows, index_keys = cache.latent, cache.index_keys
+
+        if ctx.attention == "dense":
+            attn = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions)
+        else:
+            def run_indexer(indices):
+                return self.indexer.select(q_resid, x, index_keys, ctx.positions, ctx.rope,
+                                           topk=ctx.topk, impl=ctx.impl)
+
+            def reuse_carried(indices):
+                return indices
+
+            # lax.cond on the runtime flag executes one branch: Shared layers never score or select.
+            indices = jax.lax.cond(is_full, run_indexer, reuse_carried, indices)
+            attn = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl)
+
+        hidden = hidden + attn.astype(hidden.dtype)
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden)).astype(hidden.dtype)
+        return hidden, indices, cache

@@ -1,0 +1,185 @@
+"""Model configuration: one frozen dataclass per concept, loaded from YAML and validated field by field.
+
+Names follow the HuggingFace `DeepseekV32Config` / `GlmMoeDsaConfig` keys where one exists, so a checkpoint's
+`config.json` maps onto these fields with few renames. Derived quantities (head dims, softmax scale, which layers are
+dense) are properties, never configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Literal, Optional
+
+import jax.numpy as jnp
+
+from indexcache_jax.configlib import ConfigError, check, from_mapping, read_yaml
+from indexcache_jax.pattern import IndexCachePattern
+
+RopeLayout = Literal["half_split", "interleaved"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek-V3 style mixture of experts: sigmoid router with score-correction bias, group-limited top-k."""
+
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    n_shared_experts: int = 1
+    n_group: int = 1  # experts are split into n_group groups; tokens may only route into topk_group of them
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0  # the first k layers use the dense FFN instead of MoE
+
+    def validate(self, where: str = "moe") -> None:
+        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+            check(getattr(self, name) > 0, f"{where}.{name}", f"must be > 0, got {getattr(self, name)}")
+        check(self.n_shared_experts >= 0, f"{where}.n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        check(self.first_k_dense_replace >= 0, f"{where}.first_k_dense_replace",
+              f"must be >= 0, got {self.first_k_dense_replace}")
+        check(self.n_routed_experts % self.n_group == 0, f"{where}.n_group",
+              f"must divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
+        check(self.topk_group <= self.n_group, f"{where}.topk_group",
+              f"must be <= n_group={self.n_group}, got {self.topk_group}")
+        experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+        check(self.num_experts_per_tok <= experts_reachable, f"{where}.num_experts_per_tok",
+              f"must be <= topk_group * experts per group = {experts_reachable}, got {self.num_experts_per_tok}")
+        check(self.routed_scaling_factor > 0, f"{where}.routed_scaling_factor",
+              f"must be > 0, got {self.routed_scaling_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A DSA transformer: MLA attention + lightning indexer per layer, dense SwiGLU or MoE FFN (SPEC §1)."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    num_layers: int  # N
+    num_heads: int  # H, attention heads
+    q_lora_rank: int  # Q, rank of the query compression (the indexer reads this q_resid too)
+    kv_lora_rank: int  # R, the latent c_kv width (512 in DeepSeek-V3.2)
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # P, the rope part of q/k (64 in DeepSeek-V3.2)
+    v_head_dim: int
+    index_n_heads: int  # G, indexer heads (64 in DeepSeek-V3.2, 32 in GLM-5)
+    index_head_dim: int  # I, indexer head width (128)
+    index_topk: int  # K, tokens each query attends to (2048 in the released models)
+    intermediate_size: int  # dense SwiGLU width (the first_k_dense_replace layers when moe is set)
+    moe: Optional[MoEConfig] = None
+    indexer_rope_layout: RopeLayout = "half_split"  # DeepSeek-V3.2: half_split; GLM-5: interleaved
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    indexer_norm_eps: float = 1e-6  # the indexer's key LayerNorm
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: DType = "float32"  # compute dtype of matmuls; norms, softmax and indexer scores stay in float32
+    param_dtype: DType = "float32"
+
+    def validate(self, where: str = "model") -> None:
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim",
+                    "index_topk", "intermediate_size", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            check(value > 0, f"{where}.{name}", f"must be > 0, got {value}")
+        for name in ("qk_rope_head_dim",):
+            check(getattr(self, name) % 2 == 0, f"{where}.{name}", f"must be even (RoPE rotates pairs), "
+                  f"got {getattr(self, name)}")
+        check(self.qk_rope_head_dim <= self.index_head_dim, f"{where}.index_head_dim",
+              f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (the indexer ropes its first "
+              f"qk_rope_head_dim dims), got {self.index_head_dim}")
+        check(self.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(self.rms_norm_eps > 0, f"{where}.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        if self.moe is not None:
+            self.moe.validate(f"{where}.moe")
+            check(self.moe.first_k_dense_replace <= self.num_layers, f"{where}.moe.first_k_dense_replace",
+                  f"must be <= num_layers={self.num_layers}, got {self.moe.first_k_dense_replace}")
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached MLA token: c_kv (R) followed by k_rope (P); 576 in DeepSeek-V3.2."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5
+
+    @property
+    def num_dense_layers(self) -> int:
+        """Layers [0, num_dense_layers) use the dense FFN, the rest MoE."""
+        return self.num_layers if self.moe is None else self.moe.first_k_dense_replace
+
+    @property
+    def layer_segments(self) -> tuple[tuple[int, int, str], ...]:
+        """Runs of layers with the same FFN kind, as (start, stop, "dense" | "moe"). Each run is one stack of
+        parameters and one `lax.scan`; layers only differ in shape between runs (first_k_dense_replace)."""
+        cut = self.num_dense_layers
+        runs = ((0, cut, "dense"), (cut, self.num_layers, "moe"))
+        return tuple(run for run in runs if run[1] > run[0])
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def topk_for(self, num_keys: int) -> int:
+        """Index slots per query over `num_keys` keys: index_topk, capped by how many keys exist."""
+        return min(self.index_topk, num_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexCacheConfig:
+    """Which layers run their indexer. Give `pattern` ("FSSS...", one letter per layer) or `retention`
+    (fraction of Full layers, placed by uniform interleave); neither means all Full."""
+
+    pattern: Optional[str] = None
+    retention: Optional[float] = None
+
+    def validate(self, where: str = "indexcache") -> None:
+        check(self.pattern is None or self.retention is None, where,
+              "give either pattern or retention, not both")
+        if self.retention is not None:
+            check(0 < self.retention <= 1, f"{where}.retention", f"must be in (0, 1], got {self.retention}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole YAML file: the model and its IndexCache pattern."""
+
+    model: ModelConfig
+    indexcache: IndexCacheConfig = IndexCacheConfig()
+
+    def validate(self, where: str = "") -> None:
+        try:
+            self.pattern()
+        except ValueError as err:
+            raise ConfigError(f"indexcache.pattern: {err}") from err
+
+    def pattern(self) -> IndexCachePattern:
+        n = self.model.num_layers
+        if self.indexcache.pattern is not None:
+            return IndexCachePattern.parse(self.indexcache.pattern, num_layers=n)
+        if self.indexcache.retention is not None:
+            return IndexCachePattern.uniform(n, self.indexcache.retention)
+        return IndexCachePattern.all_full(n)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return from_mapping(Config, data, "")
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    """Load and validate a YAML config; errors name the file and the field."""
+    data = read_yaml(path)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err

@@ -1,0 +1,47 @@
+"""The lightning indexer: scores every earlier token for each query and keeps the top-k (SPEC §1).
+
+    q_I = q_resid W_qb -> [B,T,G,I];  k_I = LayerNorm(x W_k) -> [B,T,I] (one key per token, shared by all heads)
+    w   = x W_w * G^-0.5 -> [B,T,G];  I[b,t,s] = sum_g w[b,t,g] ReLU(I^-0.5 q_I[b,t,g] . k_I[b,s])
+RoPE acts on the first P dims of q_I and k_I, in the model family's layout (config.indexer_rope_layout).
+Production kernels also apply a Hadamard rotation before fp8 quantisation; it is orthogonal, so it keeps every dot
+product and the bf16/fp32 form here is the exact reference.
+Shape letters: B T S D, Q q_lora_rank, G index_n_heads, I index_head_dim, P qk_rope_head_dim, K top-k slots.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from indexcache_jax.config import ModelConfig
+from indexcache_jax.nn import LayerNorm, project, weight
+from indexcache_jax.rope import apply_rope
+
+
+class LightningIndexer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.wq_b = weight(rngs, c, c.q_lora_rank, c.index_n_heads, c.index_head_dim)  # [Q,G,I]
+        self.wk = weight(rngs, c, c.hidden_size, c.index_head_dim)  # [D,I]
+        self.k_norm = LayerNorm(c.index_head_dim, c.indexer_norm_eps, c.param_dtype)
+        self.weights_proj = weight(rngs, c, c.hidden_size, c.index_n_heads)  # [D,G]
+
+    def _rope(self, x, rope):
+        """Rotate the first P dims of x [..., I]; the rest pass through."""
+        p = self.config.qk_rope_head_dim
+        return jnp.concatenate([apply_rope(x[..., :p], *rope, self.config.indexer_rope_layout), x[..., p:]], -1)
+
+    def keys(self, x, rope):
+        """x [B,T,D] -> indexer keys [B,T,I] (what the indexer cache holds)."""
+        k = self.k_norm(project("btd,di->bti", x, self.wk, self.config.compute_dtype))
+        return self._rope(k, rope)
+
+    def select(self, q_resid, x, keys, q_positions, rope, *, topk: int, impl=None):
+        """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D] (the block's normed input), keys [B,S,I],
+        q_positions int[B,T] -> int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
+        c = self.config
+        q = self._rope(project("btq,qgi->btgi", q_resid, self.wq_b, c.compute_dtype), rope)
+        # Both constant scales fold into the head weights: c * ReLU(a) == ReLU(c * a) for c > 0.
+        head_scale = (c.index_n_heads ** -0.5) * (c.index_head_dim ** -0.5)
+        w = project("btd,dg->btg", x, self.weights_proj, jnp.float32) * head_scale
+        return pallas_kernels.indexer_topk(q, w, keys.astype(q.dtype), q_positions, topk=topk, impl=impl)

@@ -1,0 +1,93 @@
+"""Multi-head Latent Attention (DeepSeek-V3), in its training form and its absorbed ("MQA") inference form.
+
+Per token: q_resid = RMSNorm(x W_qa) [Q]; q = q_resid W_qb -> per head q_nope [N] ++ q_rope [P];
+latent = x W_kva -> c_kv [R] (RMSNorm'd) ++ k_rope [P] (one rope key shared by all heads).
+W_kvb expands c_kv per head into k_nope [N] and v [V].
+
+Training form ("MHA"): expand c_kv into per-head keys and values, then ordinary causal softmax attention.
+Absorbed form ("MQA"): fold W_kvb's key part into the query (q_latent = q_nope W_uk^T, [R]) and its value part into
+the output, so all heads attend over the same cached latent rows [R + P] and take c_kv as values. The two are the
+same function (tested); the absorbed form is what DSA's sparse kernels consume (SPEC §1).
+Shape letters: B T S D H, Q q_lora_rank, R kv_lora_rank, N qk_nope_head_dim, P qk_rope_head_dim, V v_head_dim,
+L = R + P, K top-k slots.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from indexcache_jax.config import ModelConfig
+from indexcache_jax.nn import RMSNorm, project, weight
+from indexcache_jax.rope import apply_rope
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_a_proj = weight(rngs, c, c.hidden_size, c.q_lora_rank)  # [D,Q]
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, c.param_dtype)
+        self.q_b_proj = weight(rngs, c, c.q_lora_rank, c.num_heads, c.qk_head_dim)  # [Q,H,N+P]
+        self.kv_a_proj_with_mqa = weight(rngs, c, c.hidden_size, c.latent_dim)  # [D,R+P]
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, c.param_dtype)
+        self.kv_b_proj = weight(rngs, c, c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)  # [R,H,N+V]
+        self.o_proj = weight(rngs, c, c.num_heads, c.v_head_dim, c.hidden_size)  # [H,V,D]
+
+    def queries(self, x, rope):
+        """x [B,T,D] -> q_resid [B,T,Q] (the indexer reads it too), q_nope [B,T,H,N], q_rope [B,T,H,P] (rotated)."""
+        c = self.config
+        q_resid = self.q_a_layernorm(project("btd,dq->btq", x, self.q_a_proj, c.compute_dtype))
+        q = project("btq,qhe->bthe", q_resid, self.q_b_proj, c.compute_dtype)
+        q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
+        return q_resid, q_nope, apply_rope(q_rope, *rope, "interleaved")
+
+    def latent(self, x, rope):
+        """x [B,T,D] -> latent KV rows [B,T,L]: normalised c_kv [R] ++ rotated k_rope [P] (what the cache holds)."""
+        c = self.config
+        kv = project("btd,dl->btl", x, self.kv_a_proj_with_mqa, c.compute_dtype)
+        c_kv, k_rope = jnp.split(kv, [c.kv_lora_rank], axis=-1)
+        return jnp.concatenate([self.kv_a_layernorm(c_kv), apply_rope(k_rope, *rope, "interleaved")], axis=-1)
+
+    def _kv_b(self):
+        """W_kvb split into its key part W_uk [R,H,N] and value part W_uv [R,H,V], in the compute dtype."""
+        w = self.kv_b_proj[...].astype(self.config.compute_dtype)
+        return w[..., :self.config.qk_nope_head_dim], w[..., self.config.qk_nope_head_dim:]
+
+    def _output(self, o):
+        """Per-head values o [B,T,H,V] -> [B,T,D]."""
+        return project("bthv,hvd->btd", o, self.o_proj, self.config.compute_dtype)
+
+    def attend_sparse(self, q_nope, q_rope, kv_rows, indices, impl=None):
+        """Absorbed-form attention of each query over its top-k latent rows.
+
+        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], indices int32[B,T,K] (-1 = empty slot) -> [B,T,D].
+        """
+        c = self.config
+        w_uk, w_uv = self._kv_b()
+        q_latent = jnp.einsum("bthn,rhn->bthr", q_nope.astype(w_uk.dtype), w_uk)
+        q_mqa = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B,T,H,L]
+        o_latent = pallas_kernels.sparse_mla(q_mqa, kv_rows.astype(q_mqa.dtype), indices, scale=c.softmax_scale,
+                                             value_dim=c.kv_lora_rank, impl=impl)  # [B,T,H,R]
+        return self._output(jnp.einsum("bthr,rhv->bthv", o_latent, w_uv))
+
+    def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None):
+        """Training-form causal attention over all keys: per-head keys and values expanded from c_kv.
+
+        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], q_positions int[B,T]; key s is visible to query t
+        when s <= q_positions[b,t] and (if given) mask[b,t,s]. Materialises [B,H,T,S] logits: a reference and
+        dense-warm-up path, not a long-context one.
+        """
+        c = self.config
+        w_uk, w_uv = self._kv_b()
+        c_kv, k_rope = jnp.split(kv_rows.astype(w_uk.dtype), [c.kv_lora_rank], axis=-1)
+        k_nope = jnp.einsum("bsr,rhn->bshn", c_kv, w_uk)
+        values = jnp.einsum("bsr,rhv->bshv", c_kv, w_uv)
+        logits = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthp,bsp->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+        visible = jnp.arange(kv_rows.shape[1])[None, None, :] <= q_positions[:, :, None]  # [B,T,S]
+        if mask is not None:
+            visible = visible & mask
+        logits = jnp.where(visible[:, None], logits * c.softmax_scale, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return self._output(jnp.einsum("bhts,bshv->bthv", probs.astype(values.dtype), values))

@@ -1,0 +1,160 @@
+"""The DSA transformer: embedding, the layer stack as one `lax.scan` per run of same-shaped layers, final norm and
+LM head; and the functional entry points that build, bind and run it over parameter pytrees.
+
+The scan carry is (hidden [B,T,D], indices int32[B,T,K]): the top-k of the nearest Full layer so far, which a
+Shared layer reads instead of running its indexer. The pattern enters as a runtime bool[N] array, so one compiled
+function serves every pattern.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from indexcache_jax.block import DSABlock, LayerContext
+from indexcache_jax.cache import KVCache
+from indexcache_jax.config import ModelConfig
+from indexcache_jax.nn import RMSNorm, project, weight
+from indexcache_jax.pattern import IndexCachePattern, as_flags
+from indexcache_jax.rope import rope_angles
+
+ATTENTION_MODES = ("sparse", "dense")
+
+
+def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> DSABlock:
+    """`num` blocks with independently initialised weights, stacked on a leading layer axis."""
+    graphdefs, states = zip(*(nnx.split(DSABlock(config, ffn, rngs=rngs)) for _ in range(num)))
+    return nnx.merge(graphdefs[0], jax.tree.map(lambda *layers: jnp.stack(layers), *states))
+
+
+def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cache):
+    """Run a stack of blocks: hidden [B,T,D], indices int32[B,T,K], flags bool[N_run] (True = Full), cache: the
+    run's stacked LayerCache or None -> (hidden, indices, updated cache)."""
+    graphdef, stacked_params = nnx.split(stack)
+
+    def layer_step(carry, layer_inputs):
+        hidden, indices = carry
+        params, is_full, layer_cache = layer_inputs
+        block = nnx.merge(graphdef, params)
+        hidden, indices, layer_cache = block(hidden, indices, is_full, ctx, layer_cache)
+        return (hidden, indices), layer_cache
+
+    (hidden, indices), cache = jax.lax.scan(layer_step, (hidden, indices), (stacked_params, flags, cache))
+    return hidden, indices, cache
+
+
+class DSATransformer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = weight(rngs, config, config.vocab_size, config.hidden_size)  # [V,D]
+        stacks = {ffn: _stacked_blocks(config, ffn, stop - start, rngs) for start, stop, ffn in config.layer_segments}
+        self.dense_layers = stacks.get("dense")  # layers [0, num_dense_layers)
+        self.moe_layers = stacks.get("moe")  # the rest
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else weight(rngs, config, config.hidden_size,
+                                                                       config.vocab_size)  # [D,V]
+
+    def __call__(self, tokens, flags, *, cache: Optional[KVCache] = None, logits_at=None, attention="sparse",
+                 impl=None):
+        """tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], or [B,V] at positions logits_at int[B];
+        the cache with this step's rows written (lengths unchanged) or None).
+
+        Without a cache the tokens attend among themselves from position 0. With one, row b's tokens sit at
+        positions cache.lengths[b] + t and attend over everything cached before them. Token ids outside the
+        vocabulary embed as NaN, so they can never yield plausible-looking logits.
+        """
+        c = self.config
+        batch, num_q = tokens.shape
+        offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
+        positions = offsets[:, None] + jnp.arange(num_q, dtype=jnp.int32)[None, :]
+        num_keys = num_q if cache is None else cache.max_len
+        ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
+                           rope=rope_angles(positions, c.qk_rope_head_dim, c.rope_theta),
+                           topk=c.topk_for(num_keys), attention=attention, impl=impl)
+
+        hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        hidden = hidden.astype(c.compute_dtype)
+        indices = jnp.full((batch, num_q, ctx.topk), -1, jnp.int32)  # layer 0 is Full and overwrites this
+        stacks = {"dense": self.dense_layers, "moe": self.moe_layers}
+        new_segments = []
+        for run, (start, stop, ffn) in enumerate(c.layer_segments):
+            run_cache = None if cache is None else cache.segments[run]
+            hidden, indices, run_cache = scan_layers(stacks[ffn], hidden, indices, flags[start:stop], ctx, run_cache)
+            new_segments.append(run_cache)
+
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
+        hidden = self.norm(hidden)
+        if self.lm_head is None:
+            logits = project("...d,vd->...v", hidden, self.embed_tokens, c.compute_dtype)
+        else:
+            logits = project("...d,dv->...v", hidden, self.lm_head, c.compute_dtype)
+        new_cache = None if cache is None else cache.replace(segments=tuple(new_segments))
+        return logits.astype(jnp.float32), new_cache
+
+
+# ---- functional entry points ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def model_graphdef(config: ModelConfig) -> nnx.GraphDef:
+    """The static structure of the model for `config` (no weights are materialised)."""
+    return nnx.split(nnx.eval_shape(lambda: DSATransformer(config, rngs=nnx.Rngs(0))))[0]
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:
+    """Randomly initialised parameters (an nnx.State pytree), deterministic in `seed`."""
+    return nnx.split(DSATransformer(config, rngs=nnx.Rngs(seed)))[1]
+
+
+def bind(config: ModelConfig, params: nnx.State) -> DSATransformer:
+    """The module for `params`, for use inside a jitted function."""
+    return nnx.merge(model_graphdef(config), params)
+
+
+def check_tokens(tokens, config: ModelConfig, name: str = "tokens") -> None:
+    """Raise ValueError for ids outside [0, vocab_size). Skipped for traced values (they embed as NaN instead)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
+        bad = arr[(arr < 0) | (arr >= config.vocab_size)]
+        raise ValueError(f"{name} contains id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary "
+                         f"[0, {config.vocab_size})")
+
+
+def check_flags(flags, config: ModelConfig):
+    """Runtime pattern flags as a bool[N] array; concrete ones must have layer 0 Full."""
+    flags = jnp.asarray(flags)
+    if flags.shape != (config.num_layers,) or flags.dtype != jnp.bool_:
+        raise ValueError(f"pattern flags must be bool[{config.num_layers}], got {flags.dtype}{list(flags.shape)}")
+    if not isinstance(flags, jax.core.Tracer) and not bool(flags[0]):
+        raise ValueError("pattern flags: layer 0 must be Full (True); a Shared layer needs an earlier Full layer")
+    return flags
+
+
+def pattern_flags(pattern: IndexCachePattern | str | np.ndarray | None, config: ModelConfig):
+    """Any accepted pattern form (None = all Full, "FSSS...", IndexCachePattern, bool[N]) -> checked bool[N]."""
+    return check_flags(as_flags(pattern, config.num_layers), config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl"))
+def _forward(params, tokens, flags, *, config, attention, impl):
+    return bind(config, params)(tokens, flags, attention=attention, impl=impl)[0]
+
+
+def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
+            impl: Optional[str] = None):
+    """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
+    attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    check_tokens(tokens, config)
+    return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,
+                    impl=impl)

@@ -1,0 +1,61 @@
+"""Shared fixtures: small models whose shapes make every code path matter (top-k < context, MoE after a dense
+first layer, Shared layers), and the --runslow switch."""
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from indexcache_jax import ModelConfig, MoEConfig, init_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+jax.config.update("jax_enable_x64", False)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    no_gpu = not any(d.platform == "gpu" for d in jax.devices())
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and no_gpu:
+            item.add_marker(skip_gpu)
+
+
+SMALL = ModelConfig(
+    vocab_size=61, hidden_size=32, num_layers=4, num_heads=4, q_lora_rank=24, kv_lora_rank=16,
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=4, index_head_dim=16, index_topk=4,
+    intermediate_size=48, initializer_range=0.2,
+    moe=MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                  n_group=4, topk_group=2, routed_scaling_factor=1.5, first_k_dense_replace=1))
+
+
+@pytest.fixture(scope="session")
+def small_config() -> ModelConfig:
+    """4 layers (1 dense + 3 MoE), top-4 selection; large init so layers differ and routing is not uniform."""
+    return SMALL
+
+
+@pytest.fixture(scope="session")
+def small_params(small_config):
+    return init_params(small_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def dense_config() -> ModelConfig:
+    """The small model with a dense FFN in every layer (one layer run, no MoE)."""
+    return dataclasses.replace(SMALL, moe=None)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||, computed in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
