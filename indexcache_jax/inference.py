@@ -83,7 +83,9 @@ def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig
 
 def decode_step(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, impl: Optional[str] = None):
     """One token per row: tokens int[B] -> (logits f32[B,V] for the next token, the cache with it appended).
-    The input cache is donated: use the returned one."""
+    The input cache is donated: use the returned one. The vocabulary and capacity checks read the tokens and
+    cache lengths on the host (a small device-to-host copy per call); `generate` and calls from inside your own
+    jit skip them, and fall back to NaN logits for bad rows."""
     tokens = jnp.asarray(tokens)
     if tokens.shape != (cache.batch_size,):
         raise ValueError(f"decode_step takes one token per row, shape ({cache.batch_size},); got {tokens.shape}")

@@ -15,7 +15,8 @@ def sample_tokens(logits, key, temperature, top_p):
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
-    kept = mass_before < top_p
+    # top_p >= 1 keeps everything even where the float cumulative sum rounds past 1.
+    kept = (mass_before < top_p) | (top_p >= 1.0)
     kept = kept.at[:, 0].set(True)
     threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
