@@ -41,10 +41,28 @@ def _prefill(params, tokens, lengths, cache, flags, *, config, impl, all_logits)
     return _extend(params, tokens, lengths, cache, flags, config=config, impl=impl, all_logits=all_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
-def _decode_step(params, tokens, cache, flags, *, config, impl):
+def _decode(params, tokens, cache, flags, *, config, impl):
+    """One token per row, tokens int[B] -> (logits [B,V], cache): shared by decode_step and generate's loop."""
     ones = jnp.ones_like(cache.lengths)
     return _extend(params, tokens[:, None], ones, cache, flags, config=config, impl=impl, all_logits=False)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+def _decode_step(params, tokens, cache, flags, *, config, impl):
+    return _decode(params, tokens, cache, flags, config=config, impl=impl)
+
+
+def _prompt_lengths(lengths, batch: int, width: int, name: str):
+    """Real tokens per row of a right- or left-padded [batch, width] prompt as int32[batch] (default: all width);
+    concrete values must lie in [1, width]."""
+    if lengths is None:
+        return jnp.full((batch,), width, jnp.int32)
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.shape != (batch,) or (values < 1).any() or (values > width).any():
+            raise ValueError(f"{name} must be {batch} values in [1, {width}] (the padded prompt length), got "
+                             f"{values.tolist()}")
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def _check_capacity(cache: KVCache, new_tokens: int) -> None:
@@ -71,13 +89,8 @@ def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig
         raise ValueError(f"tokens has batch {tokens.shape[0]} but the cache was made for {cache.batch_size}")
     check_tokens(tokens, config)
     _check_capacity(cache, tokens.shape[1])
-    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths)
-    if not isinstance(lengths, jax.core.Tracer):
-        bad = (np.asarray(lengths) < 1) | (np.asarray(lengths) > tokens.shape[1])
-        if bad.any():
-            raise ValueError(f"lengths must be in [1, {tokens.shape[1]}] (the padded prompt length), got "
-                             f"{np.asarray(lengths).tolist()}")
-    return _prefill(params, tokens, lengths.astype(jnp.int32), cache, pattern_flags(pattern, config),
+    lengths = _prompt_lengths(lengths, tokens.shape[0], tokens.shape[1], "lengths")
+    return _prefill(params, tokens, lengths, cache, pattern_flags(pattern, config),
                     config=config, impl=impl, all_logits=all_logits)
 
 
@@ -117,8 +130,7 @@ def _generate(params, prompts, lengths, cache, flags, key, temperature, top_p, e
 
     def step(carry, step_key):
         token, cache, done = carry
-        logits, cache = _extend(params, token[:, None], jnp.ones_like(lengths), cache, flags, config=config,
-                                impl=impl, all_logits=False)
+        logits, cache = _decode(params, token, cache, flags, config=config, impl=impl)
         nxt = jnp.where(done, eos_id, sample_tokens(logits, step_key, temperature, top_p))
         return (nxt, cache, done | (nxt == eos_id)), nxt
 
@@ -137,8 +149,8 @@ def generate(params, prompts, prompt_lengths=None, *, config: ModelConfig, max_n
 
     prompts int[B,T] padded on `padding_side` ("right": real tokens first; "left": real tokens last),
     prompt_lengths int[B] real tokens per row (default T). temperature 0 is greedy; otherwise nucleus sampling with
-    top_p, reproducible from `key`. eos_id (optional) stops a row; the cache holds max(prompt_lengths) +
-    max_new_tokens tokens unless cache_len is larger.
+    top_p, reproducible from `key`. eos_id (optional) stops a row; the cache holds the padded prompt width
+    T + max_new_tokens tokens unless cache_len is larger.
     """
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2:
@@ -149,15 +161,13 @@ def generate(params, prompts, prompt_lengths=None, *, config: ModelConfig, max_n
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_tokens(prompts, config, "prompts")
     batch, width = prompts.shape
-    lengths = np.full((batch,), width) if prompt_lengths is None else np.asarray(prompt_lengths)
-    if lengths.shape != (batch,) or (lengths < 1).any() or (lengths > width).any():
-        raise ValueError(f"prompt_lengths must be {batch} values in [1, {width}], got {lengths.tolist()}")
+    lengths = _prompt_lengths(prompt_lengths, batch, width, "prompt_lengths")
     needed = width + max_new_tokens
     if cache_len is not None and cache_len < needed:
         raise ValueError(f"cache_len={cache_len} is too small for prompts of {width} tokens plus "
                          f"max_new_tokens={max_new_tokens}; need at least {needed}")
     cache = init_cache(config, batch, cache_len or needed)
     key = jax.random.key(0) if key is None else key
-    return _generate(params, prompts, jnp.asarray(lengths, jnp.int32), cache, pattern_flags(pattern, config), key,
+    return _generate(params, prompts, lengths, cache, pattern_flags(pattern, config), key,
                      jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
                      config=config, max_new_tokens=max_new_tokens, impl=impl, left_padded=padding_side == "left")

@@ -28,7 +28,7 @@ ATTENTION_MODES = ("sparse", "dense")
 
 def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> DSABlock:
     """`num` blocks with independently initialised weights, stacked on a leading layer axis."""
-    graphdefs, states = zip(*(nnx.split(DSABlock(config, ffn, rngs=rngs)) for _ in range(num)))
+    graphdefs, states = zip(*(nnx.split(DSABlock(config, ffn, rngs=rngs)) for _ in range(num)), strict=True)
     return nnx.merge(graphdefs[0], jax.tree.map(lambda *layers: jnp.stack(layers), *states))
 
 

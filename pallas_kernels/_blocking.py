@@ -19,5 +19,5 @@ def map_query_blocks(fn, block_q: int, blocked_args, fills):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
         return jnp.moveaxis(x.reshape(batch, num_blocks, block_q, *x.shape[2:]), 1, 0)
 
-    out = jax.lax.map(lambda args: fn(*args), tuple(to_blocks(x, f) for x, f in zip(blocked_args, fills)))
+    out = jax.lax.map(lambda args: fn(*args), tuple(to_blocks(x, f) for x, f in zip(blocked_args, fills, strict=True)))
     return jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block_q, *out.shape[3:])[:, :num_q]

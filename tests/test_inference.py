@@ -97,8 +97,12 @@ def test_capacity_and_vocabulary_errors(small_config, small_params, sequences):
         prefill(small_params, sequences.at[0, 0].set(100), init_cache(small_config, 2, 20), config=small_config)
     with pytest.raises(ValueError, match="cache was made for 3"):
         prefill(small_params, sequences, init_cache(small_config, 3, 20), config=small_config)
-    with pytest.raises(ValueError, match=r"lengths must be in \[1, 16\]"):
+    with pytest.raises(ValueError, match=r"lengths must be 2 values in \[1, 16\]"):
         prefill(small_params, sequences, init_cache(small_config, 2, 20), config=small_config, lengths=[0, 16])
+    with pytest.raises(ValueError, match=r"lengths must be 2 values in \[1, 16\]"):
+        prefill(small_params, sequences, init_cache(small_config, 2, 20), config=small_config, lengths=[16])
+    with pytest.raises(ValueError, match=r"prompt_lengths must be 2 values in \[1, 16\]"):
+        generate(small_params, sequences, [3, 17], config=small_config, max_new_tokens=2)
     with pytest.raises(ValueError, match="cache_len=10 is too small"):
         generate(small_params, sequences, config=small_config, max_new_tokens=4, cache_len=10)
     _, cache = prefill(small_params, sequences[:, :4], init_cache(small_config, 2, 4), config=small_config)
