@@ -11,10 +11,13 @@ Typical use:
     cfg = load_config("configs/tiny.yaml")
     params = init_params(cfg.model, seed=0)
     out = generate(params, prompts, config=cfg.model, pattern=cfg.pattern(), max_new_tokens=32)
+
+    cfg, params = load_model("path/to/checkpoint")   # ours (Orbax) or a HuggingFace DeepSeek-V3.2 / GLM-5 directory
 """
 
 from indexcache_jax.cache import KVCache, LayerCache, init_cache
-from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig, MoEConfig, load_config
+from indexcache_jax.checkpoint import load_model, save_model
+from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig, MoEConfig, RopeScaling, load_config
 from indexcache_jax.configlib import ConfigError
 from indexcache_jax.inference import Generation, decode_step, generate, prefill
 from indexcache_jax.model import DSATransformer, bind, forward, init_params, model_graphdef, pattern_flags
@@ -22,6 +25,7 @@ from indexcache_jax.pattern import IndexCachePattern
 
 __all__ = [
     "Config", "ConfigError", "DSATransformer", "Generation", "IndexCacheConfig", "IndexCachePattern", "KVCache",
-    "LayerCache", "ModelConfig", "MoEConfig", "bind", "decode_step", "forward", "generate", "init_cache",
-    "init_params", "load_config", "model_graphdef", "pattern_flags", "prefill",
+    "LayerCache", "ModelConfig", "MoEConfig", "RopeScaling", "bind", "decode_step", "forward", "generate",
+    "init_cache", "init_params", "load_config", "load_model", "model_graphdef", "pattern_flags", "prefill",
+    "save_model",
 ]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from indexcache_jax.cache import init_cache
+from indexcache_jax.checkpoint import load_model, save_model
 from indexcache_jax.config import load_config
 from indexcache_jax.configlib import ConfigError
 from indexcache_jax.inference import decode_step, generate, prefill
@@ -25,18 +26,27 @@ def _timed(fn, *args, **kwargs):
 
 
 def run_generate(args) -> None:
-    """Random-weight model from the config: prefill + decode with timings, then one generate() call."""
-    cfg = load_config(args.config)
+    """A model (a checkpoint by path, or random weights from a config): prefill + decode with timings, then one
+    generate() call."""
+    if (args.config is None) == (args.model is None):
+        raise ValueError("give exactly one of --config (random weights) or --model (a checkpoint path)")
+    start = time.perf_counter()
+    if args.model is not None:
+        cfg, params = load_model(args.model, dtype=args.dtype)
+        source = f"loaded from {args.model}"
+    else:
+        cfg = load_config(args.config)
+        params = init_params(cfg.model, args.seed)
+        source = f"random (seed {args.seed})"
+    params = jax.block_until_ready(params)
     model_cfg = cfg.model
     pattern = IndexCachePattern.parse(args.pattern, model_cfg.num_layers) if args.pattern else cfg.pattern()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model: {model_cfg.num_layers} layers, width {model_cfg.hidden_size}, {model_cfg.num_heads} heads, "
           f"index_topk {model_cfg.index_topk}, {'MoE' if model_cfg.moe else 'dense FFN'}, dtype {model_cfg.dtype}")
     print(f"IndexCache pattern: {pattern} (retention {pattern.retention:.3f})")
-
-    params, seconds = _timed(init_params, model_cfg, args.seed)
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"init: {num_params:,} parameters in {seconds:.2f} s")
+    print(f"weights: {source}, {num_params:,} parameters in {time.perf_counter() - start:.2f} s")
 
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(0, model_cfg.vocab_size, (args.batch, args.prompt_len), dtype=np.int32)
@@ -70,11 +80,31 @@ def run_generate(args) -> None:
     print(f"row 0 continuation: {np.asarray(out.tokens[0]).tolist()}")
 
 
+def run_convert(args) -> None:
+    """HF checkpoint -> our checkpoint (--from-hf), or any model checkpoint -> HF files (--to-hf)."""
+    from indexcache_jax.hf import export_hf  # noqa: PLC0415 (keeps `generate` start-up light)
+    if (args.from_hf is None) == (args.to_hf is None):
+        raise ValueError("give exactly one of --from-hf PATH or --to-hf PATH")
+    start = time.perf_counter()
+    if args.from_hf is not None:
+        cfg, params = load_model(args.from_hf, dtype=args.dtype)
+        out = save_model(args.out, cfg, params, overwrite=args.overwrite)
+    else:
+        cfg, params = load_model(args.to_hf)
+        out = export_hf(args.out, cfg, params, model_type=args.model_type, dtype=args.dtype or cfg.model.param_dtype,
+                        overwrite=args.overwrite)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"wrote {out}: {num_params:,} parameters, {cfg.model.num_layers} layers, IndexCache pattern "
+          f"{cfg.pattern()}, in {time.perf_counter() - start:.2f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="prefill + decode a randomly initialised model from a config, with timings")
-    gen.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+    gen = sub.add_parser("generate", help="prefill + decode a model (checkpoint or random weights), with timings")
+    gen.add_argument("--config", help="YAML config for a randomly initialised model (e.g. configs/tiny.yaml)")
+    gen.add_argument("--model", help="checkpoint directory: ours (indexcache convert/train) or HuggingFace")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the checkpoint's dtype")
     gen.add_argument("--pattern", help="IndexCache pattern, one F/S per layer (default: the config's)")
     gen.add_argument("--batch", type=int, default=2)
     gen.add_argument("--prompt-len", type=int, default=128)
@@ -85,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--impl", choices=["reference", "pallas", "interpret"], default=None,
                      help="kernel implementation (default: chosen by platform)")
     gen.set_defaults(func=run_generate)
+
+    conv = sub.add_parser("convert", help="HuggingFace checkpoint <-> our Orbax checkpoint")
+    conv.add_argument("--from-hf", metavar="PATH", help="a DeepSeek-V3.2 / GLM-5 HuggingFace checkpoint directory")
+    conv.add_argument("--to-hf", metavar="PATH", help="a model checkpoint (ours or HF) to export as HF files")
+    conv.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                      help="parameter dtype to write (default: the source's; fp8 sources load as bfloat16)")
+    conv.add_argument("--model-type", choices=["deepseek_v32", "glm_moe_dsa"],
+                      help="--to-hf family (default: by the model's indexer RoPE layout)")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=run_convert)
     return parser
 
 
@@ -97,7 +138,7 @@ def main(argv=None) -> int:
             return 2
     try:
         args.func(args)
-    except (ConfigError, ValueError, NotImplementedError) as err:
+    except (ConfigError, ValueError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
         print(f"indexcache: error: {err}", file=sys.stderr)
         return 2
     return 0

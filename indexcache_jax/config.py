@@ -8,6 +8,7 @@ dense) are properties, never configured.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Literal, Optional
 
@@ -52,6 +53,52 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (the `rope_type: yarn` block of DeepSeek-V3.x / GLM-5 configs).
+
+    Frequencies below the [beta_slow, beta_fast] rotation band are divided by `factor`, those above are kept, and a
+    linear ramp blends between (per rotated pair). Two scale corrections follow the HF / DeepSeek definition:
+    cos and sin are multiplied by `attention_factor` (default mscale(factor, mscale) / mscale(factor,
+    mscale_all_dim)), and the MLA softmax scale by mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set,
+    where mscale(s, m) = 0.1 m ln(s) + 1 for s > 1.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+    def validate(self, where: str = "rope_scaling") -> None:
+        check(self.factor >= 1, f"{where}.factor", f"must be >= 1, got {self.factor}")
+        check(self.original_max_position_embeddings > 0, f"{where}.original_max_position_embeddings",
+              f"must be > 0, got {self.original_max_position_embeddings}")
+        check(self.beta_fast > self.beta_slow > 0, f"{where}.beta_fast",
+              f"must be > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
+
+    @staticmethod
+    def mscale_of(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.mscale_of(self.factor, self.mscale) / self.mscale_of(self.factor, self.mscale_all_dim)
+        return self.mscale_of(self.factor)
+
+    @property
+    def softmax_correction(self) -> float:
+        """What the MLA softmax scale is multiplied by."""
+        return self.mscale_of(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A DSA transformer: MLA attention + lightning indexer per layer, dense SwiGLU or MoE FFN (SPEC §1)."""
 
@@ -71,13 +118,18 @@ class ModelConfig:
     moe: Optional[MoEConfig] = None
     indexer_rope_layout: RopeLayout = "half_split"  # DeepSeek-V3.2: half_split; GLM-5: interleaved
     rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-6  # the block and final RMSNorms
+    latent_norm_eps: float = 1e-6  # q_a_layernorm and kv_a_layernorm (fixed at 1e-6 in DeepSeek and GLM code)
     indexer_norm_eps: float = 1e-6  # the indexer's key LayerNorm
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     dtype: DType = "float32"  # compute dtype of matmuls; norms, softmax and indexer scores stay in float32
     param_dtype: DType = "float32"
+    # Layers whose checkpoint carries no indexer weights (GLM-5 drops them from its Shared layers). They hold zero
+    # indexer weights here, and every pattern must keep them Shared.
+    shared_only_layers: tuple[int, ...] = ()
 
     def validate(self, where: str = "model") -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank",
@@ -93,7 +145,13 @@ class ModelConfig:
               f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (the indexer ropes its first "
               f"qk_rope_head_dim dims), got {self.index_head_dim}")
         check(self.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {self.rope_theta}")
-        check(self.rms_norm_eps > 0, f"{where}.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        for name in ("rms_norm_eps", "latent_norm_eps", "indexer_norm_eps"):
+            check(getattr(self, name) > 0, f"{where}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(f"{where}.rope_scaling")
+        bad = [i for i in self.shared_only_layers if not 0 < i < self.num_layers]
+        check(not bad, f"{where}.shared_only_layers",
+              f"layer ids must be in [1, num_layers={self.num_layers}) (layer 0 is always Full), got {bad}")
         if self.moe is not None:
             self.moe.validate(f"{where}.moe")
             check(self.moe.first_k_dense_replace <= self.num_layers, f"{where}.moe.first_k_dense_replace",
@@ -111,7 +169,8 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        return self.qk_head_dim ** -0.5
+        correction = 1.0 if self.rope_scaling is None else self.rope_scaling.softmax_correction
+        return self.qk_head_dim ** -0.5 * correction
 
     @property
     def num_dense_layers(self) -> int:
@@ -159,9 +218,13 @@ class Config:
 
     def validate(self, where: str = "") -> None:
         try:
-            self.pattern()
+            pattern = self.pattern()
         except ValueError as err:
             raise ConfigError(f"indexcache.pattern: {err}") from err
+        full_without_indexer = sorted(set(self.model.shared_only_layers) & set(pattern.full_layers))
+        check(not full_without_indexer, "indexcache",
+              f"pattern {pattern} makes layer(s) {full_without_indexer} Full, but model.shared_only_layers says "
+              f"they have no indexer weights")
 
     def pattern(self) -> IndexCachePattern:
         n = self.model.num_layers

@@ -27,10 +27,10 @@ class MLAttention(nnx.Module):
         c = config
         self.config = c
         self.q_a_proj = weight(rngs, c, c.hidden_size, c.q_lora_rank)  # [D,Q]
-        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, c.param_dtype)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.latent_norm_eps, c.param_dtype)
         self.q_b_proj = weight(rngs, c, c.q_lora_rank, c.num_heads, c.qk_head_dim)  # [Q,H,N+P]
         self.kv_a_proj_with_mqa = weight(rngs, c, c.hidden_size, c.latent_dim)  # [D,R+P]
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, c.param_dtype)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.latent_norm_eps, c.param_dtype)
         self.kv_b_proj = weight(rngs, c, c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)  # [R,H,N+V]
         self.o_proj = weight(rngs, c, c.num_heads, c.v_head_dim, c.hidden_size)  # [H,V,D]
 

@@ -74,7 +74,7 @@ class DSATransformer(nnx.Module):
         positions = offsets[:, None] + jnp.arange(num_q, dtype=jnp.int32)[None, :]
         num_keys = num_q if cache is None else cache.max_len
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
-                           rope=rope_angles(positions, c.qk_rope_head_dim, c.rope_theta),
+                           rope=rope_angles(positions, c),
                            topk=c.topk_for(num_keys), attention=attention, impl=impl)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
@@ -136,6 +136,11 @@ def check_flags(flags, config: ModelConfig):
         raise ValueError(f"pattern flags must be bool[{config.num_layers}], got {flags.dtype}{list(flags.shape)}")
     if not isinstance(flags, jax.core.Tracer) and not bool(flags[0]):
         raise ValueError("pattern flags: layer 0 must be Full (True); a Shared layer needs an earlier Full layer")
+    if not isinstance(flags, jax.core.Tracer) and config.shared_only_layers:
+        full_without_indexer = [i for i in config.shared_only_layers if bool(flags[i])]
+        if full_without_indexer:
+            raise ValueError(f"pattern flags: layer(s) {full_without_indexer} have no indexer weights "
+                             f"(model.shared_only_layers) and must stay Shared")
     return flags
 
 

@@ -17,7 +17,7 @@ def _setup(seed=0, b=2, t=10):
     attn = MLAttention(SMALL, rngs=nnx.Rngs(seed))
     x = jax.random.normal(jax.random.key(seed + 1), (b, t, SMALL.hidden_size))
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    rope = rope_angles(pos, SMALL.qk_rope_head_dim, SMALL.rope_theta)
+    rope = rope_angles(pos, SMALL)
     _, q_nope, q_rope = attn.queries(x, rope)
     return attn, q_nope, q_rope, attn.latent(x, rope), pos
 

@@ -32,7 +32,7 @@ def loop_forward(config, params, tokens, index_source):
     model = bind(config, params)
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    rope = rope_angles(pos, config.qk_rope_head_dim, config.rope_theta)
+    rope = rope_angles(pos, config)
     hidden = model.embed_tokens[...][tokens]
     own_indices = {}
     for layer, block in enumerate(_blocks(model)):
