@@ -50,9 +50,10 @@ def test_decode_dispatch_equals_prefill_row():
     np.testing.assert_array_equal(indexer_topk(q, w, k, pos, topk=4), prefill_form)
 
 
-def test_unknown_or_unbuilt_impl_is_a_clear_error():
+def test_unknown_impl_or_pallas_without_a_gpu_is_a_clear_error():
     q, w, k, pos = _inputs(3)
     with pytest.raises(ValueError, match="impl must be one of"):
         indexer_topk(q, w, k, pos, topk=2, impl="cuda")
-    with pytest.raises(NotImplementedError, match="issue #4"):
-        indexer_topk(q, w, k, pos, topk=2, impl="pallas")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="impl='pallas' compiles for a CUDA GPU"):
+            indexer_topk(q, w, k, pos, topk=2, impl="pallas")

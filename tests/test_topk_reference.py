@@ -1,4 +1,4 @@
-"""The top-k convention: best visible keys first, ties to the lower id, -1 in slots nothing visible can fill."""
+"""The top-k convention: the best visible keys in ascending id order, ties to the lower id, then -1 slots."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,24 +9,24 @@ from pallas_kernels import INVALID, topk_reference
 
 
 def _expected(scores: np.ndarray, k: int) -> np.ndarray:
-    """Brute force: sort by (-score, id) over the finite entries, pad with -1."""
+    """Brute force: rank by (-score, id) over the finite entries, keep k, list them by id, pad with -1."""
     out = np.full(scores.shape[:-1] + (k,), INVALID, np.int64)
     for idx in np.ndindex(scores.shape[:-1]):
         row = scores[idx]
         ranked = sorted((i for i in range(row.size) if np.isfinite(row[i])), key=lambda i: (-row[i], i))
-        out[idx][:min(k, len(ranked))] = ranked[:k]
+        out[idx][:min(k, len(ranked))] = sorted(ranked[:k])
     return out
 
 
 def test_fewer_visible_than_k_leaves_invalid_slots():
     scores = jnp.array([[0.5, -jnp.inf, -jnp.inf, -jnp.inf], [0.1, 0.9, -jnp.inf, -jnp.inf]])
-    np.testing.assert_array_equal(topk_reference(scores, 3), [[0, -1, -1], [1, 0, -1]])
+    np.testing.assert_array_equal(topk_reference(scores, 3), [[0, -1, -1], [0, 1, -1]])
 
 
 def test_ties_go_to_the_lower_id():
     scores = jnp.array([[1.0, 2.0, 2.0, 1.0, 2.0]])
     np.testing.assert_array_equal(topk_reference(scores, 2), [[1, 2]])
-    np.testing.assert_array_equal(topk_reference(scores, 4), [[1, 2, 4, 0]])
+    np.testing.assert_array_equal(topk_reference(scores, 4), [[0, 1, 2, 4]])
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,0 +1,183 @@
+"""Sparse MLA attention on the GPU: gather the selected latent rows inside the kernel and attend with all heads.
+
+One program takes one query token (prefill) or one slice of a token's slots (decode) and a block of heads. It walks
+the token's top-k slots block_k at a time: loads the slot ids, gathers those latent rows straight from the cache
+(c_kv [block_k, R] and k_rope [block_k, P], two loads of contiguous rows, no gathered copy in HBM), computes the
+heads' logits with tensor-core dots (the heads share the latent rows: MQA form), and keeps an online softmax in
+registers. -1 slots are masked; a token with no valid slot gets zeros. Small head counts are padded to the
+tensor-core minimum of 16; non-power-of-two widths are zero-padded (zeros change no dot product).
+
+Decode has one query per sequence, too little work for a GPU: its slots are split across `num_splits` programs
+that each return a partial result and its log-sum-exp, combined afterwards (the split-K "flash decoding" scheme).
+
+Gradients (`jax.custom_vjp`): the backward pass recomputes through the reference (XLA); there is no Pallas
+backward kernel yet. Shapes as in `sparse_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._pallas import compiler_params, dot_size, load, pad_axis, round_up
+from pallas_kernels.sparse_attention_reference import sparse_mla_reference
+
+
+def _sparse_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale: float, value_dim: int, rope_dim: int,
+                   block_k: int, num_keys: int, precision):
+    # q_ref [Hb, R+P], kv_ref [S, R+P] (this row's whole cache), idx_ref [Ks] (this split's slots),
+    # out_ref [Hb, R], lse_ref [Hb]
+    heads = q_ref.shape[0]
+    q_nope = q_ref[:, pl.ds(0, value_dim)]
+    q_rope = q_ref[:, pl.ds(value_dim, rope_dim)]
+    contract_last = (((1,), (1,)), ((), ()))
+    nope_cols = lax.iota(jnp.int32, value_dim)
+    rope_cols = value_dim + lax.iota(jnp.int32, rope_dim)
+
+    def attend_block(j, carry):
+        row_max, row_sum, acc = carry
+        ids = idx_ref[pl.ds(j * block_k, block_k)]
+        valid = ids >= 0
+        rows = jnp.clip(ids, 0, num_keys - 1)  # -1 slots read row 0 and are masked below
+        # Gathered in-kernel; both indices are arrays (row ids x column ids), the form the Triton lowering turns
+        # into one pointer tensor and the interpreter into one NumPy-style gather.
+        kv_nope = load(kv_ref.at[rows[:, None], nope_cols[None, :]])  # [block_k, R]
+        k_rope = load(kv_ref.at[rows[:, None], rope_cols[None, :]])  # [block_k, P]
+        logits = (lax.dot_general(q_nope, kv_nope, contract_last, preferred_element_type=jnp.float32,
+                                  precision=precision)
+                  + lax.dot_general(q_rope, k_rope, contract_last, preferred_element_type=jnp.float32,
+                                    precision=precision))
+        logits = jnp.where(valid[None, :], logits * scale, -jnp.inf)  # [Hb, block_k]
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # nothing valid yet: keep exp() finite
+        probs = jnp.exp(logits - safe_max[:, None])
+        rescale = jnp.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + jnp.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + lax.dot_general(probs.astype(kv_nope.dtype), kv_nope,
+                                                       (((1,), (0,)), ((), ())),
+                                                       preferred_element_type=jnp.float32, precision=precision)
+        return new_max, row_sum, acc
+
+    init = (jnp.full((heads,), -jnp.inf, jnp.float32), jnp.zeros((heads,), jnp.float32),
+            jnp.zeros((heads, value_dim), jnp.float32))
+    row_max, row_sum, acc = lax.fori_loop(0, idx_ref.shape[0] // block_k, attend_block, init)
+    has_any = row_sum > 0
+    out_ref[...] = (acc / jnp.where(has_any, row_sum, 1.0)[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(has_any, row_max + jnp.log(jnp.where(has_any, row_sum, 1.0)), -jnp.inf)
+
+
+def _pad_latent(q, kv, value_dim: int):
+    """Split widths R and P padded to tensor-core sizes (a copy only when they are not already)."""
+    rope_dim = q.shape[-1] - value_dim
+    r_p, p_p = dot_size(value_dim), dot_size(rope_dim)
+    if (r_p, p_p) == (value_dim, rope_dim):
+        return q, kv, r_p, p_p
+
+    def relayout(x):
+        return jnp.concatenate([pad_axis(x[..., :value_dim], x.ndim - 1, r_p),
+                                pad_axis(x[..., value_dim:], x.ndim - 1, p_p)], axis=-1)
+    return relayout(q), relayout(kv), r_p, p_p
+
+
+def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, interpret, block_k, block_h,
+                 num_warps):
+    """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> (out [B,T,n,H,R'], lse f32[B,T,n,H]) with n = num_splits."""
+    batch, num_q, heads, _ = q.shape
+    num_keys = kv.shape[1]
+    q, kv, r_p, p_p = _pad_latent(q, kv, value_dim)
+    heads_p = dot_size(heads)
+    block_h = min(block_h, heads_p)
+    q = pad_axis(q, 2, round_up(heads_p, block_h))
+    block_k = min(block_k, dot_size(indices.shape[-1]))
+    slots = round_up(indices.shape[-1], block_k * num_splits)
+    indices = pad_axis(indices.astype(jnp.int32), 2, slots, -1)
+    per_split = slots // num_splits
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(_sparse_kernel, scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,
+                               num_keys=num_keys, precision=precision)
+    width = r_p + p_p
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(batch, num_q, q.shape[2] // block_h, num_splits),
+        in_specs=[pl.BlockSpec((None, None, block_h, width), lambda b, t, h, s: (b, t, h, 0)),
+                  pl.BlockSpec((None, num_keys, width), lambda b, t, h, s: (b, 0, 0)),
+                  pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s))],
+        out_specs=[pl.BlockSpec((None, None, None, block_h, r_p), lambda b, t, h, s: (b, t, s, h, 0)),
+                   pl.BlockSpec((None, None, None, block_h), lambda b, t, h, s: (b, t, s, h))],
+        out_shape=[jax.ShapeDtypeStruct((batch, num_q, num_splits, q.shape[2], r_p), out_dtype),
+                   jax.ShapeDtypeStruct((batch, num_q, num_splits, q.shape[2]), jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
+        name="sparse_mla",
+    )(q, kv, indices)
+    return out[..., :heads, :value_dim], lse[..., :heads]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sparse_mla(q, kv, indices, scale, value_dim, interpret, tiles):
+    block_k, block_h, num_warps = tiles
+    out, _ = _sparse_call(q, kv, indices, scale=scale, value_dim=value_dim, num_splits=1, out_dtype=q.dtype,
+                          interpret=interpret, block_k=block_k, block_h=block_h, num_warps=num_warps)
+    return out[:, :, 0]
+
+
+def _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles):
+    return _sparse_mla(q, kv, indices, scale, value_dim, interpret, tiles), (q, kv, indices)
+
+
+def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, d_out):
+    q, kv, indices = residuals
+    _, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, indices, scale=scale, value_dim=value_dim),
+                     q, kv)
+    d_q, d_kv = vjp(d_out)
+    return d_q, d_kv, None  # integer indices have no cotangent
+
+
+_sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
+
+
+def _tiles(dtype, block_k, block_h):
+    """Default tiles (an H100 sweep, docs/BENCHMARKS.md): 64 slots x 32 heads for 2-byte inputs; fp32 takes 32
+    slots to fit shared memory."""
+    wide = jnp.dtype(dtype).itemsize > 2
+    return block_k or (32 if wide else 64), block_h or 32
+
+
+def sparse_mla_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret: bool = False,
+                      block_k: int = 0, block_h: int = 0, num_warps: int = 4):
+    """Prefill: q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> out [B,T,H,value_dim] (dtype of q).
+
+    block_k / block_h: slots and heads per step and program (0 = by dtype)."""
+    block_k, block_h = _tiles(q.dtype, block_k, block_h)
+    return _sparse_mla(q, kv, indices, float(scale), int(value_dim), bool(interpret), (block_k, block_h, num_warps))
+
+
+def combine_splits(out, lse):
+    """Merge split-K partials: out f32[..., n, H, R], lse f32[..., n, H] -> f32[..., H, R]."""
+    best = jnp.max(lse, axis=-2, keepdims=True)
+    best = jnp.where(jnp.isfinite(best), best, 0.0)
+    weights = jnp.exp(lse - best)  # [..., n, H]; empty splits (lse = -inf) weigh 0
+    total = jnp.sum(weights, axis=-2)
+    merged = jnp.sum(weights[..., None] * out, axis=-3)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def sparse_mla_decode_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret: bool = False,
+                             num_splits: int = 0, block_k: int = 0, block_h: int = 0, num_warps: int = 4):
+    """Decode: q [B,H,L], kv [B,S,L], indices int32[B,K] -> out [B,H,value_dim] (dtype of q).
+
+    num_splits = 0 picks enough splits of the K slots to give every SM of a large GPU about two programs."""
+    batch, heads = q.shape[:2]
+    block_k, block_h = _tiles(q.dtype, block_k, block_h)
+    if num_splits <= 0:
+        head_blocks = -(-dot_size(heads) // min(block_h, dot_size(heads)))
+        most = max(1, -(-indices.shape[-1] // min(block_k, dot_size(indices.shape[-1]))))
+        num_splits = max(1, min(most, -(-264 // (batch * head_blocks))))
+    out, lse = _sparse_call(q[:, None], kv, indices[:, None], scale=scale, value_dim=value_dim,
+                            num_splits=num_splits, out_dtype=jnp.float32, interpret=interpret, block_k=block_k,
+                            block_h=block_h, num_warps=num_warps)
+    return combine_splits(out[:, 0], lse[:, 0]).astype(q.dtype)

@@ -1,0 +1,289 @@
+"""Check the Pallas kernels against the references on the GPU, then time them at DeepSeek-V3.2 shapes.
+
+Shapes (SPEC §4): indexer 64 heads x 128, top-k 2048, 128 attention heads over the 576 = 512 + 64 latent, batch 1,
+bf16 inputs, fp32 accumulation. For each context S:
+  scores   the indexer-scores kernel on the last `--chunk` queries of the context (full rows), TFLOP/s over the
+           visible (causal) pairs only, against the XLA reference on the same chunk;
+  top-k    the radix-select kernel on those rows (all S long) against `lax.top_k`, GB/s over the bytes read once;
+  indexer  scores + top-k for every query of the context (the dispatch's chunked path), causal TFLOP/s;
+  sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s;
+  decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read;
+  dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
+  dsa      indexer + sparse prefill for the whole context, one layer (compare with dense).
+Median of `--repeats` timed calls after a warm-up; inputs are random normal, never zeros.
+
+    python scripts/bench_kernels.py --check                       # correctness on the GPU only
+    python scripts/bench_kernels.py --contexts 8192 32768 65536 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
+from pallas_kernels.indexer_reference import indexer_scores_reference  # noqa: E402
+from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
+                                                       sparse_mla_reference)
+from pallas_kernels.topk import topk_pallas  # noqa: E402
+from pallas_kernels.topk_reference import topk_reference  # noqa: E402
+
+G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
+BF16 = jnp.bfloat16
+
+
+def timed(fn, *args, repeats: int = 5) -> float:
+    """Median seconds of fn(*args) (jitted), after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def selection_ok(ids, scores, k) -> bool:
+    """Every selected id is visible and no unselected key scores above the lowest selected one (up to rounding)."""
+    ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
+    for row_ids, row in zip(ids.reshape(-1, k), scores.reshape(-1, scores.shape[-1]), strict=True):
+        chosen = row_ids[row_ids >= 0]
+        visible = np.isfinite(row)
+        if len(chosen) != min(k, visible.sum()) or not visible[chosen].all() or len(set(chosen)) != len(chosen):
+            return False
+        rest = np.setdiff1d(np.flatnonzero(visible), chosen)
+        if len(rest) and row[rest].max() > row[chosen].min() + 1e-3 * max(1.0, abs(row[chosen].min())):
+            return False
+    return True
+
+
+def check(key) -> list[str]:
+    """Pallas vs reference on ragged shapes, bf16 and fp32; returns failures (printed as a table)."""
+    failures, rows = [], []
+    # fp32: Triton's dots may run in tf32 (~3e-4 relative, METHOD.md); the references run at "highest" precision.
+    for dtype, tol in ((jnp.float32, 2e-3), (BF16, 2e-2)):
+        for (b, t, s, g, i, k) in ((2, 77, 300, 8, 32, 40), (1, 130, 130, 64, 128, 64), (1, 5, 2000, 4, 16, 512)):
+            ks = jax.random.split(key, 4)
+            q = jax.random.normal(ks[0], (b, t, g, i), dtype)
+            w = jax.random.normal(ks[1], (b, t, g), jnp.float32)
+            kk = jax.random.normal(ks[2], (b, s, i), dtype)
+            pos = jnp.sort(jax.random.randint(ks[3], (b, t), 0, s), axis=1)
+            ref = indexer_scores_reference(q, w, kk, pos)
+            got = indexer_scores_pallas(q, w, kk, pos)
+            finite = np.isfinite(np.asarray(ref))
+            same_mask = bool((np.isfinite(np.asarray(got)) == finite).all())
+            err = rel_err(np.asarray(got)[finite], np.asarray(ref)[finite])
+            ids = indexer_topk_pallas(q, w, kk, pos, topk=k)
+            sel = selection_ok(ids, ref, k)
+            exact = bool((np.asarray(topk_pallas(ref, k)) == np.asarray(topk_reference(ref, k))).all())
+            rows.append(("indexer", jnp.dtype(dtype).name, (b, t, s, g, i, k),
+                         err, same_mask and sel and exact))
+            _print_row(rows[-1])
+            if not (err < tol and same_mask and sel and exact):
+                failures.append(f"indexer {dtype} {(b, t, s, g, i, k)}: err {err:.2e} mask {same_mask} "
+                                f"selection {sel} topk-exact {exact}")
+        for (b, t, s, h, r, p, k) in ((2, 9, 300, 3, 16, 8, 40), (1, 33, 1000, 128, 512, 64, 256),
+                                      (3, 4, 64, 20, 64, 32, 64)):
+            ks = jax.random.split(key, 3)
+            q = jax.random.normal(ks[0], (b, t, h, r + p), dtype)
+            kv = jax.random.normal(ks[1], (b, s, r + p), dtype)
+            scores = jax.random.normal(ks[2], (b, t, s))
+            idx = topk_reference(jnp.where(jax.random.uniform(ks[2], (b, t, s)) < 0.9, scores, -jnp.inf), k)
+            idx = idx.at[:, 0].set(-1)  # a query with no valid slot
+            ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.1, value_dim=r)
+            got = sparse_mla_pallas(q, kv, idx, scale=0.1, value_dim=r)
+            err = rel_err(got, ref)
+            dref = sparse_mla_decode_reference(q[:, 1].astype(jnp.float32), kv.astype(jnp.float32), idx[:, 1],
+                                               scale=0.1, value_dim=r)
+            dgot = sparse_mla_decode_pallas(q[:, 1], kv, idx[:, 1], scale=0.1, value_dim=r)
+            derr = rel_err(dgot, dref)
+            ok = err < tol and derr < tol and bool(np.isfinite(np.asarray(got, np.float32)).all())
+            rows.append(("sparse", jnp.dtype(dtype).name, (b, t, s, h, r, p, k), max(err, derr), ok))
+            _print_row(rows[-1])
+            if not ok:
+                failures.append(f"sparse {dtype} {(b, t, s, h, r, p, k)}: prefill err {err:.2e} decode {derr:.2e}")
+    return failures
+
+
+def _print_row(row) -> None:
+    name, dtype, shape, err, ok = row
+    print(f"check {name:8s} {dtype:10s} {str(shape):32s} rel err {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+
+
+def scores_inputs(ks, s: int, chunk: int):
+    """The last `chunk` queries of a context of s (rows of length up to s), and their causal FLOPs."""
+    q = jax.random.normal(ks[0], (1, chunk, G, I), BF16)
+    w = jax.random.normal(ks[1], (1, chunk, G), jnp.float32)
+    k = jax.random.normal(ks[2], (1, s, I), BF16)
+    pos = (s - chunk + jnp.arange(chunk, dtype=jnp.int32))[None]
+    visible_pairs = float(chunk) * (s - chunk) + chunk * (chunk + 1) / 2
+    return (q, w, k, pos), 2.0 * visible_pairs * G * I
+
+
+def bench_context(s: int, args, key) -> dict:
+    out = {"context": s}
+    ks = jax.random.split(key, 8)
+    (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
+    t = timed(jax.jit(indexer_scores_pallas), q, w, k, pos, repeats=args.repeats)
+    out["scores_ms"], out["scores_tflops"] = t * 1e3, flops / t / 1e12
+    if s <= 32768:
+        t_ref = timed(jax.jit(indexer_scores_reference), q, w, k, pos, repeats=args.repeats)
+        out["scores_xla_ms"] = t_ref * 1e3
+    # -- top-k on rows of length s --
+    rows = jax.random.normal(ks[3], (args.topk_rows, s), jnp.float32)
+    t = timed(jax.jit(lambda x: topk_pallas(x, K)), rows, repeats=args.repeats)
+    t_xla = timed(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), rows, repeats=args.repeats)
+    out["topk_ms"], out["topk_xla_ms"] = t * 1e3, t_xla * 1e3
+    out["topk_gbs"] = rows.size * 4 / t / 1e9
+    # -- whole-context indexer (scores + top-k, chunked) --
+    qf = jax.random.normal(ks[4], (1, s, G, I), BF16)
+    wf = jax.random.normal(ks[5], (1, s, G), jnp.float32)
+    posf = jnp.arange(s, dtype=jnp.int32)[None]
+    indexer = jax.jit(lambda q_, w_, k_, p_: indexer_topk_pallas(q_, w_, k_, p_, topk=K))
+    t_index = timed(indexer, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
+    causal_flops = 2.0 * (s * (s + 1) / 2) * G * I
+    out["indexer_ms"], out["indexer_tflops"] = t_index * 1e3, causal_flops / t_index / 1e12
+    del qf, wf
+    # -- sparse prefill: `sparse_queries` queries x K slots --
+    nq = min(args.sparse_queries, s)
+    kv = jax.random.normal(ks[6], (1, s, R + P), BF16)
+    qs = jax.random.normal(ks[7], (1, nq, H, R + P), BF16)
+    idx = jnp.sort(jax.random.randint(ks[0], (1, nq, K), 0, s), axis=-1).astype(jnp.int32)
+    sparse = jax.jit(lambda q_, kv_, i_: sparse_mla_pallas(q_, kv_, i_, scale=0.07, value_dim=R))
+    t = timed(sparse, qs, kv, idx, repeats=args.repeats)
+    sparse_flops = 2.0 * nq * H * K * (R + P + R)
+    out["sparse_ms"], out["sparse_tflops"] = t * 1e3, sparse_flops / t / 1e12
+    out["sparse_ms_per_query"] = t * 1e3 / nq
+    # -- sparse decode --
+    bd = args.decode_batch
+    kvd = jax.random.normal(ks[1], (bd, s, R + P), BF16)
+    qd = jax.random.normal(ks[2], (bd, H, R + P), BF16)
+    idxd = jnp.sort(jax.random.randint(ks[3], (bd, K), 0, s), axis=-1).astype(jnp.int32)
+    decode = jax.jit(lambda q_, kv_, i_: sparse_mla_decode_pallas(q_, kv_, i_, scale=0.07, value_dim=R))
+    t = timed(decode, qd, kvd, idxd, repeats=args.repeats * 4)
+    decode_bytes = bd * (K * (R + P) * 2 + K * 4 + H * (R + P) * 2 + H * R * 2)
+    out["decode_us"], out["decode_gbs"] = t * 1e6, decode_bytes / t / 1e9
+    del kvd
+    # -- dense cuDNN flash attention, whole context --
+    qh = jax.random.normal(ks[4], (1, s, H, 128), BF16)
+    dense = jax.jit(lambda q_: jax.nn.dot_product_attention(q_, q_, q_, is_causal=True, implementation="cudnn"))
+    try:
+        t_dense = timed(dense, qh, repeats=args.repeats)
+        out["dense_ms"] = t_dense * 1e3
+    except Exception as err:  # noqa: BLE001 (report, do not hide: the table says why it is missing)
+        out["dense_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    del qh
+    # -- one DSA layer over the whole context = indexer + sparse prefill for all s queries --
+    out["dsa_ms"] = t_index * 1e3 + out["sparse_ms_per_query"] * s
+    return out
+
+
+def sweep(args, key) -> None:
+    """Tile/warp variants of each kernel at one context (--contexts[0]); prints ms per variant."""
+    s = args.contexts[0]
+    ks = jax.random.split(key, 8)
+    (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
+    for keys_major in (False, True):
+        for rows, bk, warps, stages in ((128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 128, 4, 4),
+                                        (256, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 2)):
+            fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, warps=warps, stages=stages, km=keys_major:
+                         indexer_scores_pallas(a, b, c, d, rows_per_tile=rows, block_k=bk, num_warps=warps,
+                                               num_stages=stages, keys_major=km))
+            try:
+                t = timed(fn, q, w, k, pos, repeats=args.repeats)
+                print(f"sweep scores keys_major={keys_major} rows={rows} bk={bk} warps={warps} stages={stages}: "
+                      f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"sweep scores {rows} {bk} {warps} {stages} {keys_major}: {type(err).__name__}", flush=True)
+    rows_ = jax.random.normal(ks[3], (args.topk_rows, s), jnp.float32)
+    for block, warps in ((1024, 8), (1024, 4), (2048, 8), (512, 4), (4096, 16)):
+        t = timed(jax.jit(lambda x, b=block, wp=warps: topk_pallas(x, K, block=b, num_warps=wp)), rows_,
+                  repeats=args.repeats)
+        print(f"sweep topk block={block} warps={warps}: {t * 1e3:.2f} ms", flush=True)
+    nq = min(args.sparse_queries, s)
+    kv = jax.random.normal(ks[6], (1, s, R + P), BF16)
+    qs = jax.random.normal(ks[7], (1, nq, H, R + P), BF16)
+    idx = jnp.sort(jax.random.randint(ks[0], (1, nq, K), 0, s), axis=-1).astype(jnp.int32)
+    sflops = 2.0 * nq * H * K * (R + P + R)
+    for bk, bh, warps in ((32, 64, 8), (64, 64, 8), (16, 64, 8), (32, 32, 4), (64, 32, 4), (32, 128, 8),
+                          (64, 64, 4), (32, 64, 16)):
+        fn = jax.jit(lambda a, b, c, bk=bk, bh=bh, warps=warps: sparse_mla_pallas(
+            a, b, c, scale=0.07, value_dim=R, block_k=bk, block_h=bh, num_warps=warps))
+        try:
+            t = timed(fn, qs, kv, idx, repeats=args.repeats)
+            print(f"sweep sparse bk={bk} bh={bh} warps={warps}: {t * 1e3:.2f} ms {sflops / t / 1e12:.0f} TFLOP/s",
+                  flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"sweep sparse {bk} {bh} {warps}: {type(err).__name__} {str(err)[:100]}", flush=True)
+    bd = args.decode_batch
+    kvd = jax.random.normal(ks[1], (bd, s, R + P), BF16)
+    qd = jax.random.normal(ks[2], (bd, H, R + P), BF16)
+    idxd = jnp.sort(jax.random.randint(ks[3], (bd, K), 0, s), axis=-1).astype(jnp.int32)
+    dbytes = bd * (K * (R + P) * 2 + K * 4 + H * (R + P) * 2 + H * R * 2)
+    for bk, bh, warps, splits in ((32, 64, 8, 0), (64, 64, 8, 0), (32, 64, 8, 1), (32, 64, 8, 4), (32, 32, 4, 0),
+                                  (64, 128, 8, 0), (32, 64, 16, 0)):
+        fn = jax.jit(lambda a, b, c, bk=bk, bh=bh, warps=warps, sp=splits: sparse_mla_decode_pallas(
+            a, b, c, scale=0.07, value_dim=R, block_k=bk, block_h=bh, num_warps=warps, num_splits=sp))
+        try:
+            t = timed(fn, qd, kvd, idxd, repeats=args.repeats * 4)
+            print(f"sweep decode bk={bk} bh={bh} warps={warps} splits={splits}: {t * 1e6:.0f} us "
+                  f"{dbytes / t / 1e9:.0f} GB/s", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"sweep decode {bk} {bh} {warps} {splits}: {type(err).__name__} {str(err)[:100]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare with the references")
+    parser.add_argument("--sweep", action="store_true", help="time tile variants at the first context, then stop")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--topk-rows", type=int, default=1024)
+    parser.add_argument("--sparse-queries", type=int, default=4096)
+    parser.add_argument("--decode-batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    print(f"{datetime.date.today()} jax {jax.__version__} device {jax.devices()[0].device_kind}")
+    key = jax.random.key(0)
+    with jax.default_matmul_precision("highest"):
+        failures = check(key)
+    if failures:
+        print("FAILURES:\n  " + "\n  ".join(failures), flush=True)
+    if args.check:
+        sys.exit(1 if failures else 0)
+    if args.sweep:
+        sweep(args, key)
+        return
+    results = []
+    for s in args.contexts:
+        results.append(bench_context(s, args, jax.random.fold_in(key, s)))
+        print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"),
+            ("indexer_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"), ("decode_gbs", "{:8.0f}"),
+            ("dsa_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
+    print(" ".join(f"{c:>13s}" for c, _ in cols))
+    for r in results:
+        print(" ".join(f"{(fmt.format(r[c]) if c in r else 'n/a'):>13s}" for c, fmt in cols))
+
+
+if __name__ == "__main__":
+    main()

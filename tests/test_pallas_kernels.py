@@ -1,0 +1,209 @@
+"""The Pallas kernels equal their references: in interpret mode on every platform (the GPU logic, checked on CPU),
+and compiled on a CUDA GPU (tests marked gpu, skipped elsewhere).
+
+Shapes are ragged on purpose: lengths not a multiple of any block, k larger than the visible prefix, -1 slots, a
+query with no valid slot, head counts and widths below the tensor-core minimum, batch > 1."""
+
+import jax
+import jax.test_util  # noqa: F401  (check_grads)
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err
+from indexcache_jax import forward
+from pallas_kernels import dispatch
+from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas
+from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference
+from pallas_kernels.sparse_attention import combine_splits, sparse_mla_decode_pallas, sparse_mla_pallas
+from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
+from pallas_kernels.topk import sortable_keys, topk_pallas
+from pallas_kernels.topk_reference import topk_reference
+
+ON_GPU = jax.default_backend() == "gpu"
+IMPLS = ["interpret"] + (["pallas"] if ON_GPU else [])
+
+
+def _flags(impl):
+    return {"interpret": impl == "interpret"}
+
+
+# ---- top-k -------------------------------------------------------------------------------------------------------
+
+def test_sortable_keys_order_like_floats_and_tie_signed_zeros():
+    values = np.array([-np.inf, -3e38, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.5, 3e38], np.float32)
+    keys = np.asarray(sortable_keys(jnp.asarray(values), jnp.ones(values.shape, bool)))
+    assert keys[0] == -(2 ** 31)  # -inf is "invisible"
+    assert (np.diff(keys[1:]) >= 0).all() and keys[5] == keys[6]
+    assert (np.diff(np.delete(keys, 6)[1:]) > 0).all()
+    hidden = np.asarray(sortable_keys(jnp.asarray(values), jnp.zeros(values.shape, bool)))
+    assert (hidden == -(2 ** 31)).all()
+
+
+def test_reference_treats_signed_zeros_as_a_tie():
+    scores = jnp.array([[0.0, -0.0, -0.0, 0.0, -1.0]])
+    np.testing.assert_array_equal(topk_reference(scores, 2), [[0, 1]])
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 700), st.data())
+def test_topk_kernel_equals_reference(rows, keys, data):
+    k = data.draw(st.integers(1, keys))
+    block = data.draw(st.sampled_from([16, 64, 512]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31 - 1)))
+    # Few distinct values (many ties at the cut), both signs, signed zeros, invisible keys, ragged lengths.
+    scores = (rng.integers(-4, 5, (rows, keys)) * rng.choice([1.0, 0.25, -0.0], (rows, keys))).astype(np.float32)
+    scores[rng.random((rows, keys)) < 0.2] = -np.inf
+    lengths = rng.integers(0, keys + 1, rows)
+    visible = np.where(np.arange(keys)[None] < lengths[:, None], scores, -np.inf)
+    got = topk_pallas(jnp.asarray(scores), k, jnp.asarray(lengths), interpret=True, block=block)
+    np.testing.assert_array_equal(got, topk_reference(jnp.asarray(visible), k))
+
+
+def test_topk_kernel_on_continuous_scores_with_extremes():
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((3, 1000)).astype(np.float32) * np.float32(1e30)
+    scores[0, 10] = np.float32(3.4e38)
+    scores[1] = np.float32(1e-38) * rng.standard_normal(1000)  # subnormal neighbourhood
+    got = topk_pallas(jnp.asarray(scores), 100, interpret=True)
+    np.testing.assert_array_equal(got, topk_reference(jnp.asarray(scores), 100))
+
+
+def test_topk_kernel_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match="needs 0 < k <= 5"):
+        topk_pallas(jnp.zeros((1, 5)), 6, interpret=True)
+
+
+# ---- indexer -----------------------------------------------------------------------------------------------------
+
+def _indexer_inputs(seed, b, t, s, g, i, dtype):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, g, i), dtype)
+    w = jax.random.normal(ks[1], (b, t, g), jnp.float32)
+    k = jax.random.normal(ks[2], (b, s, i), dtype)
+    # Decode-like rows (a query far into the cache) and prefill-like ones; padded queries sit at -1.
+    pos = jnp.sort(jax.random.randint(ks[3], (b, t), -1, s), axis=1)
+    return q, w, k, pos
+
+
+def _selection_is_best(ids, scores, k, slack):
+    """Ascending ids then -1, all visible, min(k, visible) of them, no unselected key better beyond `slack`."""
+    ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
+    for row_ids, row in zip(ids.reshape(-1, k), scores.reshape(-1, scores.shape[-1]), strict=True):
+        visible = np.isfinite(row)
+        n = min(k, int(visible.sum()))
+        chosen = row_ids[:n]
+        assert (row_ids[n:] == -1).all() and (np.diff(chosen) > 0).all() and visible[chosen].all()
+        rest = np.setdiff1d(np.flatnonzero(visible), chosen)
+        if len(rest) and n:
+            assert row[rest].max() <= row[chosen].min() + slack * (1 + abs(row[chosen].min()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-5)])
+@pytest.mark.parametrize("shape", [(2, 13, 29, 4, 16), (1, 40, 70, 8, 32), (2, 5, 5, 3, 12)])
+def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
+    q, w, k, pos = _indexer_inputs(0, *shape, dtype)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(indexer_scores_reference(q, w, k, pos))
+    for keys_major in (True, False):
+        got = np.asarray(indexer_scores_pallas(q, w, k, pos, keys_major=keys_major, **_flags(impl)))
+        finite = np.isfinite(want)
+        assert (np.isfinite(got) == finite).all()
+        # bf16 inputs: both sides multiply exactly and accumulate in fp32; only the summation order differs.
+        assert rel_err(got[finite], want[finite]) < (2e-3 if impl == "pallas" and dtype == jnp.float32 else tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indexer_topk_chunked_selects_the_best_keys(impl):
+    q, w, k, pos = _indexer_inputs(1, 2, 37, 53, 4, 16, jnp.float32)
+    scores = indexer_scores_reference(q, w, k, pos)
+    for topk in (1, 8, 53):
+        # chunk_bytes forces several query chunks (with a padded last one)
+        got = indexer_topk_pallas(q, w, k, pos, topk=topk, chunk_bytes=4 * 2 * 53 * 8, **_flags(impl))
+        _selection_is_best(got, scores, topk, slack=1e-5)
+        if impl == "interpret":  # same fp32 arithmetic up to summation order: equal but for near-ties
+            same = np.asarray(got) == np.asarray(indexer_topk_reference(q, w, k, pos, topk=topk))
+            assert same.mean() > 0.99
+
+
+# ---- sparse MLA --------------------------------------------------------------------------------------------------
+
+def _sparse_inputs(seed, b, t, s, h, r, p, k, dtype):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, h, r + p)), dtype)
+    kv = jnp.asarray(rng.standard_normal((b, s, r + p)), dtype)
+    idx = np.full((b, t, k), -1, np.int32)
+    for bi in range(b):
+        for ti in range(1, t):  # query 0 of every row has no valid slot
+            n = rng.integers(1, min(k, s) + 1)
+            idx[bi, ti, :n] = np.sort(rng.choice(s, n, replace=False))
+    return q, kv, jnp.asarray(idx)
+
+
+SPARSE_SHAPES = [(2, 5, 30, 3, 8, 4, 7), (1, 4, 40, 20, 16, 16, 40), (2, 3, 9, 4, 12, 6, 3)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("shape", SPARSE_SHAPES)
+def test_sparse_prefill_and_decode_equal_reference(impl, dtype, tol, shape):
+    q, kv, idx = _sparse_inputs(2, *shape, dtype)
+    value_dim = shape[4]
+    with jax.default_matmul_precision("highest"):
+        want = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.3,
+                                    value_dim=value_dim)
+        want_decode = sparse_mla_decode_reference(q[:, 1].astype(jnp.float32), kv.astype(jnp.float32), idx[:, 1],
+                                                  scale=0.3, value_dim=value_dim)
+    got = sparse_mla_pallas(q, kv, idx, scale=0.3, value_dim=value_dim, **_flags(impl))
+    assert got.dtype == dtype and np.isfinite(np.asarray(got, np.float32)).all()
+    assert np.all(np.asarray(got[:, 0], np.float32) == 0)  # no valid slot: zeros, like the reference
+    tol = max(tol, 2e-3) if impl == "pallas" else tol
+    assert rel_err(got, want) < tol
+    for splits in (1, 3):
+        got_decode = sparse_mla_decode_pallas(q[:, 1], kv, idx[:, 1], scale=0.3, value_dim=value_dim,
+                                              num_splits=splits, block_k=16, **_flags(impl))
+        assert rel_err(got_decode, want_decode) < tol
+
+
+def test_combine_splits_handles_empty_splits():
+    out = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 5)), jnp.float32)  # [B, n, H, R]
+    lse = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 4)), jnp.float32)
+    lse = lse.at[:, 1].set(-jnp.inf)
+    weights = np.exp(np.asarray(lse)) / np.exp(np.asarray(lse)).sum(1, keepdims=True)
+    want = (weights[..., None] * np.asarray(out)).sum(1)
+    np.testing.assert_allclose(combine_splits(out, lse), want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(combine_splits(out, jnp.full_like(lse, -jnp.inf))) == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_gradients_equal_reference_gradients(impl):
+    q, kv, idx = _sparse_inputs(3, 1, 4, 12, 3, 8, 4, 5, jnp.float32)
+
+    def loss(fn):
+        return lambda q_, kv_: jnp.sum(jnp.sin(fn(q_, kv_, idx, scale=0.5, value_dim=8)))
+
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(sparse_mla_reference), (0, 1))(q, kv)
+        got = jax.grad(loss(lambda *a, **kw: sparse_mla_pallas(*a, **kw, **_flags(impl))), (0, 1))(q, kv)
+        for g, w in zip(got, want, strict=True):
+            assert rel_err(g, w) < 1e-5
+        jax.test_util.check_grads(lambda q_, kv_: loss(lambda *a, **kw: sparse_mla_pallas(
+            *a, **kw, **_flags(impl)))(q_, kv_), (q, kv), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+# ---- dispatch and the model --------------------------------------------------------------------------------------
+
+def test_default_impl_is_chosen_by_platform():
+    assert dispatch.resolve_impl(None) == ("pallas" if ON_GPU else "reference")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_forward_with_pallas_kernels_equals_reference(small_config, small_params, impl):
+    tokens = jax.random.randint(jax.random.key(4), (2, 11 if impl == "interpret" else 64), 0, small_config.vocab_size)
+    with jax.default_matmul_precision("highest"):
+        want = forward(small_params, tokens, "FSFS", config=small_config, impl="reference")
+        got = forward(small_params, tokens, "FSFS", config=small_config, impl=impl)
+    assert rel_err(got, want) < (1e-5 if impl == "interpret" else 2e-3)
