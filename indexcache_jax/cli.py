@@ -98,6 +98,14 @@ def run_convert(args) -> None:
           f"{cfg.pattern()}, in {time.perf_counter() - start:.2f} s")
 
 
+def run_train(args) -> None:
+    from indexcache_jax.train import load_train_config, train  # noqa: PLC0415 (grain/optax only when training)
+    config = load_train_config(args.config, args.set)
+    result = train(config, args.run_dir, impl=args.impl)
+    state = "stopped by SIGTERM" if result.interrupted else "done"
+    print(f"{state}: step {result.step}/{config.steps}; run directory {result.run_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--to-hf family (default: by the model's indexer RoPE layout)")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=run_convert)
+
+    tr = sub.add_parser("train", help="continued pretraining from a job file (resumes from its checkpoints)")
+    tr.add_argument("--config", required=True, help="job YAML (e.g. configs/train_tiny.yaml)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, e.g. --set optim.lr=3e-4 (repeatable; value parsed as YAML)")
+    tr.add_argument("--run-dir", help="where checkpoints, config.yaml and metrics.jsonl go "
+                                      "(default: checkpoint.directory)")
+    tr.add_argument("--impl", choices=["reference", "pallas", "interpret"], default=None,
+                    help="kernel implementation (default: chosen by platform)")
+    tr.set_defaults(func=run_train)
     return parser
 
 
@@ -138,7 +156,7 @@ def main(argv=None) -> int:
             return 2
     try:
         args.func(args)
-    except (ConfigError, ValueError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, NotImplementedError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"indexcache: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,202 @@
+"""The training job: loss goes down, resume after SIGKILL repeats the uninterrupted trajectory exactly, SIGTERM
+leaves a loadable checkpoint, a corrupt checkpoint is skipped (and kept), NaN stops the job, bad configs name the
+field. Shapes are small (seq 32, batch 4, the tiny model) so every test runs in seconds on a CPU."""
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from indexcache_jax import cli
+from indexcache_jax.configlib import ConfigError
+from indexcache_jax.train import TrainingError, load_train_config, param_labels, train
+from indexcache_jax.train.data import PASSKEY_QUESTION, batches, load_sequences, passkey_document
+from indexcache_jax.train.loop import _manager, restore_latest
+
+JOB = REPO / "configs/train_tiny.yaml"
+SMALL = ["data.seq_len=96", "data.batch_size=4", "data.embedded_bytes=60000", "log.eval_batches=1",
+         "model.num_layers=4", "model.index_topk=8", "indexcache.pattern=FSFS", "optim.warmup_steps=2"]
+
+
+def _job(*extra):
+    return load_train_config(JOB, SMALL + list(extra))
+
+
+def _losses(run_dir: pathlib.Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _cli_process(run_dir, *extra):
+    args = [sys.executable, "-m", "indexcache_jax.cli", "train", "--config", str(JOB), "--run-dir", str(run_dir)]
+    for item in SMALL + list(extra):
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("training did not reach step {step} in time")
+
+
+def test_embedded_job_loss_goes_down(tmp_path):
+    result = train(_job("steps=30", "log.eval_every_steps=30"), tmp_path)
+    first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
+    assert result.step == 30 and last < first - 1.0, (first, last)
+    assert 30 in result.eval_losses and np.isfinite(result.eval_losses[30])
+    assert (tmp_path / "final" / "config.yaml").exists() and (tmp_path / "config.yaml").exists()
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
+    settings = ("steps=9", "checkpoint.every_steps=3", "log.eval_every_steps=100")
+    reference = train(_job(*settings), tmp_path / "uninterrupted").losses
+    killed = tmp_path / "killed"
+    proc = _cli_process(killed, *settings)
+    _wait_for_step(killed, 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = train(_job(*settings), killed)
+    start = 9 - len(resumed.losses)
+    assert 3 <= start <= 9 and start % 3 == 0  # resumed from a complete checkpoint
+    np.testing.assert_array_equal(resumed.losses, reference[start:])
+
+
+def test_sigterm_saves_a_complete_loadable_checkpoint(tmp_path):
+    proc = _cli_process(tmp_path, "steps=1000", "checkpoint.every_steps=1000")
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM: saved step" in output
+    config = _job("steps=1000")
+    stopped_at = max(_losses(tmp_path))
+    manager = _manager(config, tmp_path)
+    params = _initial_params(config)
+    from indexcache_jax.train.loop import make_optimizer  # noqa: PLC0415
+    restored = restore_latest(manager, params, make_optimizer(config, params).init(params))
+    manager.close()
+    assert restored is not None and restored[0] == stopped_at
+
+
+def _initial_params(config):
+    from indexcache_jax.train.loop import _initial_model  # noqa: PLC0415
+    return _initial_model(config)[1]
+
+
+def test_corrupt_latest_checkpoint_is_skipped_and_kept(tmp_path, caplog):
+    settings = ("steps=8", "checkpoint.every_steps=4", "log.eval_every_steps=100")
+    train(_job(*settings, "steps=8"), tmp_path)
+    latest = tmp_path / "checkpoints" / "8"
+    for path in latest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
+            path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        result = train(_job("steps=9", "checkpoint.every_steps=4", "log.eval_every_steps=100"), tmp_path)
+    assert "checkpoint step 8" in caplog.text and "cannot be restored" in caplog.text
+    assert len(result.losses) == 5  # steps 5..9 after resuming from step 4
+    assert (tmp_path / "corrupt" / "8").exists()  # moved aside, not deleted
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*last good checkpoint is step \d+"):
+        train(_job("steps=20", "optim.lr=1.0e+30", "optim.warmup_steps=0", "checkpoint.every_steps=1"), tmp_path)
+
+
+def test_indexer_and_routing_bias_get_their_own_labels_and_the_bias_stays_fixed(tmp_path):
+    config = _job("steps=2")
+    params = _initial_params(config)
+    labels = jax.tree_util.tree_leaves_with_path(param_labels(params))
+    by_label = {}
+    for path, label in labels:
+        by_label.setdefault(label, []).append(jax.tree_util.keystr(path))
+    assert all("indexer" in p for p in by_label["indexer"]) and len(by_label["indexer"]) == 10
+    assert all("e_score_correction_bias" in p for p in by_label["frozen"])
+    assert not any("indexer" in p for p in by_label["main"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("stage=indexcache", "indexcache"),  # the tiny job has a pattern: refused later, by the loop
+    ("data.seq_len=1", "data.seq_len"),
+    ("data.seq_len=40", "data.seq_len"),  # too short for the passkey documents
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.bogus=1", "optim.bogus"),
+    ("steps=many", "steps"),
+    ("data.source=text", "data.paths"),
+    ("model.vocab_size=100", "model.vocab_size"),
+])
+def test_bad_config_values_name_the_field(override, field):
+    if override == "stage=indexcache":
+        with pytest.raises(ConfigError, match="indexcache"):
+            load_train_config(JOB, SMALL + [override, "indexcache.pattern=null"])
+        return
+    with pytest.raises(ConfigError, match=field.split(".")[-1]):
+        load_train_config(JOB, SMALL + [override])
+
+
+def test_missing_data_file_and_bad_override_syntax_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found.*nope.txt"):
+        load_train_config(JOB, SMALL + ["data.source=text", f"data.paths=[{tmp_path / 'nope.txt'}]"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_train_config(JOB, ["steps"])
+
+
+def test_unbuilt_stages_are_refused_clearly(tmp_path):
+    with pytest.raises(TrainingError, match="dense_warmup.*not built yet"):
+        train(_job("stage=dense_warmup"), tmp_path)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    config = _job().data
+    seqs = load_sequences(config, 256).train
+    a, b = batches(seqs, 4, seed=1), batches(seqs, 4, seed=1)
+    np.testing.assert_array_equal(a[7], b[7])
+    assert not np.array_equal(a[7], batches(seqs, 4, seed=2)[7])
+    assert not np.array_equal(a[0], a[len(seqs) // 4])  # each epoch reshuffles
+
+
+def test_passkey_documents_state_the_key_at_the_depth_and_ask_at_the_end():
+    rng = np.random.default_rng(0)
+    doc, answer = passkey_document(rng, 200, depth=0.5)
+    assert len(doc) == 200 and doc.endswith(PASSKEY_QUESTION + answer)
+    at = doc.index(b"The pass key is " + answer + b". Remember")
+    assert 0.3 < at / 200 < 0.7
+
+
+def test_token_files_pack_and_out_of_vocab_ids_are_named(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    config = load_train_config(JOB, SMALL + ["data.source=tokens", f"data.paths=[{path}]",
+                                             "data.eval_fraction=0.1"]).data
+    splits = load_sequences(config, 300)
+    assert splits.train.shape[1] == 97 and len(splits.train) + len(splits.eval) == (1000 - 1) // 96
+    row = splits.train[0]
+    np.testing.assert_array_equal(np.diff(row) % 300, 1)  # consecutive tokens, windows intact
+    with pytest.raises(ValueError, match="tokens.bin holds token id 299 >= model vocab_size 256"):
+        load_sequences(config, 256)
+
+
+def test_cli_train_runs_and_reports_errors(tmp_path, capsys):
+    argv = ["train", "--config", str(JOB), "--run-dir", str(tmp_path)]
+    for item in SMALL + ["steps=2", "log.eval_every_steps=2"]:
+        argv += ["--set", item]
+    assert cli.main(argv) == 0
+    assert "done: step 2/2" in capsys.readouterr().out
+    assert cli.main(argv + ["--set", "stage=dense_warmup"]) == 2
+    assert "not built yet" in capsys.readouterr().err
