@@ -13,6 +13,8 @@ Typical use:
     out = generate(params, prompts, config=cfg.model, pattern=cfg.pattern(), max_new_tokens=32)
 
     cfg, params = load_model("path/to/checkpoint")   # ours (Orbax) or a HuggingFace DeepSeek-V3.2 / GLM-5 directory
+
+Training-free IndexCache and evaluation: `indexcache_jax.search.greedy_search`, `indexcache_jax.evaluate`.
 """
 
 from indexcache_jax.cache import KVCache, LayerCache, init_cache
@@ -20,12 +22,13 @@ from indexcache_jax.checkpoint import load_model, save_model
 from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig, MoEConfig, RopeScaling, load_config
 from indexcache_jax.configlib import ConfigError
 from indexcache_jax.inference import Generation, decode_step, generate, prefill
-from indexcache_jax.model import DSATransformer, bind, forward, init_params, model_graphdef, pattern_flags
+from indexcache_jax.model import (DSATransformer, bind, forward, forward_with_indexer_loss, init_params, layer_indices,
+                                  model_graphdef, pattern_flags)
 from indexcache_jax.pattern import IndexCachePattern
 
 __all__ = [
     "Config", "ConfigError", "DSATransformer", "Generation", "IndexCacheConfig", "IndexCachePattern", "KVCache",
-    "LayerCache", "ModelConfig", "MoEConfig", "RopeScaling", "bind", "decode_step", "forward", "generate",
-    "init_cache", "init_params", "load_config", "load_model", "model_graphdef", "pattern_flags", "prefill",
-    "save_model",
+    "LayerCache", "ModelConfig", "MoEConfig", "RopeScaling", "bind", "decode_step", "forward",
+    "forward_with_indexer_loss", "generate", "init_cache", "init_params", "layer_indices", "load_config",
+    "load_model", "model_graphdef", "pattern_flags", "prefill", "save_model",
 ]

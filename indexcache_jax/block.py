@@ -13,6 +13,7 @@ from flax import nnx
 
 from indexcache_jax.cache import LayerCache
 from indexcache_jax.config import ModelConfig
+from indexcache_jax.distill import DistillState, add_layer, start_group
 from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer
 from indexcache_jax.mla import MLAttention
@@ -38,9 +39,16 @@ class DSABlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
         self.mlp = MLP(config, config.intermediate_size, rngs=rngs) if ffn == "dense" else MoE(config, rngs=rngs)
 
-    def __call__(self, hidden, indices, is_full, ctx: LayerContext, cache: Optional[LayerCache]):
+    def __call__(self, hidden, indices, is_full, ctx: LayerContext, cache: Optional[LayerCache],
+                 distill: Optional[DistillState] = None):
         """hidden [B,T,D], indices int32[B,T,K] (from the nearest preceding Full layer), is_full bool[] ->
-        (hidden, indices for the next layer, this layer's updated cache slice or None)."""
+        (hidden, indices for the next layer, this layer's updated cache slice or None, distill).
+
+        With a DistillState (training, no cache) a Full layer starts a new distillation group with its indexer's
+        distribution over the keys it selected (all visible keys in dense mode), and every layer adds its
+        attention distribution over the same keys (see distill.py). The indexer sees its inputs through a
+        stop-gradient: the distillation trains only the indexer, and the LM loss never reaches it.
+        """
         x = self.input_layernorm(hidden)
         q_resid, q_nope, q_rope = self.self_attn.queries(x, ctx.rope)
         kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x, ctx.rope)
@@ -48,20 +56,38 @@ class DSABlock(nnx.Module):
             cache = cache.append(ctx.write_offsets, kv_rows, index_keys)
             kv_rows, index_keys = cache.latent, cache.index_keys
 
-        if ctx.attention == "dense":
-            attn = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions)
-        else:
-            def run_indexer(indices):
-                return self.indexer.select(q_resid, x, index_keys, ctx.positions, ctx.rope,
-                                           topk=ctx.topk, impl=ctx.impl)
+        def indexer_log_probs(selected):
+            x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
+            return self.indexer.log_probs(q_in, x_in, self.indexer.keys(x_in, ctx.rope), ctx.positions, ctx.rope,
+                                          indices=selected)
 
-            def reuse_carried(indices):
-                return indices
+        if ctx.attention == "dense":
+            if distill is None:
+                attn = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions)
+            else:
+                attn, probs = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions,
+                                                          with_distribution=True)
+                distill = jax.lax.cond(is_full, lambda d: start_group(d, indexer_log_probs(None)), lambda d: d,
+                                       distill)
+                distill = add_layer(distill, probs)
+        else:
+            def run_indexer(carry):
+                indices, distill = carry
+                indices = self.indexer.select(q_resid, x, index_keys, ctx.positions, ctx.rope,
+                                              topk=ctx.topk, impl=ctx.impl)
+                if distill is not None:
+                    distill = start_group(distill, indexer_log_probs(indices))
+                return indices, distill
+
+            def reuse_carried(carry):
+                return carry
 
             # lax.cond on the runtime flag executes one branch: Shared layers never score or select.
-            indices = jax.lax.cond(is_full, run_indexer, reuse_carried, indices)
+            indices, distill = jax.lax.cond(is_full, run_indexer, reuse_carried, (indices, distill))
             attn = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl)
+            if distill is not None:
+                distill = add_layer(distill, self.self_attn.sparse_distribution(q_nope, q_rope, kv_rows, indices))
 
         hidden = hidden + attn.astype(hidden.dtype)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden)).astype(hidden.dtype)
-        return hidden, indices, cache
+        return hidden, indices, cache, distill

@@ -36,8 +36,10 @@ def abstract_params(config: Config) -> nnx.State:
     return nnx.split(nnx.eval_shape(lambda: DSATransformer(config.model, rngs=nnx.Rngs(0))))[1]
 
 
-def save_model(path: str | os.PathLike, config: Config, params: nnx.State, *, overwrite: bool = False) -> pathlib.Path:
-    """Write (config, params) as one checkpoint directory; refuses to replace an existing path unless asked."""
+def save_model(path: str | os.PathLike, config: Config, params: nnx.State, *, overwrite: bool = False,
+               extra_files: Optional[dict[str, str]] = None) -> pathlib.Path:
+    """Write (config, params) as one checkpoint directory; refuses to replace an existing path unless asked.
+    `extra_files` (name -> text) are written into the directory before it is committed."""
     path = pathlib.Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
@@ -45,6 +47,8 @@ def save_model(path: str | os.PathLike, config: Config, params: nnx.State, *, ov
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / CONFIG_FILE).write_text(yaml.safe_dump(to_mapping(config), sort_keys=False))
+    for name, text in (extra_files or {}).items():
+        (partial / name).write_text(text)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(partial / PARAMS_DIR, nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -106,6 +107,100 @@ def run_train(args) -> None:
     print(f"{state}: step {result.step}/{config.steps}; run directory {result.run_dir}")
 
 
+def _heldout(args, vocab_size: int, part: str) -> list:
+    """The calibration ("calib") or evaluation ("eval") half of the data's held-out split, as batches."""
+    from indexcache_jax.evaluate import as_batches, heldout_sequences  # noqa: PLC0415
+    from indexcache_jax.train.config import DataConfig  # noqa: PLC0415
+    data = DataConfig(source=args.data, paths=tuple(args.paths), token_dtype=args.token_dtype, seq_len=args.seq_len,
+                      seed=args.data_seed, eval_fraction=args.heldout_fraction, embedded_bytes=args.embedded_bytes,
+                      passkey_fraction=args.passkey_fraction if args.data == "embedded" else 0.0)
+    data.validate("data")
+    return as_batches(heldout_sequences(data, vocab_size, part), args.batch_size, args.num_seqs)
+
+
+def run_search(args) -> None:
+    from indexcache_jax.search import full_layers_for, greedy_search  # noqa: PLC0415
+    cfg, params = load_model(args.model, dtype=args.dtype)
+    n = cfg.model.num_layers
+    retentions = [float(r) for r in args.retain.split(",")]
+    targets = {r: full_layers_for(r, n) for r in retentions}
+    batches = _heldout(args, cfg.model.vocab_size, "calib")
+    print(f"greedy search: {n} layers down to {min(targets.values())} Full; calibration {len(batches)} batches of "
+          f"{batches[0].shape}; device {jax.devices()[0].device_kind}", flush=True)
+    result = greedy_search(params, cfg.model, batches, min_full=min(targets.values()), path_file=args.out,
+                           impl=args.impl, progress=lambda line: print(line, flush=True))
+    print(f"{result.evaluations} loss evaluations in {result.seconds:.1f} s; path written to {args.out}")
+    for r, num_full in targets.items():
+        step = next(s for s in result.steps if s.num_full == num_full)
+        print(f"retention {r:g} ({num_full} Full): {step.pattern} calibration loss {step.loss:.4f}")
+
+
+def _eval_pattern(args, n: int, default) -> str:
+    from indexcache_jax.search import full_layers_for  # noqa: PLC0415
+    if args.pattern is not None:
+        return str(IndexCachePattern.parse(args.pattern, n))
+    if args.retain is None:
+        return str(default)
+    if args.search is None:
+        return str(IndexCachePattern.uniform(n, args.retain))
+    import json  # noqa: PLC0415
+    steps = json.loads(open(args.search).read())["steps"]
+    num_full = full_layers_for(args.retain, n)
+    for step in steps:
+        if step["num_full"] == num_full:
+            return step["pattern"]
+    raise ValueError(f"--search {args.search} has no pattern with {num_full} Full layers (retention {args.retain})")
+
+
+def run_eval(args) -> None:
+    import json  # noqa: PLC0415
+    from indexcache_jax import evaluate  # noqa: PLC0415
+    cfg, params = load_model(args.model, dtype=args.dtype)
+    model = cfg.model
+    pattern = _eval_pattern(args, model.num_layers, cfg.pattern())
+    batches = _heldout(args, model.vocab_size, "eval")
+    report = {"model": str(args.model), "pattern": pattern, "device": jax.devices()[0].device_kind}
+    loss = evaluate.lm_loss(params, model, batches, pattern, impl=args.impl)
+    report["lm"] = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": int(sum(b[:, 1:].size for b in batches))}
+    print(f"pattern {pattern}: held-out LM loss {loss:.4f} (perplexity {np.exp(loss):.2f}) over "
+          f"{report['lm']['tokens']:,} tokens")
+    if args.lengths:
+        tasks = evaluate.retrieval_tasks([int(x) for x in args.lengths.split(",")],
+                                         [float(x) for x in args.depths.split(",")], args.per_cell, args.data_seed)
+        report["retrieval"] = evaluate.retrieval_accuracy(params, model, tasks, pattern, batch_size=args.batch_size,
+                                                          impl=args.impl)
+        print(f"passkey retrieval: exact {report['retrieval']['accuracy']:.3f}, digits "
+              f"{report['retrieval']['digit_accuracy']:.3f}")
+        for cell in report["retrieval"]["cells"]:
+            print(f"  length {cell['length']:5d} depth {cell['depth']:.2f}: {cell['accuracy']:.3f}")
+    if args.heatmap:
+        overlap = evaluate.layer_overlap(params, model, batches[:args.overlap_batches], impl=args.impl)
+        report["overlap"] = overlap.tolist()
+        evaluate.save_heatmap(overlap, args.heatmap, f"top-k overlap between layers ({args.model})")
+        print(f"overlap heat map written to {args.heatmap}")
+        print("\n".join(" ".join(f"{v:.2f}" for v in row) for row in overlap))
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"report written to {args.out}")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=["embedded", "text", "tokens"], default="embedded",
+                        help="held-out data source (default: the embedded corpus's held-out split)")
+    parser.add_argument("--paths", nargs="*", default=[], help="files for --data text/tokens")
+    parser.add_argument("--token-dtype", choices=["uint16", "uint32"], default="uint16")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-seqs", type=int, default=None, help="at most this many held-out sequences")
+    parser.add_argument("--data-seed", type=int, default=0, help="the training job's data.seed (same held-out split)")
+    parser.add_argument("--heldout-fraction", type=float, default=0.05, help="the training job's data.eval_fraction")
+    parser.add_argument("--embedded-bytes", type=int, default=2_000_000, help="the training job's data.embedded_bytes")
+    parser.add_argument("--passkey-fraction", type=float, default=0.2, help="the training job's data.passkey_fraction")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the checkpoint's dtype")
+    parser.add_argument("--impl", choices=["reference", "pallas", "interpret"], default=None,
+                        help="kernel implementation (default: chosen by platform)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,12 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--impl", choices=["reference", "pallas", "interpret"], default=None,
                     help="kernel implementation (default: chosen by platform)")
     tr.set_defaults(func=run_train)
+
+    se = sub.add_parser("search", help="training-free IndexCache: greedy Full/Shared pattern search by LM loss")
+    se.add_argument("--model", required=True, help="checkpoint directory (ours or HuggingFace)")
+    se.add_argument("--retain", required=True, help="retention ratio(s), e.g. 0.25 or 0.5,0.25,0.125")
+    se.add_argument("--out", default="search.json", help="the search path (JSON); an existing one is resumed")
+    _data_arguments(se)
+    se.set_defaults(func=run_search)
+
+    ev = sub.add_parser("eval", help="held-out LM loss, passkey retrieval and cross-layer top-k overlap")
+    ev.add_argument("--model", required=True, help="checkpoint directory (ours or HuggingFace)")
+    ev.add_argument("--pattern", help="IndexCache pattern (default: the checkpoint's, or see --retain)")
+    ev.add_argument("--retain", type=float, help="uniform interleave at this retention, or with --search the "
+                                                 "searched pattern")
+    ev.add_argument("--search", help="a search path JSON (indexcache search --out)")
+    ev.add_argument("--lengths", default="", help="passkey document lengths, e.g. 128,256 (empty: skip)")
+    ev.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths")
+    ev.add_argument("--per-cell", type=int, default=8, help="documents per (length, depth)")
+    ev.add_argument("--heatmap", help="write the all-Full model's cross-layer overlap heat map (PNG) here")
+    ev.add_argument("--overlap-batches", type=int, default=4)
+    ev.add_argument("--out", help="write the report as JSON here")
+    _data_arguments(ev)
+    ev.set_defaults(func=run_eval)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens"):
+    for name in ("batch", "prompt_len", "new_tokens", "batch_size", "seq_len", "per_cell", "overlap_batches"):
         if getattr(args, name, 1) < 1:
             print(f"indexcache: error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
                   file=sys.stderr)

@@ -8,11 +8,13 @@ product and the bf16/fp32 form here is the exact reference.
 Shape letters: B T S D, Q q_lora_rank, G index_n_heads, I index_head_dim, P qk_rope_head_dim, K top-k slots.
 """
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
 from indexcache_jax.config import ModelConfig
+from indexcache_jax.distill import masked_log_softmax
 from indexcache_jax.nn import LayerNorm, project, weight
 from indexcache_jax.rope import apply_rope
 
@@ -36,12 +38,35 @@ class LightningIndexer(nnx.Module):
         k = self.k_norm(project("btd,di->bti", x, self.wk, self.config.compute_dtype))
         return self._rope(k, rope)
 
-    def select(self, q_resid, x, keys, q_positions, rope, *, topk: int, impl=None):
-        """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D] (the block's normed input), keys [B,S,I],
-        q_positions int[B,T] -> int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
+    def _queries(self, q_resid, x, rope):
+        """-> indexer queries q [B,T,G,I] and head weights w f32[B,T,G]."""
         c = self.config
         q = self._rope(project("btq,qgi->btgi", q_resid, self.wq_b, c.compute_dtype), rope)
         # Both constant scales fold into the head weights: c * ReLU(a) == ReLU(c * a) for c > 0.
         head_scale = (c.index_n_heads ** -0.5) * (c.index_head_dim ** -0.5)
-        w = project("btd,dg->btg", x, self.weights_proj, jnp.float32) * head_scale
-        return pallas_kernels.indexer_topk(q, w, keys.astype(q.dtype), q_positions, topk=topk, impl=impl)
+        return q, project("btd,dg->btg", x, self.weights_proj, jnp.float32) * head_scale
+
+    def select(self, q_resid, x, keys, q_positions, rope, *, topk: int, impl=None):
+        """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D] (the block's normed input), keys [B,S,I],
+        q_positions int[B,T] -> int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
+        q, w = self._queries(q_resid, x, rope)
+        # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define
+        # no JVP: cut the graph here so that differentiating the model never tries to differentiate them.
+        q, w, keys = jax.lax.stop_gradient((q, w, keys.astype(q.dtype)))
+        return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl)
+
+    def log_probs(self, q_resid, x, keys, q_positions, rope, indices=None):
+        """The indexer's distribution q = softmax of its scores, as log-probabilities f32: over each query's
+        selected slots indices int32[B,T,K] -> [B,T,K], or (indices None) over all visible keys -> [B,T,S];
+        0 outside the set (see distill.masked_log_softmax). Differentiable in the indexer's weights: the
+        distillation losses train it through this (plain JAX: [B,T,K,G] logits at most, or [B,T,S,G] without
+        indices)."""
+        q, w = self._queries(q_resid, x, rope)
+        keys = keys.astype(q.dtype)
+        if indices is None:
+            scores = pallas_kernels.indexer_scores_reference(q, w, keys, q_positions)  # -inf where not visible
+            return masked_log_softmax(scores, jnp.isfinite(scores))
+        rows = jax.vmap(lambda k_b, idx_b: k_b[jnp.maximum(idx_b, 0)])(keys, indices)  # [B,T,K,I]
+        logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkg,btg->btk", jax.nn.relu(logits), w)
+        return masked_log_softmax(scores, indices >= 0)

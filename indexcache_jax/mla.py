@@ -64,19 +64,31 @@ class MLAttention(nnx.Module):
         q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], indices int32[B,T,K] (-1 = empty slot) -> [B,T,D].
         """
         c = self.config
-        w_uk, w_uv = self._kv_b()
-        q_latent = jnp.einsum("bthn,rhn->bthr", q_nope.astype(w_uk.dtype), w_uk)
-        q_mqa = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B,T,H,L]
+        q_mqa = self._absorbed_query(q_nope, q_rope)
         o_latent = pallas_kernels.sparse_mla(q_mqa, kv_rows.astype(q_mqa.dtype), indices, scale=c.softmax_scale,
                                              value_dim=c.kv_lora_rank, impl=impl)  # [B,T,H,R]
-        return self._output(jnp.einsum("bthr,rhv->bthv", o_latent, w_uv))
+        return self._output(jnp.einsum("bthr,rhv->bthv", o_latent, self._kv_b()[1]))
 
-    def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None):
+    def _absorbed_query(self, q_nope, q_rope):
+        """q_nope [B,T,H,N], q_rope [B,T,H,P] -> the MQA-form query [B,T,H,L]: W_uk folded into q_nope."""
+        w_uk = self._kv_b()[0]
+        q_latent = jnp.einsum("bthn,rhn->bthr", q_nope.astype(w_uk.dtype), w_uk)
+        return jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
+
+    def sparse_distribution(self, q_nope, q_rope, kv_rows, indices):
+        """The head-averaged attention distribution of `attend_sparse` over its slots, f32[B,T,K] (0 at -1 slots):
+        the distillation target of the indexer (a plain-JAX gather; no gradient flows through it)."""
+        q_mqa = self._absorbed_query(q_nope, q_rope)
+        return jax.lax.stop_gradient(pallas_kernels.sparse_attention_distribution(
+            q_mqa, kv_rows.astype(q_mqa.dtype), indices, scale=self.config.softmax_scale))
+
+    def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None, with_distribution=False):
         """Training-form causal attention over all keys: per-head keys and values expanded from c_kv.
 
         q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], q_positions int[B,T]; key s is visible to query t
         when s <= q_positions[b,t] and (if given) mask[b,t,s]. Materialises [B,H,T,S] logits: a reference and
-        dense-warm-up path, not a long-context one.
+        dense-warm-up path, not a long-context one. -> [B,T,D], or with_distribution: ([B,T,D], the head-averaged
+        attention distribution f32[B,T,S], stop-gradient: the dense warm-up's distillation target).
         """
         c = self.config
         w_uk, w_uv = self._kv_b()
@@ -90,4 +102,7 @@ class MLAttention(nnx.Module):
             visible = visible & mask
         logits = jnp.where(visible[:, None], logits * c.softmax_scale, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
-        return self._output(jnp.einsum("bhts,bshv->bthv", probs.astype(values.dtype), values))
+        out = self._output(jnp.einsum("bhts,bshv->bthv", probs.astype(values.dtype), values))
+        if with_distribution:
+            return out, jax.lax.stop_gradient(jnp.mean(probs, axis=1))
+        return out

@@ -19,6 +19,7 @@ from flax import nnx
 from indexcache_jax.block import DSABlock, LayerContext
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
+from indexcache_jax.distill import indexer_loss, init_state
 from indexcache_jax.nn import RMSNorm, project, weight
 from indexcache_jax.pattern import IndexCachePattern, as_flags
 from indexcache_jax.rope import rope_angles
@@ -32,20 +33,23 @@ def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> 
     return nnx.merge(graphdefs[0], jax.tree.map(lambda *layers: jnp.stack(layers), *states))
 
 
-def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cache):
+def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cache, distill=None,
+                collect_indices: bool = False):
     """Run a stack of blocks: hidden [B,T,D], indices int32[B,T,K], flags bool[N_run] (True = Full), cache: the
-    run's stacked LayerCache or None -> (hidden, indices, updated cache)."""
+    run's stacked LayerCache or None, distill: a DistillState carried through the layers or None ->
+    (hidden, indices, updated cache, distill, every layer's indices int32[N_run,B,T,K] if collect_indices)."""
     graphdef, stacked_params = nnx.split(stack)
 
     def layer_step(carry, layer_inputs):
-        hidden, indices = carry
+        hidden, indices, distill = carry
         params, is_full, layer_cache = layer_inputs
         block = nnx.merge(graphdef, params)
-        hidden, indices, layer_cache = block(hidden, indices, is_full, ctx, layer_cache)
-        return (hidden, indices), layer_cache
+        hidden, indices, layer_cache, distill = block(hidden, indices, is_full, ctx, layer_cache, distill)
+        return (hidden, indices, distill), (layer_cache, indices if collect_indices else None)
 
-    (hidden, indices), cache = jax.lax.scan(layer_step, (hidden, indices), (stacked_params, flags, cache))
-    return hidden, indices, cache
+    (hidden, indices, distill), (cache, per_layer) = jax.lax.scan(layer_step, (hidden, indices, distill),
+                                                                  (stacked_params, flags, cache))
+    return hidden, indices, cache, distill, per_layer
 
 
 class DSATransformer(nnx.Module):
@@ -68,6 +72,29 @@ class DSATransformer(nnx.Module):
         positions cache.lengths[b] + t and attend over everything cached before them. Token ids outside the
         vocabulary embed as NaN, so they can never yield plausible-looking logits.
         """
+        hidden, new_cache, _, _ = self._layers(tokens, flags, cache, attention, impl, with_distill=False)
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
+        return self._logits(hidden), new_cache
+
+    def with_indexer_loss(self, tokens, flags, *, attention="sparse", impl=None):
+        """Training: tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], the indexers' distillation loss f32[]).
+
+        The loss is distill.py's: each Full layer's indexer against the attention distributions of the layers it
+        serves (itself alone when every layer is Full), over the selected keys (attention="sparse") or all
+        visible keys ("dense", the warm-up). It reaches only the indexers' weights; the logits' gradient never
+        reaches them.
+        """
+        hidden, _, distill_state, _ = self._layers(tokens, flags, None, attention, impl, with_distill=True)
+        return self._logits(hidden), indexer_loss(distill_state)
+
+    def layer_indices(self, tokens, flags, *, impl=None):
+        """The top-k indices every layer attends with, int32[N,B,T,K] (a Shared layer's are its Full layer's)."""
+        return self._layers(tokens, flags, None, "sparse", impl, with_distill=False, collect_indices=True)[3]
+
+    def _layers(self, tokens, flags, cache, attention, impl, *, with_distill: bool, collect_indices: bool = False):
+        """-> (final hidden [B,T,D] before the norm, new cache or None, DistillState or None, per-layer indices
+        int32[N,B,T,K] or None)."""
         c = self.config
         batch, num_q = tokens.shape
         offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
@@ -80,22 +107,29 @@ class DSATransformer(nnx.Module):
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)
         indices = jnp.full((batch, num_q, ctx.topk), -1, jnp.int32)  # layer 0 is Full and overwrites this
+        distill_state = None
+        if with_distill:
+            distill_state = init_state(batch, num_q, num_keys if attention == "dense" else ctx.topk)
         stacks = {"dense": self.dense_layers, "moe": self.moe_layers}
-        new_segments = []
+        new_segments, per_layer = [], []
         for run, (start, stop, ffn) in enumerate(c.layer_segments):
             run_cache = None if cache is None else cache.segments[run]
-            hidden, indices, run_cache = scan_layers(stacks[ffn], hidden, indices, flags[start:stop], ctx, run_cache)
+            hidden, indices, run_cache, distill_state, run_indices = scan_layers(
+                stacks[ffn], hidden, indices, flags[start:stop], ctx, run_cache, distill_state, collect_indices)
             new_segments.append(run_cache)
+            per_layer.append(run_indices)
+        new_cache = None if cache is None else cache.replace(segments=tuple(new_segments))
+        return hidden, new_cache, distill_state, jnp.concatenate(per_layer) if collect_indices else None
 
-        if logits_at is not None:
-            hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
+    def _logits(self, hidden):
+        """[..., D] -> f32[..., V]."""
+        c = self.config
         hidden = self.norm(hidden)
         if self.lm_head is None:
             logits = project("...d,vd->...v", hidden, self.embed_tokens, c.compute_dtype)
         else:
             logits = project("...d,dv->...v", hidden, self.lm_head, c.compute_dtype)
-        new_cache = None if cache is None else cache.replace(segments=tuple(new_segments))
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32)
 
 
 # ---- functional entry points ---------------------------------------------------------------------------------
@@ -163,3 +197,30 @@ def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, att
     check_tokens(tokens, config)
     return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,
                     impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl"))
+def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl):
+    return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl)
+
+
+def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config: ModelConfig,
+                              attention: str = "sparse", impl: Optional[str] = None):
+    """Training: (logits f32[B,T,V], the indexers' distillation loss f32[]) of a whole sequence; see
+    DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    check_tokens(tokens, config)
+    return _forward_with_indexer_loss(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config,
+                                      attention=attention, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"))
+def _layer_indices(params, tokens, flags, *, config, impl):
+    return bind(config, params).layer_indices(tokens, flags, impl=impl)
+
+
+def layer_indices(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, impl: Optional[str] = None):
+    """The top-k indices each layer attends with, int32[N,B,T,K] (ascending ids, then -1; see topk_reference)."""
+    check_tokens(tokens, config)
+    return _layer_indices(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, impl=impl)

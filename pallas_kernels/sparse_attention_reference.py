@@ -15,10 +15,13 @@ import jax.numpy as jnp
 from pallas_kernels._blocking import map_query_blocks
 
 
-def _attend_gathered(q, kv, indices, scale, value_dim):
-    """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> out [B,T,H,R]; gathers [B,T,K,L], never per head."""
-    valid = indices >= 0
-    rows = jax.vmap(lambda kv_b, idx_b: kv_b[jnp.where(idx_b >= 0, idx_b, 0)])(kv, indices)  # [B,T,K,L]
+def _gather_rows(kv, indices):
+    """kv [B,S,L], indices [B,T,K] -> rows [B,T,K,L] (row 0 stands in for -1 slots; callers mask them)."""
+    return jax.vmap(lambda kv_b, idx_b: kv_b[jnp.where(idx_b >= 0, idx_b, 0)])(kv, indices)
+
+
+def _slot_probs(q, rows, valid, scale):
+    """q [B,T,H,L], rows [B,T,K,L], valid bool[B,T,K] -> softmax over the valid slots f32[B,T,H,K]."""
     logits = jnp.einsum("bthl,btkl->bthk", q, rows, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -26,10 +29,24 @@ def _attend_gathered(q, kv, indices, scale, value_dim):
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(logits - row_max)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom > 0, denom, 1.0)
+    return probs / jnp.where(denom > 0, denom, 1.0)
+
+
+def _attend_gathered(q, kv, indices, scale, value_dim):
+    """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> out [B,T,H,R]; gathers [B,T,K,L], never per head."""
+    rows = _gather_rows(kv, indices)
+    probs = _slot_probs(q, rows, indices >= 0, scale)
     out = jnp.einsum("bthk,btkr->bthr", probs.astype(kv.dtype), rows[..., :value_dim],
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def sparse_attention_distribution(q, kv, indices, *, scale: float, block_q: int = 64):
+    """The attention distribution over the slots, averaged over heads (= summed, then L1-normalised): what the
+    indexer is distilled towards. q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> f32[B,T,K] (0 at -1 slots)."""
+    def one_block(q_blk, idx_blk):
+        return jnp.mean(_slot_probs(q_blk, _gather_rows(kv, idx_blk), idx_blk >= 0, scale), axis=2)
+    return map_query_blocks(one_block, block_q, (q, indices), fills=(0, -1))
 
 
 def sparse_mla_reference(q, kv, indices, *, scale: float, value_dim: int, block_q: int = 64):

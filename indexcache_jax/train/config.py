@@ -4,7 +4,7 @@ checkpointing, logging), typed and validated like the model config, with `--set 
     model: {...}                # as in configs/tiny.yaml, or
     init_from: path/to/ckpt     # start from a checkpoint (ours or HF); its config is the model
     indexcache: {pattern: FSSS...}
-    stage: sparse               # dense_warmup | sparse | indexcache
+    stage: indexcache           # dense | dense_warmup | sparse | indexcache
     steps: 200
     data: {...}  optim: {...}  checkpoint: {...}  log: {...}
 """
@@ -20,7 +20,7 @@ import yaml
 from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig
 from indexcache_jax.configlib import ConfigError, check, from_mapping, read_yaml, to_mapping
 
-Stage = Literal["dense_warmup", "sparse", "indexcache"]
+Stage = Literal["dense", "dense_warmup", "sparse", "indexcache"]
 PASSKEY_MIN_SEQ_LEN = 80  # the needle, the question and the answer of data.passkey_document
 
 
@@ -28,7 +28,8 @@ PASSKEY_MIN_SEQ_LEN = 80  # the needle, the question and the answer of data.pass
 class DataConfig:
     """Where tokens come from. `source`: "embedded" (the shipped default: Python standard-library sources of the
     running interpreter mixed with synthetic passkey-retrieval documents), "text" (UTF-8 files in `paths`, byte-level
-    tokens) or "tokens" (flat binary token files in `paths`, `token_dtype`)."""
+    tokens, or the local HuggingFace `tokenizer.json` given as `tokenizer`) or "tokens" (flat binary token files in
+    `paths`, `token_dtype`)."""
 
     source: Literal["embedded", "text", "tokens"] = "embedded"
     paths: tuple[str, ...] = ()
@@ -39,6 +40,7 @@ class DataConfig:
     eval_fraction: float = 0.05
     embedded_bytes: int = 2_000_000  # how much of the standard library the embedded corpus takes
     passkey_fraction: float = 0.2  # share of embedded sequences that are passkey-retrieval documents
+    tokenizer: Optional[str] = None  # source "text": a local tokenizer.json (the `tokenizers` library); else bytes
 
     def validate(self, where: str = "data") -> None:
         check(self.seq_len >= 2, f"{where}.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -56,6 +58,10 @@ class DataConfig:
             check(bool(self.paths), f"{where}.paths", f"source {self.source!r} needs at least one path")
             missing = [p for p in self.paths if not pathlib.Path(p).is_file()]
             check(not missing, f"{where}.paths", f"file(s) not found: {missing}")
+        if self.tokenizer is not None:
+            check(self.source == "text", f"{where}.tokenizer",
+                  f"applies to source 'text' only (source is {self.source!r})")
+            check(pathlib.Path(self.tokenizer).is_file(), f"{where}.tokenizer", f"{self.tokenizer} does not exist")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,7 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     grad_accum: int = 1
+    indexer_loss_weight: float = 1.0  # sparse / indexcache stages: loss = LM + weight * indexer distillation
 
     def validate(self, where: str = "optim") -> None:
         for name in ("lr", "indexer_lr"):
@@ -83,6 +90,8 @@ class OptimConfig:
         check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
         check(0 <= self.min_lr_ratio <= 1, f"{where}.min_lr_ratio", "must be in [0, 1]")
         check(self.grad_accum >= 1, f"{where}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.indexer_loss_weight >= 0, f"{where}.indexer_loss_weight",
+              f"must be >= 0, got {self.indexer_loss_weight}")
         check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{where}.b1", "b1 and b2 must be in [0, 1)")
 
 
@@ -131,6 +140,12 @@ class TrainConfig:
         if self.stage == "indexcache":
             check(self.indexcache.pattern is not None or self.indexcache.retention is not None, "indexcache",
                   "stage 'indexcache' trains a Shared/Full pattern: give indexcache.pattern or .retention")
+        else:
+            shared = (self.indexcache.pattern is not None and "S" in self.indexcache.pattern.upper()) or (
+                self.indexcache.retention is not None and self.indexcache.retention < 1)
+            check(not shared, "indexcache",
+                  f"stage {self.stage!r} trains every layer's indexer on its own layer (all Full); a pattern with "
+                  f"Shared layers is stage 'indexcache'")
         if self.model is not None:
             Config(model=self.model, indexcache=self.indexcache).validate()
             check(self.data.source != "embedded" or self.model.vocab_size >= 256, "model.vocab_size",

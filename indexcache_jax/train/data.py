@@ -76,6 +76,24 @@ def _pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[idx].astype(np.int32)
 
 
+def tokenize_files(paths, tokenizer_file: str, vocab_size: int) -> np.ndarray:
+    """The UTF-8 files' token ids under a local HuggingFace tokenizer.json, concatenated in order -> int32[N]."""
+    try:
+        from tokenizers import Tokenizer  # noqa: PLC0415 (optional dependency: pip install indexcache-jax[tokenizers])
+    except ImportError as err:
+        raise ValueError("data.tokenizer needs the `tokenizers` package: pip install 'indexcache-jax[tokenizers]'") \
+            from err
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # noqa: BLE001 (the library raises a bare Exception for a malformed file)
+        raise ValueError(f"data.tokenizer: {tokenizer_file} is not a readable tokenizer.json ({err})") from err
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"data.tokenizer: {tokenizer_file} has {tokenizer.get_vocab_size()} tokens but "
+                         f"model.vocab_size is {vocab_size}")
+    texts = [pathlib.Path(p).read_text(encoding="utf-8") for p in paths]
+    return np.concatenate([np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(texts)])
+
+
 def load_sequences(config: DataConfig, vocab_size: int) -> Splits:
     """All sequences of the configured source, split into train and eval (the eval split is a fixed random subset)."""
     rng = np.random.default_rng(config.seed)
@@ -87,6 +105,8 @@ def load_sequences(config: DataConfig, vocab_size: int) -> Splits:
                 for depth in rng.uniform(0.0, 0.8, num_passkey)]
         if docs:
             seqs = np.concatenate([seqs, np.frombuffer(b"".join(docs), np.uint8).reshape(len(docs), -1)])
+    elif config.source == "text" and config.tokenizer is not None:
+        seqs = _pack(tokenize_files(config.paths, config.tokenizer, vocab_size), config.seq_len)
     elif config.source == "text":
         data = b"\n".join(pathlib.Path(p).read_bytes() for p in config.paths)
         seqs = _pack(np.frombuffer(data, np.uint8), config.seq_len)
@@ -97,7 +117,7 @@ def load_sequences(config: DataConfig, vocab_size: int) -> Splits:
             bad = next(p for p, part in zip(config.paths, parts, strict=True) if part.size and part.max() >= vocab_size)
             raise ValueError(f"data.paths: {bad} holds token id {int(tokens.max())} >= model vocab_size {vocab_size}")
         seqs = _pack(tokens, config.seq_len)
-    if vocab_size < 256 and config.source != "tokens":
+    if vocab_size < 256 and config.source != "tokens" and config.tokenizer is None:
         raise ValueError(f"byte-level tokens need model.vocab_size >= 256, got {vocab_size}")
     order = rng.permutation(len(seqs))
     num_eval = max(1, int(round(len(seqs) * config.eval_fraction)))

@@ -8,14 +8,23 @@ would have done. Orbax writes each checkpoint under a temporary name and commits
 still fails to restore is skipped with a warning (and kept on disk). SIGTERM finishes the current step, saves and
 returns; a non-finite loss stops the job before anything is saved from it.
 
-Stages: `sparse` (top-k selection on, LM loss) is what this module trains today; the indexer's distillation losses
-(`dense_warmup`'s KL, the sparse stage's KL on the selected set, IndexCache's multi-layer distillation) are not
-built yet and are refused with a clear error.
+Stages (SPEC §1-2; the losses are computed inside the layer scan, see indexcache_jax/distill.py):
+- `dense`: dense attention; objective = LM loss + indexer_loss_weight * KL to the dense attention (pretraining a
+  dense model from scratch while its indexers learn alongside, detached; what precedes `dense_warmup` when there
+  is no pretrained model).
+- `dense_warmup`: dense attention; the objective is the indexers' KL to their layers' head-averaged attention
+  distributions; every non-indexer weight is frozen (its optimiser is `set_to_zero`, so not even weight decay moves
+  it), and the indexers see their inputs through a stop-gradient.
+- `sparse`: top-k selection in every layer; objective = LM loss + indexer_loss_weight * KL on the selected set. The
+  two parts reach disjoint weights: the LM loss never reaches an indexer and the KL never reaches the main model.
+- `indexcache`: as `sparse` with a Full/Shared pattern; each Full layer's indexer distils the layers it serves
+  (multi-layer distillation). Shared layers' indexers take no part: their updates are masked to exactly zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -30,15 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 
 from indexcache_jax.checkpoint import load_model, save_model
-from indexcache_jax.model import forward, init_params, pattern_flags
+from indexcache_jax.model import forward_with_indexer_loss, init_params, pattern_flags
 from indexcache_jax.train.config import TrainConfig, dump_train_config
 from indexcache_jax.train.data import Splits, batches, load_sequences
 
 log = logging.getLogger(__name__)
 
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # renamed in newer optax
+BEST_FILE = "best.json"
 FROZEN = ("e_score_correction_bias",)  # routing bias: set by load balancing, not by gradients or weight decay
 
 
@@ -67,7 +78,27 @@ def param_labels(params) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+STAGE_ATTENTION = {"dense": "dense", "dense_warmup": "dense", "sparse": "sparse", "indexcache": "sparse"}
+
+
+def indexer_layer_mask(params, model_config, flags):
+    """1.0 for every weight but the indexers of Shared layers (0.0 along those layers of the stacked axis).
+    flags may be traced: the mask is computed in the step, so one compiled step serves every pattern."""
+    flags = jnp.asarray(flags).astype(jnp.float32)
+    segments = {f"{ffn}_layers": flags[start:stop] for start, stop, ffn in model_config.layer_segments}
+
+    def mask(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "indexer" not in keys:
+            return jnp.ones((), jnp.float32)
+        layer_flags = next(segments[k] for k in keys if k in segments)
+        return layer_flags.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
 def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
+    """Clip, then AdamW per group ("main", "indexer"; "frozen" never moves). dense_warmup freezes "main" too.
+    (The train step also zeroes the updates of Shared layers' indexers: see indexer_layer_mask.)"""
     o = config.optim
 
     def adamw(lr: float, weight_decay: float):
@@ -76,7 +107,7 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
         return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay)
 
     transforms = {
-        "main": adamw(o.lr, o.weight_decay),
+        "main": optax.set_to_zero() if config.stage == "dense_warmup" else adamw(o.lr, o.weight_decay),
         "indexer": adamw(o.indexer_lr or o.lr, o.weight_decay if o.indexer_weight_decay is None
                          else o.indexer_weight_decay),
         "frozen": optax.set_to_zero(),
@@ -87,37 +118,55 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 
 # ---- the step ---------------------------------------------------------------------------------------------------
 
-def lm_loss(params, tokens, flags, *, model_config, attention: str, impl: Optional[str]):
-    """Mean next-token cross-entropy of tokens [B, L+1] (inputs [:L], targets [1:])."""
-    logits = forward(params, tokens[:, :-1], flags, config=model_config, attention=attention, impl=impl)
+def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_loss_weight: float,
+                 impl: Optional[str]):
+    """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
+    logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
+                                                     attention=STAGE_ATTENTION[stage], impl=impl)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    lm = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
+    return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 
 
-def make_train_step(model_config, optimizer, *, attention: str, impl: Optional[str]):
-    grad_fn = jax.value_and_grad(lambda p, t, f: lm_loss(p, t, f, model_config=model_config, attention=attention,
-                                                         impl=impl))
+def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: Optional[str]):
+    losses = functools.partial(stage_losses, model_config=model_config, stage=config.stage,
+                               indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl)
+    grad_fn = jax.value_and_grad(losses, has_aux=True)
 
     @jax.jit
     def train_step(params, opt_state, micro_batches, flags):
-        """micro_batches int32[A, B, L+1] -> (params, opt_state, mean loss, grad norm)."""
+        """micro_batches int32[A, B, L+1] -> (params, opt_state, metrics: mean loss, lm_loss, indexer_loss over
+        the micro-batches, and the gradient norm)."""
         def accumulate(carry, tokens):
-            loss_sum, grad_sum = carry
-            loss, grads = grad_fn(params, tokens, flags)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            sums, grad_sum = carry
+            (loss, parts), grads = grad_fn(params, tokens, flags)
+            sums = jax.tree.map(jnp.add, sums, {"loss": loss, **parts})
+            return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), micro_batches)
+        first = {"loss": jnp.float32(0), "lm_loss": jnp.float32(0), "indexer_loss": jnp.float32(0)}
+        (sums, grad_sum), _ = jax.lax.scan(accumulate, (first, zeros), micro_batches)
         count = micro_batches.shape[0]
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss_sum / count, _tree_norm(grads)
+        # Shared layers' indexers serve no layer: no update at all (their gradient is already 0; this stops
+        # weight decay too). All ones for an all-Full pattern.
+        updates = jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates,
+                               indexer_layer_mask(params, model_config, flags))
+        metrics = {k: v / count for k, v in sums.items()} | {"grad_norm": _tree_norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, metrics
 
     return train_step
 
 
-def make_eval_step(model_config, *, attention: str, impl: Optional[str]):
-    return jax.jit(lambda p, t, f: lm_loss(p, t, f, model_config=model_config, attention=attention, impl=impl))
+def make_eval_step(config: TrainConfig, model_config, *, impl: Optional[str]):
+    """-> jitted (params, tokens, flags) -> {"loss", "lm_loss", "indexer_loss"} of the stage."""
+    def evaluate(params, tokens, flags):
+        loss, parts = stage_losses(params, tokens, flags, model_config=model_config, stage=config.stage,
+                                   indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl)
+        return {"loss": loss, **parts}
+    return jax.jit(evaluate)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -190,12 +239,24 @@ def _initial_model(config: TrainConfig):
     return model, init_params(model, seed=config.seed)
 
 
+def _best_so_far(run_dir: pathlib.Path) -> float:
+    """Eval loss of the saved best model (RUN_DIR/best), inf if there is none."""
+    meta = run_dir / "best" / BEST_FILE
+    return json.loads(meta.read_text())["eval_loss"] if meta.is_file() else math.inf
+
+
+def _evaluate(eval_step, params, eval_data, flags, num_batches: int) -> dict[str, float]:
+    results = [eval_step(params, jnp.asarray(eval_data[i]), flags) for i in range(num_batches)]
+    return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
 def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[str] = None,
           max_steps_this_run: Optional[int] = None, out=sys.stdout) -> TrainResult:
-    """Run (or resume) the job. `max_steps_this_run` stops early (tests; the checkpoint cadence is unchanged)."""
-    if config.stage != "sparse":
-        raise TrainingError(f"stage {config.stage!r}: the indexer distillation losses are not built yet; "
-                            f"only stage 'sparse' (LM loss with top-k selection) trains today")
+    """Run (or resume) the job. `max_steps_this_run` stops early (tests; the checkpoint cadence is unchanged).
+
+    RUN_DIR gets: config.yaml (resolved), checkpoints/ (Orbax, keep-last-N), metrics.jsonl, tensorboard/ (event
+    files), best/ (the model with the lowest eval loss so far, with best.json) and final/ (the model at the last
+    step); best/ and final/ are model checkpoints that every entry point loads."""
     run_dir = pathlib.Path(run_dir or config.checkpoint.directory).resolve()  # Orbax wants absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_train_config(config))
@@ -220,11 +281,13 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[
         step, params, opt_state = restored
         print(f"resumed from {run_dir / 'checkpoints'} at step {step}", file=out, flush=True)
 
-    train_step = make_train_step(model_config, optimizer, attention="sparse", impl=impl)
-    eval_step = make_eval_step(model_config, attention="sparse", impl=impl)
+    train_step = make_train_step(config, model_config, optimizer, impl=impl)
+    eval_step = make_eval_step(config, model_config, impl=impl)
     accum = config.optim.grad_accum
     tokens_per_step = accum * config.data.batch_size * config.data.seq_len
     metrics_file = (run_dir / "metrics.jsonl").open("a")
+    board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
+    best_eval = _best_so_far(run_dir)
     losses, eval_losses = [], {}
     last_step = config.steps if max_steps_this_run is None else min(config.steps, step + max_steps_this_run)
     started, first_step = time.perf_counter(), step
@@ -233,8 +296,9 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[
         with _Stop() as stop:
             while step < last_step and not stop.requested:
                 micro = np.stack([train_data[step * accum + m] for m in range(accum)])
-                params, opt_state, loss, grad_norm = train_step(params, opt_state, jnp.asarray(micro), flags)
-                loss = float(loss)
+                params, opt_state, metrics = train_step(params, opt_state, jnp.asarray(micro), flags)
+                record = {k: float(v) for k, v in metrics.items()}
+                loss = record["loss"]
                 if not math.isfinite(loss):
                     manager.wait_until_finished()
                     kept = manager.latest_step()
@@ -242,24 +306,29 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[
                                         f"saved; the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}")
                 step += 1
                 losses.append(loss)
-                record = {"step": step, "loss": loss, "grad_norm": float(grad_norm)}
+                record = {"step": step, **record}
                 if step % config.log.eval_every_steps == 0 or step == config.steps:
-                    record["eval_loss"] = eval_losses[step] = float(np.mean(
-                        [eval_step(params, jnp.asarray(eval_data[i]), flags) for i in range(config.log.eval_batches)]))
+                    record |= _evaluate(eval_step, params, eval_data, flags, config.log.eval_batches)
+                    eval_losses[step] = record["eval_loss"]
+                    if record["eval_loss"] < best_eval:
+                        best_eval = record["eval_loss"]
+                        save_model(run_dir / "best", full_config, params, overwrite=True, extra_files={
+                            BEST_FILE: json.dumps({"step": step, "eval_loss": best_eval})})
                 elapsed = time.perf_counter() - started
                 record["tokens_per_s"] = (step - first_step) * tokens_per_step / elapsed
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                for name, value in record.items():
+                    if name != "step":
+                        board.add_scalar(name, value, step)
                 if config.log.progress and (step % config.log.every_steps == 0 or step == last_step):
-                    eta = elapsed / (step - first_step) * (config.steps - step)
-                    extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-                    print(f"step {step}/{config.steps} loss {loss:.4f}{extra} "
-                          f"{record['tokens_per_s']:,.0f} tok/s eta {eta:,.0f}s", file=out, flush=True)
+                    print(_progress_line(config, record, elapsed / (step - first_step)), file=out, flush=True)
                 if step % config.checkpoint.every_steps == 0 or step == config.steps or stop.requested:
                     _save(manager, step, params, opt_state, {"step": step, "loss": loss})
             interrupted = stop.requested
     finally:
         metrics_file.close()
+        board.close()
         manager.wait_until_finished()
         manager.close()
     if interrupted:
@@ -269,3 +338,13 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[
         save_model(run_dir / "final", full_config, params)
     return TrainResult(step=step, losses=losses, eval_losses=eval_losses, interrupted=interrupted, run_dir=run_dir)
 
+
+def _progress_line(config: TrainConfig, record: dict, seconds_per_step: float) -> str:
+    step = record["step"]
+    parts = [f"step {step}/{config.steps}", f"loss {record['loss']:.4g}"]
+    if config.stage != "dense_warmup":
+        parts.append(f"(lm {record['lm_loss']:.4f} indexer {record['indexer_loss']:.3g})")
+    if "eval_loss" in record:
+        parts.append(f"eval {record['eval_loss']:.4g}")
+    parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"eta {seconds_per_step * (config.steps - step):,.0f}s"]
+    return " ".join(parts)
