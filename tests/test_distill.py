@@ -139,7 +139,8 @@ def test_logits_equal_the_plain_forward(setup):
     params, tokens = setup
     for attention in ("sparse", "dense"):
         logits, _ = forward_with_indexer_loss(params, tokens, "FSSFS", config=CONFIG, attention=attention)
-        np.testing.assert_array_equal(logits, forward(params, tokens, "FSSFS", config=CONFIG, attention=attention))
+        # Bit-equal on CPU; a GPU compiles the two graphs with different fusions (float32 rounding, ~1e-7).
+        assert rel_err(logits, forward(params, tokens, "FSSFS", config=CONFIG, attention=attention)) < 1e-5
 
 
 def test_training_gradients_run_through_the_interpreted_kernels(setup):

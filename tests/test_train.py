@@ -161,7 +161,10 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     resumed = train(_job(*settings), killed)
     start = 9 - len(resumed.losses)
     assert 3 <= start <= 9 and start % 3 == 0  # resumed from a complete checkpoint
-    np.testing.assert_array_equal(resumed.losses, reference[start:])
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(resumed.losses, reference[start:])  # bit for bit
+    else:  # the killed run is a CPU subprocess, and GPU reductions are not bit-deterministic
+        np.testing.assert_allclose(resumed.losses, reference[start:], rtol=1e-5)
 
 
 def test_sigterm_saves_a_complete_loadable_checkpoint(tmp_path):
