@@ -15,7 +15,7 @@ from indexcache_jax.cache import LayerCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import DistillState, add_layer, start_group
 from indexcache_jax.ffn import MLP, MoE
-from indexcache_jax.indexer import LightningIndexer
+from indexcache_jax.indexer import LightningIndexer, select_top_k
 from indexcache_jax.mla import MLAttention
 from indexcache_jax.nn import RMSNorm
 
@@ -46,20 +46,17 @@ class DSABlock(nnx.Module):
 
         With a DistillState (training, no cache) a Full layer starts a new distillation group with its indexer's
         distribution over the keys it selected (all visible keys in dense mode), and every layer adds its
-        attention distribution over the same keys (see distill.py). The indexer sees its inputs through a
-        stop-gradient: the distillation trains only the indexer, and the LM loss never reaches it.
+        attention distribution over the same keys (see distill.py).
         """
         x = self.input_layernorm(hidden)
         q_resid, q_nope, q_rope = self.self_attn.queries(x, ctx.rope)
-        kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x, ctx.rope)
+        # The indexer reads the block's activations through a stop-gradient: only the distillation loss trains
+        # it, and it never trains anything but the indexer.
+        x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
+        kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x_in, ctx.rope)
         if cache is not None:  # attend over everything cached so far, this step's tokens included
             cache = cache.append(ctx.write_offsets, kv_rows, index_keys)
             kv_rows, index_keys = cache.latent, cache.index_keys
-
-        def indexer_log_probs(selected):
-            x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
-            return self.indexer.log_probs(q_in, x_in, self.indexer.keys(x_in, ctx.rope), ctx.positions, ctx.rope,
-                                          indices=selected)
 
         if ctx.attention == "dense":
             if distill is None:
@@ -67,16 +64,19 @@ class DSABlock(nnx.Module):
             else:
                 attn, probs = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions,
                                                           with_distribution=True)
-                distill = jax.lax.cond(is_full, lambda d: start_group(d, indexer_log_probs(None)), lambda d: d,
-                                       distill)
+                def start_dense_group(d):
+                    q, w = self.indexer.queries(q_in, x_in, ctx.rope)
+                    return start_group(d, self.indexer.log_probs(q, w, index_keys, ctx.positions))
+
+                distill = jax.lax.cond(is_full, start_dense_group, lambda d: d, distill)
                 distill = add_layer(distill, probs)
         else:
             def run_indexer(carry):
                 indices, distill = carry
-                indices = self.indexer.select(q_resid, x, index_keys, ctx.positions, ctx.rope,
-                                              topk=ctx.topk, impl=ctx.impl)
+                q, w = self.indexer.queries(q_in, x_in, ctx.rope)
+                indices = select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl)
                 if distill is not None:
-                    distill = start_group(distill, indexer_log_probs(indices))
+                    distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices))
                 return indices, distill
 
             def reuse_carried(carry):

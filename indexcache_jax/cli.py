@@ -131,25 +131,22 @@ def run_search(args) -> None:
                            impl=args.impl, progress=lambda line: print(line, flush=True))
     print(f"{result.evaluations} loss evaluations in {result.seconds:.1f} s; path written to {args.out}")
     for r, num_full in targets.items():
-        step = next(s for s in result.steps if s.num_full == num_full)
+        step = result.step_with(num_full)
         print(f"retention {r:g} ({num_full} Full): {step.pattern} calibration loss {step.loss:.4f}")
 
 
 def _eval_pattern(args, n: int, default) -> str:
-    from indexcache_jax.search import full_layers_for  # noqa: PLC0415
+    from indexcache_jax.search import full_layers_for, load_path  # noqa: PLC0415
     if args.pattern is not None:
         return str(IndexCachePattern.parse(args.pattern, n))
     if args.retain is None:
         return str(default)
     if args.search is None:
         return str(IndexCachePattern.uniform(n, args.retain))
-    import json  # noqa: PLC0415
-    steps = json.loads(open(args.search).read())["steps"]
-    num_full = full_layers_for(args.retain, n)
-    for step in steps:
-        if step["num_full"] == num_full:
-            return step["pattern"]
-    raise ValueError(f"--search {args.search} has no pattern with {num_full} Full layers (retention {args.retain})")
+    try:
+        return load_path(args.search)[0].pattern_with(full_layers_for(args.retain, n))
+    except ValueError as err:
+        raise ValueError(f"--search {args.search}: {err} (retention {args.retain})") from err
 
 
 def run_eval(args) -> None:

@@ -89,11 +89,3 @@ def indexer_loss(state: DistillState):
     state = finish_group(state)
     return state.loss_sum / jnp.maximum(state.num_groups, 1.0)
 
-
-def kl_to_mean(served_ps, indexer_logp):
-    """The closed form the scan's gradient must match: mean_{b,t} KL(mean_j p_j || q), for p_j [B,T,K] and
-    log q [B,T,K] (0 outside the set). Same gradient with respect to log q as L_l; the value differs by a
-    constant (the spread of the p_j)."""
-    mean_p = jax.lax.stop_gradient(sum(served_ps) / len(served_ps))
-    num_tokens = mean_p.shape[0] * mean_p.shape[1]
-    return (jnp.sum(xlogy(mean_p, mean_p)) - jnp.sum(mean_p * indexer_logp)) / num_tokens

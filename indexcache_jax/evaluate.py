@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from indexcache_jax.config import ModelConfig
-from indexcache_jax.model import check_tokens, forward, layer_indices, pattern_flags
+from indexcache_jax.model import check_tokens, forward, layer_indices, next_token_loss, pattern_flags
 from indexcache_jax.train.config import DataConfig
 from indexcache_jax.train.data import load_sequences, passkey_document
 
@@ -53,9 +53,7 @@ def as_batches(sequences: np.ndarray, batch_size: int, max_sequences: Optional[i
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
 def batch_lm_loss(params, tokens, flags, *, config: ModelConfig, impl: Optional[str] = None):
     """Mean next-token cross-entropy of tokens int32[B, L+1] under runtime pattern flags bool[N]."""
-    logits = forward(params, tokens[:, :-1], flags, config=config, impl=impl)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return next_token_loss(forward(params, tokens[:, :-1], flags, config=config, impl=impl), tokens)
 
 
 def lm_loss(params, config: ModelConfig, batches: Sequence[np.ndarray], pattern=None, *, impl=None) -> float:

@@ -38,8 +38,9 @@ class LightningIndexer(nnx.Module):
         k = self.k_norm(project("btd,di->bti", x, self.wk, self.config.compute_dtype))
         return self._rope(k, rope)
 
-    def _queries(self, q_resid, x, rope):
-        """-> indexer queries q [B,T,G,I] and head weights w f32[B,T,G]."""
+    def queries(self, q_resid, x, rope):
+        """q_resid [B,T,Q], x [B,T,D] (the block's normed input) -> indexer queries q [B,T,G,I] and head weights
+        w f32[B,T,G]."""
         c = self.config
         q = self._rope(project("btq,qgi->btgi", q_resid, self.wq_b, c.compute_dtype), rope)
         # Both constant scales fold into the head weights: c * ReLU(a) == ReLU(c * a) for c > 0.
@@ -47,21 +48,18 @@ class LightningIndexer(nnx.Module):
         return q, project("btd,dg->btg", x, self.weights_proj, jnp.float32) * head_scale
 
     def select(self, q_resid, x, keys, q_positions, rope, *, topk: int, impl=None):
-        """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D] (the block's normed input), keys [B,S,I],
-        q_positions int[B,T] -> int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
-        q, w = self._queries(q_resid, x, rope)
-        # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define
-        # no JVP: cut the graph here so that differentiating the model never tries to differentiate them.
-        q, w, keys = jax.lax.stop_gradient((q, w, keys.astype(q.dtype)))
-        return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl)
+        """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D], keys [B,S,I], q_positions int[B,T] ->
+        int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
+        q, w = self.queries(q_resid, x, rope)
+        return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl)
 
-    def log_probs(self, q_resid, x, keys, q_positions, rope, indices=None):
-        """The indexer's distribution q = softmax of its scores, as log-probabilities f32: over each query's
-        selected slots indices int32[B,T,K] -> [B,T,K], or (indices None) over all visible keys -> [B,T,S];
-        0 outside the set (see distill.masked_log_softmax). Differentiable in the indexer's weights: the
-        distillation losses train it through this (plain JAX: [B,T,K,G] logits at most, or [B,T,S,G] without
-        indices)."""
-        q, w = self._queries(q_resid, x, rope)
+    @staticmethod
+    def log_probs(q, w, keys, q_positions, indices=None):
+        """The indexer's distribution (softmax of its scores) as log-probabilities f32, from queries q [B,T,G,I],
+        w [B,T,G] (see `queries`) and keys [B,S,I]: over each query's selected slots indices int32[B,T,K] ->
+        [B,T,K], or (indices None) over all visible keys -> [B,T,S]; 0 outside the set (distill.masked_log_softmax).
+        Differentiable: the distillation losses train the indexer through this (plain JAX: [B,T,K,G] logits at
+        most, or [B,T,S,G] without indices)."""
         keys = keys.astype(q.dtype)
         if indices is None:
             scores = pallas_kernels.indexer_scores_reference(q, w, keys, q_positions)  # -inf where not visible
@@ -70,3 +68,11 @@ class LightningIndexer(nnx.Module):
         logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)
         scores = jnp.einsum("btkg,btg->btk", jax.nn.relu(logits), w)
         return masked_log_softmax(scores, indices >= 0)
+
+
+def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None):
+    """Top-k of the indexer scores of q [B,T,G,I], w [B,T,G], keys [B,S,I] -> int32[B,T,topk]."""
+    # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define no
+    # JVP: cut the graph here so that differentiating the model never tries to differentiate them.
+    q, w, keys = jax.lax.stop_gradient((q, w, keys.astype(q.dtype)))
+    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl)

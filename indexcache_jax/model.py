@@ -199,6 +199,12 @@ def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, att
                     impl=impl)
 
 
+def next_token_loss(logits, tokens):
+    """Mean next-token cross-entropy: logits f32[B,L,V] of inputs tokens[:, :-1], targets tokens[:, 1:] (int[B,L+1])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "attention", "impl"))
 def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl):
     return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl)

@@ -20,6 +20,7 @@ import pathlib
 import time
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from indexcache_jax.config import ModelConfig
@@ -43,12 +44,23 @@ class SearchResult:
     evaluations: int  # loss evaluations (patterns scored) over the whole path, resumed ones included
     seconds: float  # wall time over the whole path
 
-    def pattern_with(self, num_full: int) -> str:
+    def step_with(self, num_full: int) -> SearchStep:
         for step in self.steps:
             if step.num_full == num_full:
-                return step.pattern
-        raise KeyError(f"the search path has no pattern with {num_full} Full layers "
-                       f"(it reached {self.steps[-1].num_full})")
+                return step
+        raise ValueError(f"the search path has no pattern with {num_full} Full layers "
+                         f"(it reached {self.steps[-1].num_full})")
+
+    def pattern_with(self, num_full: int) -> str:
+        return self.step_with(num_full).pattern
+
+
+def load_path(path: str | os.PathLike) -> tuple[SearchResult, Optional[str]]:
+    """A search path JSON (as greedy_search writes it) -> (the result so far, its fingerprint)."""
+    saved = json.loads(pathlib.Path(path).read_text())
+    steps = [SearchStep(s["num_full"], s["pattern"], s["loss"], {int(k): v for k, v in s["candidates"].items()},
+                        s["seconds"]) for s in saved["steps"]]
+    return SearchResult(steps, saved["evaluations"], saved["seconds"]), saved.get("fingerprint")
 
 
 def full_layers_for(retention: float, num_layers: int) -> int:
@@ -63,7 +75,6 @@ def fingerprint(config: ModelConfig, params, batches: Sequence[np.ndarray]) -> s
     """What a resumed search must share with the original: the model (config and a checksum of its weights) and
     the calibration tokens."""
     digest = hashlib.sha256(json.dumps(to_mapping(config), sort_keys=True, default=str).encode())
-    import jax  # noqa: PLC0415
     for leaf in jax.tree.leaves(params):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     for batch in batches:
@@ -89,13 +100,11 @@ def greedy_search(params, config: ModelConfig, batches: Sequence[np.ndarray], *,
     path_file = pathlib.Path(path_file) if path_file is not None else None
     steps, evaluations, spent = [], 0, 0.0
     if path_file is not None and path_file.exists():
-        saved = json.loads(path_file.read_text())
-        if saved.get("fingerprint") != stamp:
+        saved, saved_stamp = load_path(path_file)
+        if saved_stamp != stamp:
             raise ValueError(f"{path_file}: this search path belongs to another model or calibration set "
-                             f"(fingerprint {saved.get('fingerprint')} != {stamp}); use another --out or delete it")
-        steps = [SearchStep(s["num_full"], s["pattern"], s["loss"], {int(k): v for k, v in s["candidates"].items()},
-                            s["seconds"]) for s in saved["steps"]]
-        evaluations, spent = saved["evaluations"], saved["seconds"]
+                             f"(fingerprint {saved_stamp} != {stamp}); use another --out or delete it")
+        steps, evaluations, spent = saved.steps, saved.evaluations, saved.seconds
         say(f"resuming the search from {path_file}: {steps[-1].num_full} Full layers, loss {steps[-1].loss:.4f}")
 
     def save():

@@ -49,7 +49,7 @@ def _reference_losses(params, tokens, pattern: str, attention: str):
             visible = jnp.any(indices[..., None] == jnp.arange(length), axis=2)  # [B,T,S] the selected set
         if flags[layer]:
             x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
-            iq, iw = block.indexer._queries(q_in, x_in, rope)
+            iq, iw = block.indexer.queries(q_in, x_in, rope)
             scores = pallas_kernels.indexer_scores_reference(iq, iw, block.indexer.keys(x_in, rope), pos)
             groups.append((jax.nn.log_softmax(jnp.where(visible, scores, -jnp.inf), axis=-1), []))
         attn, p = block.self_attn.attend_dense(q_nope, q_rope, kv, pos, mask=visible, with_distribution=True)
@@ -61,14 +61,18 @@ def _reference_losses(params, tokens, pattern: str, attention: str):
     return value, mean_form
 
 
-def _indexer_leaves(tree):
+def _leaves(tree, indexer: bool) -> dict:
+    """The indexers' leaves (indexer=True) or every other leaf, by path."""
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)
-            if "indexer" in jax.tree_util.keystr(p)}
+            if ("indexer" in jax.tree_util.keystr(p)) == indexer}
+
+
+def _indexer_leaves(tree):
+    return _leaves(tree, indexer=True)
 
 
 def _main_leaves(tree):
-    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)
-            if "indexer" not in jax.tree_util.keystr(p)}
+    return _leaves(tree, indexer=False)
 
 
 @pytest.fixture(scope="module")

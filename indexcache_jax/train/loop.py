@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from indexcache_jax.checkpoint import load_model, save_model
-from indexcache_jax.model import forward_with_indexer_loss, init_params, pattern_flags
+from indexcache_jax.model import forward_with_indexer_loss, init_params, next_token_loss, pattern_flags
 from indexcache_jax.train.config import TrainConfig, dump_train_config
 from indexcache_jax.train.data import Splits, batches, load_sequences
 
@@ -123,8 +123,7 @@ def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_los
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
     logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
                                                      attention=STAGE_ATTENTION[stage], impl=impl)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lm = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    lm = next_token_loss(logits, tokens)
     objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 
