@@ -51,7 +51,7 @@ class LightningIndexer(nnx.Module):
         """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D], keys [B,S,I], q_positions int[B,T] ->
         int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
         q, w = self.queries(q_resid, x, rope)
-        return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl)
+        return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl, fp8=self.config.indexer_fp8)
 
     @staticmethod
     def log_probs(q, w, keys, q_positions, indices=None):
@@ -70,9 +70,10 @@ class LightningIndexer(nnx.Module):
         return masked_log_softmax(scores, indices >= 0)
 
 
-def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None):
-    """Top-k of the indexer scores of q [B,T,G,I], w [B,T,G], keys [B,S,I] -> int32[B,T,topk]."""
+def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None, fp8: bool = False):
+    """Top-k of the indexer scores of q [B,T,G,I], w [B,T,G], keys [B,S,I] -> int32[B,T,topk] (fp8: scored with
+    fp8-quantised inputs, see `ModelConfig.indexer_fp8`)."""
     # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define no
     # JVP: cut the graph here so that differentiating the model never tries to differentiate them.
     q, w, keys = jax.lax.stop_gradient((q, w, keys.astype(q.dtype)))
-    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl)
+    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl, fp8=fp8)

@@ -39,14 +39,15 @@ def resolve_impl(impl: Optional[str]) -> str:
     return impl
 
 
-def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None):
-    """Indexer scores + top-k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk]."""
+def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None, fp8: bool = False):
+    """Indexer scores + top-k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].
+    fp8: score with fp8-quantised inputs (`indexer_reference.quantize_fp8`), in every implementation."""
     impl = resolve_impl(impl)
     if impl != "reference":
-        return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret")
+        return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret", fp8=fp8)
     if q.shape[1] == 1:
-        return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk)[:, None]
-    return indexer_topk_reference(q, w, k, q_positions, topk=topk)
+        return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk, fp8=fp8)[:, None]
+    return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8)
 
 
 def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: Optional[str] = None):

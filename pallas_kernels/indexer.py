@@ -23,13 +23,17 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._blocking import map_query_blocks
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels.indexer_reference import quantize_fp8
 from pallas_kernels.topk import topk_pallas
 
 
-def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, out_ref, *, block_q: int, block_k: int, heads: int, precision,
-                   keys_major: bool):
-    # q_ref [block_q*G, I], w_ref [block_q*G], k_ref [block_k, I], pos_ref [block_q], out_ref [block_q, block_k]
-    first_key = pl.program_id(2) * block_k
+def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
+                   precision, epilogue: str):
+    # q_ref [n, block_q*hg, I] and w_ref [n, block_q*hg]: the tile's queries x heads in n = G/hg head groups (rows
+    # query-major within a group); k_ref [block_k, I], pos_ref [block_q], (fp8: k_scale_ref [block_k]),
+    # out_ref [block_q, block_k]
+    *k_scale_ref, out_ref = refs
+    first_key = pl.program_id(0) * block_k
     positions = pos_ref[...]
     last_visible = jnp.max(positions)
 
@@ -39,75 +43,105 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, out_ref, *, block_q: int, block
 
     @pl.when(first_key <= last_visible)
     def _():
-        if keys_major:
-            # logits^T [block_k, block_q*G]: the head sum runs along the accumulator's columns, which a warp holds
-            # (shuffles), instead of along its rows, which span warps (a trip through shared memory).
-            logits = lax.dot_general(k_ref[...], q_ref[...], (((1,), (1,)), ((), ())),
+        keys = k_ref[...]  # loaded once, used by every head group
+
+        def head_group(g, acc):
+            # logits^T [block_k, block_q*hg]: the head sum runs along the accumulator's columns, which a warp
+            # holds (shuffles), instead of along its rows, which span warps (a trip through shared memory).
+            logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32, precision=precision)
-            weighted = jnp.maximum(logits, 0.0) * w_ref[...].astype(jnp.float32)[None, :]
-            scores = jnp.sum(weighted.reshape(block_k, block_q, heads), axis=2).T
-        else:
-            logits = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32, precision=precision)  # [block_q*G, block_k]
-            weighted = jnp.maximum(logits, 0.0) * w_ref[...].astype(jnp.float32)[:, None]
-            scores = jnp.sum(weighted.reshape(block_q, heads, block_k), axis=1)
+            weighted = jnp.maximum(logits, 0.0) * w_ref[g].astype(jnp.float32)[None, :]
+            if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
+                weighted = logits
+            return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
+
+        acc = lax.fori_loop(0, q_ref.shape[0], head_group, jnp.zeros((block_k, block_q), jnp.float32))
+        scores = acc.T
+        if k_scale_ref:
+            scores = scores * k_scale_ref[0][...][None, :]
         key_ids = first_key + lax.iota(jnp.int32, block_k)
         out_ref[...] = jnp.where(key_ids[None, :] <= positions[:, None], scores, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "num_warps", "num_stages",
-                                             "keys_major"))
-def indexer_scores_pallas(q, w, k, q_positions, *, interpret: bool = False, block_k: int = 128,
-                          rows_per_tile: int = 128, num_warps: int = 4, num_stages: int = 4,
-                          keys_major: bool = True):
+@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
+                                             "num_warps", "num_stages", "epilogue"))
+def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 128,
+                          rows_per_tile: int = 128, heads_per_step: int = 0, num_warps: int = 4,
+                          num_stages: int = 4, epilogue: str = "relu_weighted_sum"):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos).
+    fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`).
+    epilogue="sum" is a profiling ablation that drops the ReLU and head weights: not scores.
 
-    A tile holds rows_per_tile // G queries (at least one) times all G heads. The defaults won a sweep on an H100
-    at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md, `scripts/bench_kernels.py --sweep`)."""
+    One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
+    loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
+    queries. The defaults won a sweep on an H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md,
+    `scripts/bench_kernels.py --sweep`)."""
     batch, num_q, heads, width = q.shape
     num_keys = k.shape[1]
     heads_p, width_p = dot_size(heads), dot_size(width)  # zero heads (w = 0) and zero dims change nothing
-    block_q = max(1, rows_per_tile // heads_p)
+    step = min(heads_per_step or heads_p, heads_p)
+    if heads_p % step or step & (step - 1):
+        raise ValueError(f"heads_per_step must be a power of two dividing {heads_p}, got {heads_per_step}")
+    groups = heads_p // step
+    block_q = max(1, rows_per_tile // step)
     block_k = min(block_k, dot_size(num_keys))
     num_q_p, num_keys_p = round_up(num_q, block_q), round_up(num_keys, block_k)
     q = pad_axis(pad_axis(pad_axis(q, 3, width_p), 2, heads_p), 1, num_q_p)
     w = pad_axis(pad_axis(w, 2, heads_p), 1, num_q_p)
+    fp8 = k_scale is not None
+    if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
+        raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
     k = pad_axis(pad_axis(k.astype(q.dtype), 2, width_p), 1, num_keys_p)
     positions = pad_axis(q_positions.astype(jnp.int32), 1, num_q_p, -1)  # padded queries see nothing
-    q_rows = q.reshape(batch, num_q_p * heads_p, width_p)  # [B, T*G, I]: one tile = block_q queries x G heads
-    w_rows = w.reshape(batch, num_q_p * heads_p)
+    rows = block_q * step
+
+    def by_group(x):  # [B, T, G, ...] -> [B, T/block_q, n, block_q*hg, ...]: one group's rows contiguous
+        x = x.reshape(batch, num_q_p // block_q, block_q, groups, step, *x.shape[3:])
+        x = jnp.moveaxis(x, 3, 2)
+        return x.reshape(batch, num_q_p // block_q, groups, rows, *x.shape[5:])
+
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_scores_kernel, block_q=block_q, block_k=block_k, heads=heads_p, precision=precision,
-                               keys_major=keys_major)
-    rows = block_q * heads_p
+    kernel = functools.partial(_scores_kernel, block_q=block_q, block_k=block_k, heads_per_step=step,
+                               precision=precision, epilogue=epilogue)
+    extra_specs, extra_args = [], []
+    if fp8:
+        extra_specs = [pl.BlockSpec((None, block_k), lambda j, i, b: (b, j))]
+        extra_args = [pad_axis(k_scale.astype(jnp.float32), 1, num_keys_p)]
     scores = pl.pallas_call(
         kernel,
-        grid=(batch, num_q_p // block_q, num_keys_p // block_k),
-        in_specs=[pl.BlockSpec((None, rows, width_p), lambda b, i, j: (b, i, 0)),
-                  pl.BlockSpec((None, rows), lambda b, i, j: (b, i)),
-                  pl.BlockSpec((None, block_k, width_p), lambda b, i, j: (b, j, 0)),
-                  pl.BlockSpec((None, block_q), lambda b, i, j: (b, i))],
-        out_specs=pl.BlockSpec((None, block_q, block_k), lambda b, i, j: (b, i, j)),
+        # Key tiles on the grid's first axis, which the GPU schedules fastest: programs running together share
+        # their query tile and stream the (L2-resident) keys. Query tiles first re-read all queries from HBM once
+        # per key tile (ncu on an H100: ~16 GB of DRAM traffic for a 4096 x 32K chunk).
+        grid=(num_keys_p // block_k, num_q_p // block_q, batch),
+        in_specs=[pl.BlockSpec((None, None, groups, rows, width_p), lambda j, i, b: (b, i, 0, 0, 0)),
+                  pl.BlockSpec((None, None, groups, rows), lambda j, i, b: (b, i, 0, 0)),
+                  pl.BlockSpec((None, block_k, width_p), lambda j, i, b: (b, j, 0)),
+                  pl.BlockSpec((None, block_q), lambda j, i, b: (b, i))] + extra_specs,
+        out_specs=pl.BlockSpec((None, block_q, block_k), lambda j, i, b: (b, i, j)),
         out_shape=jax.ShapeDtypeStruct((batch, num_q_p, num_keys_p), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages),
         name="indexer_scores",
-    )(q_rows, w_rows, k, positions)
+    )(by_group(q), by_group(w), k, positions, *extra_args)
     return scores[:, :num_q, :num_keys]
 
 
-def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False,
+def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False, fp8: bool = False,
                         chunk_bytes: int = 1 << 30):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk] (the top-k convention).
+    fp8: quantise the inputs (`indexer_reference.quantize_fp8`) and score on fp8 tensor cores.
 
     Queries go in chunks whose fp32 scores take at most chunk_bytes ([B, chunk, S])."""
+    k_scale = None
+    if fp8:
+        q, w, k, k_scale = quantize_fp8(q, w, k)
     batch, num_q = q.shape[:2]
     num_keys = k.shape[1]
     chunk = max(1, min(num_q, chunk_bytes // (4 * batch * num_keys)))
     chunk = next_pow2(chunk) // 2 if next_pow2(chunk) > chunk else chunk  # a power of two, for even tiles
 
     def one_chunk(q_c, w_c, pos_c):
-        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, interpret=interpret)
+        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret)
         return topk_pallas(scores, topk, pos_c + 1, interpret=interpret)  # each row stops at its causal length
 
     if chunk >= num_q:

@@ -4,6 +4,11 @@
 
 The callers fold the indexer's constant scales (index_n_heads^-0.5 and index_head_dim^-0.5) into `w`: ReLU is
 positively homogeneous, so c * ReLU(a) == ReLU(c * a) for c > 0, and the kernel stays a plain weighted sum.
+
+fp8 (`quantize_fp8`, as DeepSeek-V3.2 runs its indexer): each key row and each query head is scaled by its own
+amax / 448 and rounded to float8_e4m3fn. The query scale folds into w by the same homogeneity; the key scale
+multiplies the head sum:  I[b,t,s] = k_scale[b,s] * sum_g (w * q_scale)[b,t,g] * ReLU(q8 . k8).  Products of two
+e4m3 values are exact in fp32, so the fp8 kernel and this reference differ only by summation order.
 Shapes: B batch, T queries, S keys, G indexer heads, I indexer head width, K top-k slots.
 """
 
@@ -14,26 +19,60 @@ from pallas_kernels._blocking import map_query_blocks
 from pallas_kernels.topk_reference import topk_reference
 
 
-def indexer_scores_reference(q, w, k, q_positions):
-    """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos)."""
-    logits = jnp.einsum("btgi,bsi->btsg", q, k, preferred_element_type=jnp.float32)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _quantize_rows(x):
+    """x [..., I] -> (float8_e4m3fn [..., I], f32 scale [...]) with x ~= x8 * scale, per row of the last axis."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (x / scale[..., None]).astype(jnp.float8_e4m3fn), scale
+
+
+def quantize_fp8(q, w, k):
+    """Indexer inputs to fp8 with per-row scales: q [B,T,G,I], w [B,T,G], k [B,S,I] ->
+    (q8 [B,T,G,I], w * q_scale f32[B,T,G], k8 [B,S,I], k_scale f32[B,S])."""
+    q8, q_scale = _quantize_rows(q)
+    k8, k_scale = _quantize_rows(k)
+    return q8, w.astype(jnp.float32) * q_scale, k8, k_scale
+
+
+def indexer_scores_reference(q, w, k, q_positions, k_scale=None):
+    """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] (k_scale f32[B,S] for fp8 inputs) ->
+    scores f32[B,T,S] (-inf where s > pos)."""
+    if k_scale is not None:  # fp8: exact products in fp32 (what the tensor cores do), then the key scale
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum("btgi,bsi->btsg", q, k, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST if k_scale is not None else None)
     scores = jnp.einsum("btsg,btg->bts", jax.nn.relu(logits), w.astype(jnp.float32))
+    if k_scale is not None:
+        scores = scores * k_scale[:, None, :]
     visible = jnp.arange(k.shape[1])[None, None, :] <= q_positions[:, :, None]
     return jnp.where(visible, scores, -jnp.inf)
 
 
-def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 128):
+def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 128, fp8: bool = False):
     """Top-k key ids per query: q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].
+    fp8: score with the fp8-quantised inputs (`quantize_fp8`).
 
     Blocked over queries so that at most [B, block_q, S, G] logits exist at once, never [B, T, S, G].
     """
+    k_scale = None
+    if fp8:
+        q, w, k, k_scale = quantize_fp8(q, w, k)
+
     def one_block(q_blk, w_blk, pos_blk):
-        return topk_reference(indexer_scores_reference(q_blk, w_blk, k, pos_blk), topk)
+        return topk_reference(indexer_scores_reference(q_blk, w_blk, k, pos_blk, k_scale), topk)
 
     # Padded queries sit at position -1: they see no key and select nothing.
     return map_query_blocks(one_block, block_q, (q, w, q_positions), fills=(0, 0, -1))
 
 
-def indexer_topk_decode_reference(q, w, k, q_positions, *, topk: int):
+def indexer_topk_decode_reference(q, w, k, q_positions, *, topk: int, fp8: bool = False):
     """Decode, one new token per row: q [B,G,I], w [B,G], k [B,S,I], q_positions int[B] -> int32[B,topk]."""
-    return topk_reference(indexer_scores_reference(q[:, None], w[:, None], k, q_positions[:, None]), topk)[:, 0]
+    k_scale = None
+    if fp8:
+        q, w, k, k_scale = quantize_fp8(q, w, k)
+    scores = indexer_scores_reference(q[:, None], w[:, None], k, q_positions[:, None], k_scale)
+    return topk_reference(scores, topk)[:, 0]

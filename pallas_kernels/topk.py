@@ -1,16 +1,30 @@
-"""Top-k selection over long score rows on the GPU: an exact radix select, not a sort.
+"""Top-k selection over long score rows on the GPU: an exact radix select behind a sampled pre-filter, not a sort.
 
 Why not `lax.top_k`: on the GPU it sorts every row (rows of 128K with k = 2048 run at ~2% of HBM bandwidth, SPEC §4).
 Selection needs far less: find the k-th largest score, then keep what is above it. Scores become order-preserving
 int32 keys (float bits with the magnitude bits flipped for negatives; -inf, NaN and keys past the row's length
-become INT_MIN, "invisible"), and the k-th largest key is found digit by digit, 4 bits per pass, most significant
-first: each pass streams the row once and counts, for the 16 candidate values of the next digit, how many keys are
-at least that large. Eight counting passes pin the key exactly; a ninth pass writes the selected ids by stream
-compaction (a running offset plus an exclusive cumsum per block), in ascending id order, taking keys equal to the
-threshold in ascending id order until k are chosen: the lower id wins a tie, as in the reference.
+become INT_MIN, "invisible").
 
-One program per row; every pass stops at the row's length, so a causal row t costs t + 1 keys, not S.
-Shapes: R rows (any leading dims flattened), S keys, K selected slots.
+Exact radix select (`_kth_largest`): the k-th largest key is found digit by digit, 4 bits per pass, most significant
+first; each pass streams the keys once and counts, for the 16 candidate values of the next digit, how many keys are
+at least that large. Eight passes pin the key exactly. A last pass writes the selected ids by stream compaction (a
+running offset plus an exclusive cumsum per block), in ascending id order, taking keys equal to the threshold in
+ascending id order until k are chosen: the lower id wins a tie, as in the reference.
+
+Nine passes over a row of 128K is what made the first version only ~1.8x faster than `lax.top_k`, so the row is now
+read about once (two kernels, one program per row each):
+  1. candidates: read a strided sample of the row (`sample` keys), take as floor the sample key whose expected count
+     in the row is half the candidate capacity W (W = 4k rounded to a power of two), and stream-compact every key
+     >= floor (ids and keys, ascending ids) into a [W] buffer, stopping early when it overflows. Rows no longer than
+     the buffer skip the sample and keep every visible key.
+  2. select: if the candidates are sure to hold the row's top-k (at least k of them, or every visible key, and no
+     overflow), run the exact radix select on the candidates only (W keys, L2-resident); otherwise (an unlucky
+     sample, or heavy ties) run it on the whole row. Either way the answer is exact and identical, ties included,
+     because every key >= the k-th largest is a candidate and the candidates keep ascending id order.
+The sample is deterministic (a fixed stride), so a given input always takes the same path.
+
+Every pass stops at the row's length, so a causal row t costs t + 1 keys, not S.
+Shapes: R rows (any leading dims flattened), S keys, K selected slots, W candidate slots.
 """
 
 from __future__ import annotations
@@ -27,9 +41,11 @@ from pallas_kernels._pallas import compiler_params, load, next_pow2, pad_axis, r
 from pallas_kernels.topk_reference import INVALID
 
 INT_MIN = -(2 ** 31)
+LOWEST_VISIBLE = INT_MIN + 1
 DIGIT_BITS = 4
 NUM_PASSES = 32 // DIGIT_BITS
 RADIX = 1 << DIGIT_BITS
+FALLBACK = -1  # candidate count that sends a row to the whole-row select
 
 
 def sortable_keys(scores, visible):
@@ -40,21 +56,22 @@ def sortable_keys(scores, visible):
     return jnp.where(visible & (scores > -jnp.inf), keys, INT_MIN)  # NaN > -inf is False
 
 
-def _topk_kernel(length_ref, scores_ref, out_ref, *, k: int, block: int, out_block: int):
-    length = length_ref[0]
-    spare_slot = out_ref.shape[0] - 1
-    num_blocks = (length + block - 1) // block
+def _row_blocks(scores_ref, length, block: int):
+    """The row's keys block by block: (keys_of_block(j) -> (ids, keys), number of blocks up to the length)."""
     lanes = lax.iota(jnp.int32, block)
 
     def keys_of_block(j):
         ids = j * block + lanes
         return ids, sortable_keys(load(scores_ref.at[pl.ds(j * block, block)]), ids < length)
+    return keys_of_block, (length + block - 1) // block
 
+
+def _kth_largest(num_blocks, keys_of_block, rank, block: int):
+    """Radix descent over the keys of `num_blocks` blocks -> (threshold, above): the rank-th largest key and how
+    many keys are strictly larger. With fewer than `rank` visible keys the threshold is INT_MIN."""
     digits = lax.iota(jnp.int32, RADIX)[:, None] + 1  # candidate digits 1..16 (16 = the next prefix's start)
-
-    # Radix descent: prefix = the largest value whose count of keys >= it is at least k (the k-th largest key).
     prefix = jnp.int32(INT_MIN)
-    counts = None
+    counts = digit = None
     for p in range(NUM_PASSES):
         shift = 32 - DIGIT_BITS * (p + 1)
         thresholds = prefix + (digits << shift)  # int32 wrap-around is exact: every used value is in range
@@ -64,60 +81,189 @@ def _topk_kernel(length_ref, scores_ref, out_ref, *, k: int, block: int, out_blo
             return acc + (keys[None, :] >= thresholds).astype(jnp.int32)
 
         counts = lax.fori_loop(0, num_blocks, count_block, jnp.zeros((RADIX, block), jnp.int32)).sum(axis=1)
-        # counts fall as the digit grows; the digit is how many of 1..15 still keep k keys (16 is not a digit).
-        digit = jnp.sum(((counts >= k) & (lax.iota(jnp.int32, RADIX) < RADIX - 1)).astype(jnp.int32))
+        # counts fall as the digit grows; the digit is how many of 1..15 still keep `rank` keys (16 is not one).
+        digit = jnp.sum(((counts >= rank) & (lax.iota(jnp.int32, RADIX) < RADIX - 1)).astype(jnp.int32))
         prefix = prefix + (digit << shift)
-    threshold = prefix
     # From the last pass: keys > threshold are keys >= threshold + 1, the count for candidate digit + 1.
     above = jnp.sum(jnp.where(lax.iota(jnp.int32, RADIX) == digit, counts, 0))
-    # Fewer than k visible keys: threshold stays INT_MIN and only the visible ones (all > INT_MIN) are taken.
-    ties_wanted = jnp.where(threshold == INT_MIN, 0, k - above)
+    return prefix, above
 
-    def compact_block(j, carry):
+
+def _compact(num_blocks, keys_of_block, threshold, ties_wanted, write):
+    """Stream compaction in block order: keys > threshold, then (ties_wanted not None) keys == threshold in order
+    until ties_wanted. write(slots, ids, keys, take) stores one block. Returns how many were taken."""
+    def body(j, carry):
         written, ties_seen = carry
         ids, keys = keys_of_block(j)
-        tie = (keys == threshold).astype(jnp.int32)
-        tie_rank = ties_seen + jnp.cumsum(tie) - tie
-        take = (keys > threshold) | ((tie == 1) & (tie_rank < ties_wanted))
+        take = keys > threshold
+        if ties_wanted is not None:  # a second scan per block, so only when ties are rationed
+            tie = (keys == threshold).astype(jnp.int32)
+            tie_rank = ties_seen + jnp.cumsum(tie) - tie
+            take = take | ((tie == 1) & (tie_rank < ties_wanted))
+            ties_seen = ties_seen + jnp.sum(tie)
         take_i = take.astype(jnp.int32)
-        # Lanes not taken point at the spare last slot (never a real one): the interpreter lowers a masked store to
-        # a scatter, where a masked lane sharing a taken lane's slot could win on a GPU.
-        slots = jnp.where(take, written + jnp.cumsum(take_i) - take_i, spare_slot)
-        store(out_ref.at[slots], ids, mask=take)
-        return written + jnp.sum(take_i), ties_seen + jnp.sum(tie)
+        write(written + jnp.cumsum(take_i) - take_i, ids, keys, take)
+        return written + jnp.sum(take_i), ties_seen
 
-    written, _ = lax.fori_loop(0, num_blocks, compact_block, (jnp.int32(0), jnp.int32(0)))
+    return lax.fori_loop(0, num_blocks, body, (jnp.int32(0), jnp.int32(0)))[0]
+
+
+def _masked_slots(slots, take, spare_slot):
+    # Lanes not taken point at a spare slot (never a real one): the interpreter lowers a masked store to a
+    # scatter, where a masked lane sharing a taken lane's slot could win on a GPU.
+    return jnp.where(take, slots, spare_slot)
+
+
+def _select_into(out_ref, num_blocks, keys_of_block, k: int, block: int, out_block: int):
+    """Exact top-k of the given keys -> out_ref (ids ascending, then -1)."""
+    threshold, above = _kth_largest(num_blocks, keys_of_block, k, block)
+    # Fewer than k visible keys: threshold stays INT_MIN and only the visible ones (all > INT_MIN) are taken.
+    ties_wanted = jnp.where(threshold == INT_MIN, 0, k - above)
+    spare_slot = out_ref.shape[0] - 1
+
+    def write(slots, ids, keys, take):
+        store(out_ref.at[_masked_slots(slots, take, spare_slot)], ids, mask=take)
+
+    written = _compact(num_blocks, keys_of_block, threshold, ties_wanted, write)
     for j in range(out_ref.shape[0] // out_block):  # slots nothing filled: -1 (disjoint from the writes above)
         slots = j * out_block + lax.iota(jnp.int32, out_block)
         store(out_ref.at[pl.ds(j * out_block, out_block)], jnp.full((out_block,), INVALID, jnp.int32),
               mask=slots >= written)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "num_warps"))
-def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
-                block: int = 512, num_warps: int = 4):
-    """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
-    -> int32[..., k] in the top-k convention of `topk_reference` (ascending ids, then -1)."""
-    if not 0 < k <= scores.shape[-1]:
-        raise ValueError(f"top-k over {scores.shape[-1]} keys needs 0 < k <= {scores.shape[-1]}, got k={k}")
+def _candidates_kernel(length_ref, scores_ref, ids_ref, keys_ref, count_ref, *, k: int, block: int, sample: int):
+    # length_ref [1], scores_ref [S_pad], ids_ref / keys_ref [W] (slot W-1 is the spare), count_ref [1]
+    length = length_ref[0]
+    capacity = ids_ref.shape[0] - 1
+    last_key = scores_ref.shape[0] - 1
+    stride = jnp.maximum(length // sample, 1)
+    lanes = lax.iota(jnp.int32, block)
+
+    def sample_block(j):
+        at = (j * block + lanes) * stride
+        return at, sortable_keys(load(scores_ref.at[jnp.minimum(at, last_key)]), at < length)
+
+    def sampled_floor():
+        # The sample key of rank r has about r * length / sample keys at or above it in the row: aim at half the
+        # buffer.
+        rank = jnp.clip((capacity // 2 * sample + length - 1) // jnp.maximum(length, 1), 1, sample)
+        return jnp.maximum(_kth_largest(sample // block, sample_block, rank, block)[0], LOWEST_VISIBLE)
+
+    # (The short-row branch computes its constant from an operand: the Triton lowering cannot yield a literal.)
+    floor = lax.cond(length > capacity, lambda _: sampled_floor(), lambda n: n * 0 + LOWEST_VISIBLE, length)
+
+    def write(slots, ids, keys, take):
+        keep = take & (slots < capacity)
+        slots = _masked_slots(slots, keep, capacity)
+        store(ids_ref.at[slots], ids, mask=keep)
+        store(keys_ref.at[slots], keys, mask=keep)
+
+    keys_of_block, num_blocks = _row_blocks(scores_ref, length, block)
+    # keys >= floor are keys > floor - 1 (floor > INT_MIN, so no wrap-around); no ties to ration.
+    found = _compact(num_blocks, keys_of_block, floor - 1, None, write)
+    # The candidates hold the top-k when they did not overflow and either number at least k (then the k-th largest
+    # key is >= floor) or are every visible key.
+    holds_top_k = (found <= capacity) & ((found >= k) | (floor == LOWEST_VISIBLE))
+    count_ref[0] = jnp.where(holds_top_k, found, FALLBACK)
+
+
+def _select_kernel(length_ref, count_ref, scores_ref, ids_ref, keys_ref, out_ref, *, k: int, block: int,
+                   out_block: int):
+    # length_ref / count_ref [1], scores_ref [S_pad], ids_ref / keys_ref [W], out_ref [K_pad]
+    count = count_ref[0]
+    lanes = lax.iota(jnp.int32, block)
+
+    @pl.when(count != FALLBACK)
+    def _():
+        def candidate_block(j):
+            slots = j * block + lanes
+            keys = load(keys_ref.at[pl.ds(j * block, block)])
+            return load(ids_ref.at[pl.ds(j * block, block)]), jnp.where(slots < count, keys, INT_MIN)
+        _select_into(out_ref, (count + block - 1) // block, candidate_block, k, block, out_block)
+
+    @pl.when(count == FALLBACK)
+    def _():
+        keys_of_block, num_blocks = _row_blocks(scores_ref, length_ref[0], block)
+        _select_into(out_ref, num_blocks, keys_of_block, k, block, out_block)
+
+
+def _row_spec(width):
+    return pl.BlockSpec((None, width), lambda r: (r, 0))
+
+
+def _one_spec():
+    return pl.BlockSpec((1,), lambda r: (r,))
+
+
+def default_tiles(num_keys: int) -> tuple[int, int]:
+    """(block, num_warps) from an H100 sweep (docs/BENCHMARKS.md): long rows amortise each step's scans and
+    reductions over more keys; short rows are few steps and prefer small blocks."""
+    return (1024, 4) if num_keys >= 32768 else (512, 4)
+
+
+def prepare_rows(scores, k, lengths, block):
+    """scores [..., S] -> (leading shape, rows f32[R, S_pad] padded with -inf to a block, lengths int32[R], block)."""
     *lead, num_keys = scores.shape
     rows = scores.reshape(-1, num_keys).astype(jnp.float32)
     if lengths is None:
         lengths = jnp.full(rows.shape[:1], num_keys, jnp.int32)
     lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(-1), 0, num_keys)
     block = min(block, next_pow2(num_keys))
-    rows = pad_axis(rows, 1, round_up(num_keys, block), -jnp.inf)
-    k_pad = next_pow2(k + 1)  # one spare slot past k (see _topk_kernel)
-    out_block = min(k_pad, 1024)
-    kernel = functools.partial(_topk_kernel, k=k, block=block, out_block=out_block)
-    out = pl.pallas_call(
-        kernel,
-        grid=(rows.shape[0],),
-        in_specs=[pl.BlockSpec((1,), lambda r: (r,)), pl.BlockSpec((None, rows.shape[1]), lambda r: (r, 0))],
-        out_specs=pl.BlockSpec((None, k_pad), lambda r: (r, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows.shape[0], k_pad), jnp.int32),
-        interpret=interpret,
-        compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
-        name="radix_topk",
+    return lead, pad_axis(rows, 1, round_up(num_keys, block), -jnp.inf), lengths, block
+
+
+def candidate_width(k: int, block: int, capacity: int) -> int:
+    """W, the candidate buffer's slots: capacity (0 = 4k) rounded up to a power of two, at least one block."""
+    return max(next_pow2(capacity or 4 * k), block)
+
+
+def _call_params(interpret, num_warps, num_stages):
+    return dict(interpret=interpret,
+                compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
+
+
+def topk_candidates(rows, lengths, k: int, *, width: int, block: int, sample: int, interpret: bool,
+                    num_warps: int, num_stages: int = 3):
+    """Kernel 1. rows f32[R, S_pad], lengths int32[R] -> (ids int32[R, W], keys int32[R, W], count int32[R]);
+    count = -1 (FALLBACK) where the candidates might miss part of the top-k."""
+    num_rows = rows.shape[0]
+    return pl.pallas_call(
+        functools.partial(_candidates_kernel, k=k, block=block, sample=sample),
+        grid=(num_rows,),
+        in_specs=[_one_spec(), _row_spec(rows.shape[1])],
+        out_specs=[_row_spec(width), _row_spec(width), _one_spec()],
+        out_shape=[jax.ShapeDtypeStruct((num_rows, width), jnp.int32)] * 2
+        + [jax.ShapeDtypeStruct((num_rows,), jnp.int32)],
+        name="topk_candidates", **_call_params(interpret, num_warps, num_stages),
     )(lengths, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "num_warps", "num_stages", "capacity",
+                                             "sample"))
+def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
+                block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0, sample: int = 1024):
+    """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
+    -> int32[..., k] in the top-k convention of `topk_reference` (ascending ids, then -1).
+
+    capacity: candidate slots per row (0 = 4k; rounded up to a power of two and to a block); sample: keys in the
+    strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step and
+    warps per row (0 = by row length, `default_tiles`)."""
+    if not 0 < k <= scores.shape[-1]:
+        raise ValueError(f"top-k over {scores.shape[-1]} keys needs 0 < k <= {scores.shape[-1]}, got k={k}")
+    default_block, default_warps = default_tiles(scores.shape[-1])
+    block, num_warps = block or default_block, num_warps or default_warps
+    lead, rows, lengths, block = prepare_rows(scores, k, lengths, block)
+    width = candidate_width(k, block, capacity)
+    sample = round_up(sample, block)
+    ids, keys, count = topk_candidates(rows, lengths, k, width=width, block=block, sample=sample,
+                                       interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    k_pad = next_pow2(k + 1)  # one spare slot past k (see _masked_slots)
+    out = pl.pallas_call(
+        functools.partial(_select_kernel, k=k, block=block, out_block=min(k_pad, 1024)),
+        grid=(rows.shape[0],),
+        in_specs=[_one_spec(), _one_spec(), _row_spec(rows.shape[1]), _row_spec(width), _row_spec(width)],
+        out_specs=_row_spec(k_pad),
+        out_shape=jax.ShapeDtypeStruct((rows.shape[0], k_pad), jnp.int32),
+        name="topk_select", **_call_params(interpret, num_warps, num_stages),
+    )(lengths, count, rows, ids, keys)
     return out[:, :k].reshape(*lead, k)

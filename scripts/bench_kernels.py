@@ -3,17 +3,21 @@
 Shapes (SPEC §4): indexer 64 heads x 128, top-k 2048, 128 attention heads over the 576 = 512 + 64 latent, batch 1,
 bf16 inputs, fp32 accumulation. For each context S:
   scores   the indexer-scores kernel on the last `--chunk` queries of the context (full rows), TFLOP/s over the
-           visible (causal) pairs only, against the XLA reference on the same chunk;
-  top-k    the radix-select kernel on those rows (all S long) against `lax.top_k`, GB/s over the bytes read once;
-  indexer  scores + top-k for every query of the context (the dispatch's chunked path), causal TFLOP/s;
+           visible (causal) pairs only, against the XLA reference on the same chunk; bf16 and fp8 (inputs
+           quantised beforehand, as a cache of fp8 keys would be);
+  top-k    the selection kernels on `--topk-rows` random rows (all S long) against `lax.top_k`, GB/s over the bytes
+           read once, and how many rows fell back to the whole-row select;
+  indexer  scores + top-k for every query of the context (the dispatch's chunked path), causal TFLOP/s; bf16 and
+           fp8 (quantisation included);
   sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s;
   decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read;
   dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
-  dsa      indexer + sparse prefill for the whole context, one layer (compare with dense).
+  dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer.
 Median of `--repeats` timed calls after a warm-up; inputs are random normal, never zeros.
 
     python scripts/bench_kernels.py --check                       # correctness on the GPU only
     python scripts/bench_kernels.py --contexts 8192 32768 65536 131072
+    python scripts/bench_kernels.py --sweep topk fp8 --contexts 32768  # tile variants
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
-from pallas_kernels.indexer_reference import indexer_scores_reference  # noqa: E402
+from pallas_kernels.indexer_reference import indexer_scores_reference, quantize_fp8  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
                                                        sparse_mla_reference)
-from pallas_kernels.topk import topk_pallas  # noqa: E402
+from pallas_kernels.topk import (FALLBACK, candidate_width, default_tiles, prepare_rows,  # noqa: E402
+                                 topk_candidates, topk_pallas)
 from pallas_kernels.topk_reference import topk_reference  # noqa: E402
 
 G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
@@ -98,6 +103,8 @@ def check(key) -> list[str]:
             if not (err < tol and same_mask and sel and exact):
                 failures.append(f"indexer {dtype} {(b, t, s, g, i, k)}: err {err:.2e} mask {same_mask} "
                                 f"selection {sel} topk-exact {exact}")
+        if dtype == BF16:
+            failures += check_fp8_and_long_rows(key)
         for (b, t, s, h, r, p, k) in ((2, 9, 300, 3, 16, 8, 40), (1, 33, 1000, 128, 512, 64, 256),
                                       (3, 4, 64, 20, 64, 32, 64)):
             ks = jax.random.split(key, 3)
@@ -121,6 +128,46 @@ def check(key) -> list[str]:
     return failures
 
 
+def check_fp8_and_long_rows(key) -> list[str]:
+    """fp8 scores against the fp8 reference; top-k on long rows (random, ties, causal lengths) equal to
+    `topk_reference` id for id."""
+    failures = []
+    ks = jax.random.split(key, 6)
+    b, t, s, g, i = 1, 256, 4096, 64, 128
+    q, kk = jax.random.normal(ks[0], (b, t, g, i)), jax.random.normal(ks[1], (b, s, i))
+    w = jax.random.normal(ks[2], (b, t, g))
+    pos = (s - t + jnp.arange(t))[None]
+    q8, w8, k8, k_scale = quantize_fp8(q, w, kk)
+    ref = np.asarray(indexer_scores_reference(q8, w8, k8, pos, k_scale))
+    got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale))
+    finite = np.isfinite(ref)
+    err = rel_err(got[finite], ref[finite])
+    ok = err < 1e-4 and bool((np.isfinite(got) == finite).all())
+    _print_row(("fp8", "e4m3", (b, t, s, g, i), err, ok))
+    if not ok:
+        failures.append(f"fp8 scores: err {err:.2e}")
+    rows = jax.random.normal(ks[3], (64, 131072))
+    lengths = jax.random.randint(ks[4], (64,), 1, 131073).at[:4].set(131072)
+    ties = jnp.round(rows * 4) / 4  # few distinct values: many ties at the cut, overflowing candidates
+    for name, x in (("random", rows), ("ties", ties)):
+        for lens in (None, lengths):
+            vis = x if lens is None else jnp.where(jnp.arange(x.shape[1])[None] < lens[:, None], x, -jnp.inf)
+            same = bool((np.asarray(topk_pallas(x, K, lens)) == np.asarray(topk_reference(vis, K))).all())
+            _print_row(("topk", name, (64, 131072, K, "causal" if lens is not None else "full"), 0.0, same))
+            if not same:
+                failures.append(f"topk {name} lengths={lens is not None}: differs from the reference")
+    return failures
+
+
+def topk_fallbacks(rows) -> int:
+    """How many rows the candidate pass sent to the whole-row select (default parameters)."""
+    block, warps = default_tiles(rows.shape[-1])
+    lead, padded, lengths, block = prepare_rows(rows, K, None, block)
+    _, _, count = topk_candidates(padded, lengths, K, width=candidate_width(K, block, 0), block=block, sample=1024,
+                                  interpret=False, num_warps=warps)
+    return int((np.asarray(count) == FALLBACK).sum())
+
+
 def _print_row(row) -> None:
     name, dtype, shape, err, ok = row
     print(f"check {name:8s} {dtype:10s} {str(shape):32s} rel err {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
@@ -142,6 +189,10 @@ def bench_context(s: int, args, key) -> dict:
     (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
     t = timed(jax.jit(indexer_scores_pallas), q, w, k, pos, repeats=args.repeats)
     out["scores_ms"], out["scores_tflops"] = t * 1e3, flops / t / 1e12
+    q8, w8, k8, k_scale = quantize_fp8(q, w, k)
+    t8 = timed(jax.jit(indexer_scores_pallas), q8, w8, k8, pos, k_scale, repeats=args.repeats)
+    out["scores_fp8_ms"], out["scores_fp8_tflops"] = t8 * 1e3, flops / t8 / 1e12
+    del q8, w8, k8
     if s <= 32768:
         t_ref = timed(jax.jit(indexer_scores_reference), q, w, k, pos, repeats=args.repeats)
         out["scores_xla_ms"] = t_ref * 1e3
@@ -151,6 +202,7 @@ def bench_context(s: int, args, key) -> dict:
     t_xla = timed(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), rows, repeats=args.repeats)
     out["topk_ms"], out["topk_xla_ms"] = t * 1e3, t_xla * 1e3
     out["topk_gbs"] = rows.size * 4 / t / 1e9
+    out["topk_fallback_rows"] = topk_fallbacks(rows)
     # -- whole-context indexer (scores + top-k, chunked) --
     qf = jax.random.normal(ks[4], (1, s, G, I), BF16)
     wf = jax.random.normal(ks[5], (1, s, G), jnp.float32)
@@ -159,6 +211,9 @@ def bench_context(s: int, args, key) -> dict:
     t_index = timed(indexer, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
     causal_flops = 2.0 * (s * (s + 1) / 2) * G * I
     out["indexer_ms"], out["indexer_tflops"] = t_index * 1e3, causal_flops / t_index / 1e12
+    indexer8 = jax.jit(lambda q_, w_, k_, p_: indexer_topk_pallas(q_, w_, k_, p_, topk=K, fp8=True))
+    t_index8 = timed(indexer8, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
+    out["indexer_fp8_ms"] = t_index8 * 1e3
     del qf, wf
     # -- sparse prefill: `sparse_queries` queries x K slots --
     nq = min(args.sparse_queries, s)
@@ -191,31 +246,65 @@ def bench_context(s: int, args, key) -> dict:
     del qh
     # -- one DSA layer over the whole context = indexer + sparse prefill for all s queries --
     out["dsa_ms"] = t_index * 1e3 + out["sparse_ms_per_query"] * s
+    out["dsa_fp8_ms"] = t_index8 * 1e3 + out["sparse_ms_per_query"] * s
     return out
 
 
 def sweep(args, key) -> None:
-    """Tile/warp variants of each kernel at one context (--contexts[0]); prints ms per variant."""
+    """Tile/warp variants of the kernels named by --sweep at one context (--contexts[0]); prints ms per variant."""
     s = args.contexts[0]
     ks = jax.random.split(key, 8)
     (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
-    for keys_major in (False, True):
-        for rows, bk, warps, stages in ((128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 128, 4, 4),
-                                        (256, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 2)):
-            fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, warps=warps, stages=stages, km=keys_major:
-                         indexer_scores_pallas(a, b, c, d, rows_per_tile=rows, block_k=bk, num_warps=warps,
-                                               num_stages=stages, keys_major=km))
-            try:
-                t = timed(fn, q, w, k, pos, repeats=args.repeats)
-                print(f"sweep scores keys_major={keys_major} rows={rows} bk={bk} warps={warps} stages={stages}: "
-                      f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"sweep scores {rows} {bk} {warps} {stages} {keys_major}: {type(err).__name__}", flush=True)
+    score_tiles = ((128, 128, 0, 4, 4), (128, 128, 16, 4, 4), (128, 128, 32, 4, 4), (128, 128, 16, 4, 3),
+                   (256, 128, 32, 8, 3), (128, 64, 16, 4, 4), (64, 128, 16, 4, 4), (128, 128, 8, 4, 4))
+    for rows, bk, hps, warps, stages in score_tiles if "scores" in args.sweep else ():
+        fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, hps=hps, warps=warps, stages=stages:
+                     indexer_scores_pallas(a, b, c, d, rows_per_tile=rows, block_k=bk, heads_per_step=hps,
+                                           num_warps=warps, num_stages=stages))
+        try:
+            t = timed(fn, q, w, k, pos, repeats=args.repeats)
+            print(f"sweep scores rows={rows} bk={bk} heads_per_step={hps} warps={warps} stages={stages}: "
+                  f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"sweep scores {rows} {bk} {hps} {warps} {stages}: {type(err).__name__}", flush=True)
+    q8, w8, k8, k_scale = quantize_fp8(q, w, k)
+    fp8_tiles = ((128, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3), (256, 64, 4, 4),
+                 (64, 128, 4, 4)) if not args.ablation_only else ()
+    for rows, bk, warps, stages in fp8_tiles if "fp8" in args.sweep else ():
+        fn = jax.jit(lambda a, b, c, d, e, rows=rows, bk=bk, warps=warps, stages=stages:
+                     indexer_scores_pallas(a, b, c, d, e, rows_per_tile=rows, block_k=bk, num_warps=warps,
+                                           num_stages=stages))
+        try:
+            t = timed(fn, q8, w8, k8, pos, k_scale, repeats=args.repeats)
+            print(f"sweep scores fp8 rows={rows} bk={bk} warps={warps} stages={stages}: "
+                  f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"sweep scores fp8 {rows} {bk} {warps} {stages}: {type(err).__name__}", flush=True)
+    if "fp8" in args.sweep:  # ablation: what the ReLU + head weights cost, bf16 vs fp8 tensor-core inputs
+        for name, args_ in (("bf16", (q, w, k, pos, None)), ("fp8", (q8, w8, k8, pos, k_scale))):
+            for epilogue in ("relu_weighted_sum", "sum"):
+                fn = jax.jit(lambda a, b, c, d, e, ep=epilogue: indexer_scores_pallas(a, b, c, d, e, epilogue=ep))
+                t = timed(fn, *args_, repeats=args.repeats)
+                print(f"sweep scores ablation {name} epilogue={epilogue}: {t * 1e3:.2f} ms "
+                      f"{flops / t / 1e12:.0f} TFLOP/s", flush=True)
     rows_ = jax.random.normal(ks[3], (args.topk_rows, s), jnp.float32)
-    for block, warps in ((1024, 8), (1024, 4), (2048, 8), (512, 4), (4096, 16)):
-        t = timed(jax.jit(lambda x, b=block, wp=warps: topk_pallas(x, K, block=b, num_warps=wp)), rows_,
-                  repeats=args.repeats)
-        print(f"sweep topk block={block} warps={warps}: {t * 1e3:.2f} ms", flush=True)
+    if "topk" in args.sweep:
+        block, warps = default_tiles(s)
+        lead, padded, lengths, block = prepare_rows(rows_, K, None, block)
+        t1 = timed(jax.jit(lambda x, n: topk_candidates(x, n, K, width=candidate_width(K, block, 0), block=block,
+                                                        sample=1024, interpret=False, num_warps=warps)),
+                   padded, lengths, repeats=args.repeats)
+        print(f"sweep topk candidates kernel alone (defaults): {t1 * 1e3:.2f} ms", flush=True)
+    topk_variants = ((512, 4, 3, 1024), (512, 4, 3, 2048), (1024, 8, 3, 1024), (1024, 8, 2, 1024),
+                     (1024, 4, 3, 1024), (2048, 8, 3, 1024), (2048, 16, 3, 1024), (1024, 8, 3, 2048),
+                     (256, 4, 3, 1024))
+    for block, warps, stages, sample in topk_variants if "topk" in args.sweep else ():
+        t = timed(jax.jit(lambda x, b=block, wp=warps, st=stages, sp=sample: topk_pallas(
+            x, K, block=b, num_warps=wp, num_stages=st, sample=sp)), rows_, repeats=args.repeats)
+        print(f"sweep topk block={block} warps={warps} stages={stages} sample={sample}: {t * 1e3:.2f} ms",
+              flush=True)
+    if "sparse" not in args.sweep:
+        return
     nq = min(args.sparse_queries, s)
     kv = jax.random.normal(ks[6], (1, s, R + P), BF16)
     qs = jax.random.normal(ks[7], (1, nq, H, R + P), BF16)
@@ -251,7 +340,10 @@ def sweep(args, key) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare with the references")
-    parser.add_argument("--sweep", action="store_true", help="time tile variants at the first context, then stop")
+    parser.add_argument("--sweep", nargs="*", choices=["scores", "fp8", "topk", "sparse"],
+                        help="time tile variants of these kernels (none named: all) at the first context, then stop")
+    parser.add_argument("--ablation-only", action="store_true", help="with --sweep fp8: only the epilogue ablation")
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison with the references")
     parser.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--topk-rows", type=int, default=1024)
@@ -262,13 +354,16 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{datetime.date.today()} jax {jax.__version__} device {jax.devices()[0].device_kind}")
     key = jax.random.key(0)
-    with jax.default_matmul_precision("highest"):
-        failures = check(key)
+    failures = []
+    if not args.no_check:
+        with jax.default_matmul_precision("highest"):
+            failures = check(key)
     if failures:
         print("FAILURES:\n  " + "\n  ".join(failures), flush=True)
     if args.check:
         sys.exit(1 if failures else 0)
-    if args.sweep:
+    if args.sweep is not None:
+        args.sweep = args.sweep or ["scores", "fp8", "topk", "sparse"]
         sweep(args, key)
         return
     results = []
@@ -277,12 +372,13 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
-    cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"),
-            ("indexer_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"), ("decode_gbs", "{:8.0f}"),
-            ("dsa_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
-    print(" ".join(f"{c:>13s}" for c, _ in cols))
+    cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("scores_fp8_tflops", "{:8.1f}"),
+            ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"), ("topk_fallback_rows", "{:4d}"),
+            ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"),
+            ("decode_gbs", "{:8.0f}"), ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
+    print(" ".join(f"{c:>18s}" for c, _ in cols))
     for r in results:
-        print(" ".join(f"{(fmt.format(r[c]) if c in r else 'n/a'):>13s}" for c, fmt in cols))
+        print(" ".join(f"{(fmt.format(r[c]) if c in r else 'n/a'):>18s}" for c, fmt in cols))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ and compiled on a CUDA GPU (tests marked gpu, skipped elsewhere).
 Shapes are ragged on purpose: lengths not a multiple of any block, k larger than the visible prefix, -1 slots, a
 query with no valid slot, head counts and widths below the tensor-core minimum, batch > 1."""
 
+import dataclasses
+
 import jax
 import jax.test_util  # noqa: F401  (check_grads)
 import jax.numpy as jnp
@@ -16,10 +18,10 @@ from conftest import rel_err
 from indexcache_jax import forward
 from pallas_kernels import dispatch
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas
-from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference
+from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference, quantize_fp8
 from pallas_kernels.sparse_attention import combine_splits, sparse_mla_decode_pallas, sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
-from pallas_kernels.topk import sortable_keys, topk_pallas
+from pallas_kernels.topk import FALLBACK, sortable_keys, topk_candidates, topk_pallas
 from pallas_kernels.topk_reference import topk_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -52,14 +54,48 @@ def test_reference_treats_signed_zeros_as_a_tie():
 def test_topk_kernel_equals_reference(rows, keys, data):
     k = data.draw(st.integers(1, keys))
     block = data.draw(st.sampled_from([16, 64, 512]))
+    # Small candidate buffers and samples send rows down every path: all visible keys, sampled floor, fallback.
+    capacity = data.draw(st.sampled_from([0, 32, 128]))
+    sample = data.draw(st.sampled_from([16, 64, 2048]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31 - 1)))
     # Few distinct values (many ties at the cut), both signs, signed zeros, invisible keys, ragged lengths.
     scores = (rng.integers(-4, 5, (rows, keys)) * rng.choice([1.0, 0.25, -0.0], (rows, keys))).astype(np.float32)
     scores[rng.random((rows, keys)) < 0.2] = -np.inf
     lengths = rng.integers(0, keys + 1, rows)
     visible = np.where(np.arange(keys)[None] < lengths[:, None], scores, -np.inf)
-    got = topk_pallas(jnp.asarray(scores), k, jnp.asarray(lengths), interpret=True, block=block)
+    got = topk_pallas(jnp.asarray(scores), k, jnp.asarray(lengths), interpret=True, block=block, capacity=capacity,
+                      sample=sample)
     np.testing.assert_array_equal(got, topk_reference(jnp.asarray(visible), k))
+
+
+def _candidate_counts(scores, k, *, capacity, sample, block):
+    rows = jnp.asarray(scores, jnp.float32)
+    lengths = jnp.full(rows.shape[:1], rows.shape[1], jnp.int32)
+    _, _, count = topk_candidates(rows, lengths, k, width=capacity, block=block, sample=sample, interpret=True,
+                                  num_warps=4)
+    got = topk_pallas(rows, k, interpret=True, capacity=capacity, sample=sample, block=block)
+    np.testing.assert_array_equal(got, topk_reference(rows, k))  # whichever path a row took, the answer is exact
+    return np.asarray(count)
+
+
+def test_topk_paths_short_rows_sampled_floor_and_fallbacks():
+    rng = np.random.default_rng(11)
+    k, capacity, sample, block = 16, 64, 64, 16
+    short = rng.standard_normal((1, 60)).astype(np.float32)  # fits the buffer: every visible key is a candidate
+    short[0, 7] = -np.inf
+    assert _candidate_counts(short, k, capacity=capacity, sample=sample, block=block)[0] == 59
+    # Long rows: the sample sets a floor aimed at half the buffer. Continuous scores: 16 sampled keys above it
+    # (mean 128 candidates, sd ~32): between k and the capacity (255 usable slots).
+    smooth = rng.standard_normal((3, 4096)).astype(np.float32)
+    counts = _candidate_counts(smooth, k, capacity=256, sample=512, block=64)
+    assert ((counts >= k) & (counts < 256)).all(), counts
+    # The sample sees only every 16th key; make exactly those large, so its floor leaves fewer than k candidates.
+    periodic = rng.standard_normal((1, 1024)).astype(np.float32)
+    periodic[0, ::16] += 100.0
+    assert _candidate_counts(periodic, k, capacity=capacity, sample=sample, block=block)[0] == FALLBACK
+    # One value everywhere: every key ties with the floor and the buffer overflows.
+    flat = np.full((1, 1024), 0.5, np.float32)
+    assert _candidate_counts(flat, k, capacity=capacity, sample=sample, block=block)[0] == FALLBACK
 
 
 def test_topk_kernel_on_continuous_scores_with_extremes():
@@ -108,8 +144,8 @@ def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
     q, w, k, pos = _indexer_inputs(0, *shape, dtype)
     with jax.default_matmul_precision("highest"):
         want = np.asarray(indexer_scores_reference(q, w, k, pos))
-    for keys_major in (True, False):
-        got = np.asarray(indexer_scores_pallas(q, w, k, pos, keys_major=keys_major, **_flags(impl)))
+    for heads_per_step in (0, 4):  # all heads in one dot; 4 head groups accumulated in a loop
+        got = np.asarray(indexer_scores_pallas(q, w, k, pos, heads_per_step=heads_per_step, **_flags(impl)))
         finite = np.isfinite(want)
         assert (np.isfinite(got) == finite).all()
         # bf16 inputs: both sides multiply exactly and accumulate in fp32; only the summation order differs.
@@ -127,6 +163,38 @@ def test_indexer_topk_chunked_selects_the_best_keys(impl):
         if impl == "interpret":  # same fp32 arithmetic up to summation order: equal but for near-ties
             same = np.asarray(got) == np.asarray(indexer_topk_reference(q, w, k, pos, topk=topk))
             assert same.mean() > 0.99
+
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(2, 13, 29, 4, 16), (1, 40, 70, 8, 32)])
+def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, shape):
+    q, w, k, pos = _indexer_inputs(2, *shape, jnp.float32)
+    q8, w8, k8, k_scale = quantize_fp8(q, w, k)
+    assert q8.dtype == k8.dtype == jnp.float8_e4m3fn and k_scale.shape == k.shape[:2]
+    want = np.asarray(indexer_scores_reference(q8, w8, k8, pos, k_scale))
+    got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale, **_flags(impl)))
+    finite = np.isfinite(want)
+    assert (np.isfinite(got) == finite).all()
+    # Products of e4m3 values are exact in fp32: only the summation order differs.
+    assert rel_err(got[finite], want[finite]) < 1e-5
+    # Against unquantised fp32 scores: e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per input);
+    # independent roundings average out to ~3.5% of the scores' norm on random data.
+    exact = np.asarray(indexer_scores_reference(q, w, k, pos))
+    assert rel_err(want[finite], exact[finite]) < 0.06
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        indexer_scores_pallas(q, w8, k, pos, k_scale, **_flags(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_indexer_topk_selects_the_best_fp8_keys(impl):
+    q, w, k, pos = _indexer_inputs(3, 2, 37, 53, 4, 16, jnp.float32)
+    q8, w8, k8, k_scale = quantize_fp8(q, w, k)
+    scores = indexer_scores_reference(q8, w8, k8, pos, k_scale)
+    got = dispatch.indexer_topk(q, w, k, pos, topk=8, impl=impl, fp8=True)
+    _selection_is_best(got, scores, 8, slack=1e-5)
+    same = np.asarray(got) == np.asarray(dispatch.indexer_topk(q, w, k, pos, topk=8, impl="reference", fp8=True))
+    assert same.mean() > 0.99  # equal but for near-ties (summation order)
 
 
 # ---- sparse MLA --------------------------------------------------------------------------------------------------
@@ -207,3 +275,16 @@ def test_model_forward_with_pallas_kernels_equals_reference(small_config, small_
         want = forward(small_params, tokens, "FSFS", config=small_config, impl="reference")
         got = forward(small_params, tokens, "FSFS", config=small_config, impl=impl)
     assert rel_err(got, want) < (1e-5 if impl == "interpret" else 2e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_with_fp8_indexer_equals_reference_and_stays_near_bf16_selection(small_config, small_params, impl):
+    fp8_config = dataclasses.replace(small_config, indexer_fp8=True)
+    tokens = jax.random.randint(jax.random.key(5), (2, 11 if impl == "interpret" else 64), 0, small_config.vocab_size)
+    with jax.default_matmul_precision("highest"):
+        want = forward(small_params, tokens, "FSFS", config=fp8_config, impl="reference")
+        got = forward(small_params, tokens, "FSFS", config=fp8_config, impl=impl)
+        unquantised = forward(small_params, tokens, "FSFS", config=small_config, impl="reference")
+    assert rel_err(got, want) < (1e-5 if impl == "interpret" else 2e-3)
+    # fp8 scores change a few selections: the logits move (6.6% here), but not like a broken selection would.
+    assert 1e-3 < rel_err(want, unquantised) < 0.2
