@@ -15,8 +15,8 @@ Nine passes over a row of 128K is what made the first version only ~1.8x faster 
 read about once (two kernels, one program per row each):
   1. candidates: read a strided sample of the row (`sample` keys), take as floor the sample key whose expected count
      in the row is half the candidate capacity W (W = 4k rounded to a power of two), and stream-compact every key
-     >= floor (ids and keys, ascending ids) into a [W] buffer, stopping early when it overflows. Rows no longer than
-     the buffer skip the sample and keep every visible key.
+     >= floor (ids and keys, ascending ids) into a [W] buffer, counting but not writing past it. Rows no longer
+     than the buffer skip the sample and keep every visible key.
   2. select: if the candidates are sure to hold the row's top-k (at least k of them, or every visible key, and no
      overflow), run the exact radix select on the candidates only (W keys, L2-resident); otherwise (an unlucky
      sample, or heavy ties) run it on the whole row. Either way the answer is exact and identical, ties included,
@@ -195,26 +195,10 @@ def _one_spec():
     return pl.BlockSpec((1,), lambda r: (r,))
 
 
-def default_tiles(num_keys: int) -> tuple[int, int]:
+def _default_tiles(num_keys: int) -> tuple[int, int]:
     """(block, num_warps) from an H100 sweep (docs/BENCHMARKS.md): long rows amortise each step's scans and
     reductions over more keys; short rows are few steps and prefer small blocks."""
     return (1024, 4) if num_keys >= 32768 else (512, 4)
-
-
-def prepare_rows(scores, k, lengths, block):
-    """scores [..., S] -> (leading shape, rows f32[R, S_pad] padded with -inf to a block, lengths int32[R], block)."""
-    *lead, num_keys = scores.shape
-    rows = scores.reshape(-1, num_keys).astype(jnp.float32)
-    if lengths is None:
-        lengths = jnp.full(rows.shape[:1], num_keys, jnp.int32)
-    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(-1), 0, num_keys)
-    block = min(block, next_pow2(num_keys))
-    return lead, pad_axis(rows, 1, round_up(num_keys, block), -jnp.inf), lengths, block
-
-
-def candidate_width(k: int, block: int, capacity: int) -> int:
-    """W, the candidate buffer's slots: capacity (0 = 4k) rounded up to a power of two, at least one block."""
-    return max(next_pow2(capacity or 4 * k), block)
 
 
 def _call_params(interpret, num_warps, num_stages):
@@ -222,24 +206,49 @@ def _call_params(interpret, num_warps, num_stages):
                 compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
 
 
-def topk_candidates(rows, lengths, k: int, *, width: int, block: int, sample: int, interpret: bool,
-                    num_warps: int, num_stages: int = 3):
-    """Kernel 1. rows f32[R, S_pad], lengths int32[R] -> (ids int32[R, W], keys int32[R, W], count int32[R]);
-    count = -1 (FALLBACK) where the candidates might miss part of the top-k."""
+def _candidates(scores, k, lengths, *, interpret, block, num_warps, num_stages, capacity, sample):
+    """Kernel 1 with its inputs prepared: scores f32[..., S] -> (lead shape, rows f32[R, S_pad], lengths int32[R],
+    block, ids int32[R, W], keys int32[R, W], count int32[R]); count = FALLBACK where the candidates might miss
+    part of the top-k. Options as in `topk_pallas`."""
+    *lead, num_keys = scores.shape
+    if not 0 < k <= num_keys:
+        raise ValueError(f"top-k over {num_keys} keys needs 0 < k <= {num_keys}, got k={k}")
+    default_block, default_warps = _default_tiles(num_keys)
+    block = min(block or default_block, next_pow2(num_keys))
+    rows = scores.reshape(-1, num_keys).astype(jnp.float32)
+    rows = pad_axis(rows, 1, round_up(num_keys, block), -jnp.inf)
+    if lengths is None:
+        lengths = jnp.full(rows.shape[:1], num_keys, jnp.int32)
+    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(-1), 0, num_keys)
+    width = max(next_pow2(capacity or 4 * k), block)  # W
     num_rows = rows.shape[0]
-    return pl.pallas_call(
-        functools.partial(_candidates_kernel, k=k, block=block, sample=sample),
+    ids, keys, count = pl.pallas_call(
+        functools.partial(_candidates_kernel, k=k, block=block, sample=round_up(sample, block)),
         grid=(num_rows,),
         in_specs=[_one_spec(), _row_spec(rows.shape[1])],
         out_specs=[_row_spec(width), _row_spec(width), _one_spec()],
         out_shape=[jax.ShapeDtypeStruct((num_rows, width), jnp.int32)] * 2
         + [jax.ShapeDtypeStruct((num_rows,), jnp.int32)],
-        name="topk_candidates", **_call_params(interpret, num_warps, num_stages),
+        name="topk_candidates", **_call_params(interpret, num_warps or default_warps, num_stages),
     )(lengths, rows)
+    return lead, rows, lengths, block, ids, keys, count
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "num_warps", "num_stages", "capacity",
-                                             "sample"))
+_OPTIONS = ("k", "interpret", "block", "num_warps", "num_stages", "capacity", "sample")
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def candidate_counts(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
+                     block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0,
+                     sample: int = 1024):
+    """Kernel 1 alone (for tests and benchmarks): int32[...] candidates per row, FALLBACK (-1) for rows that
+    `topk_pallas` sends to the whole-row select. Arguments as in `topk_pallas`."""
+    lead, *_, count = _candidates(scores, k, lengths, interpret=interpret, block=block, num_warps=num_warps,
+                                  num_stages=num_stages, capacity=capacity, sample=sample)
+    return count.reshape(lead)
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
 def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
                 block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0, sample: int = 1024):
     """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
@@ -247,21 +256,17 @@ def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpre
 
     capacity: candidate slots per row (0 = 4k; rounded up to a power of two and to a block); sample: keys in the
     strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step and
-    warps per row (0 = by row length, `default_tiles`)."""
-    if not 0 < k <= scores.shape[-1]:
-        raise ValueError(f"top-k over {scores.shape[-1]} keys needs 0 < k <= {scores.shape[-1]}, got k={k}")
-    default_block, default_warps = default_tiles(scores.shape[-1])
-    block, num_warps = block or default_block, num_warps or default_warps
-    lead, rows, lengths, block = prepare_rows(scores, k, lengths, block)
-    width = candidate_width(k, block, capacity)
-    sample = round_up(sample, block)
-    ids, keys, count = topk_candidates(rows, lengths, k, width=width, block=block, sample=sample,
-                                       interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    warps per row (0 = by row length, `_default_tiles`)."""
+    num_warps = num_warps or _default_tiles(scores.shape[-1])[1]
+    lead, rows, lengths, block, ids, keys, count = _candidates(
+        scores, k, lengths, interpret=interpret, block=block, num_warps=num_warps, num_stages=num_stages,
+        capacity=capacity, sample=sample)
     k_pad = next_pow2(k + 1)  # one spare slot past k (see _masked_slots)
     out = pl.pallas_call(
         functools.partial(_select_kernel, k=k, block=block, out_block=min(k_pad, 1024)),
         grid=(rows.shape[0],),
-        in_specs=[_one_spec(), _one_spec(), _row_spec(rows.shape[1]), _row_spec(width), _row_spec(width)],
+        in_specs=[_one_spec(), _one_spec(), _row_spec(rows.shape[1]), _row_spec(ids.shape[1]),
+                  _row_spec(ids.shape[1])],
         out_specs=_row_spec(k_pad),
         out_shape=jax.ShapeDtypeStruct((rows.shape[0], k_pad), jnp.int32),
         name="topk_select", **_call_params(interpret, num_warps, num_stages),

@@ -40,8 +40,7 @@ from pallas_kernels.indexer_reference import indexer_scores_reference, quantize_
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
                                                        sparse_mla_reference)
-from pallas_kernels.topk import (FALLBACK, candidate_width, default_tiles, prepare_rows,  # noqa: E402
-                                 topk_candidates, topk_pallas)
+from pallas_kernels.topk import FALLBACK, candidate_counts, topk_pallas  # noqa: E402
 from pallas_kernels.topk_reference import topk_reference  # noqa: E402
 
 G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
@@ -160,12 +159,8 @@ def check_fp8_and_long_rows(key) -> list[str]:
 
 
 def topk_fallbacks(rows) -> int:
-    """How many rows the candidate pass sent to the whole-row select (default parameters)."""
-    block, warps = default_tiles(rows.shape[-1])
-    lead, padded, lengths, block = prepare_rows(rows, K, None, block)
-    _, _, count = topk_candidates(padded, lengths, K, width=candidate_width(K, block, 0), block=block, sample=1024,
-                                  interpret=False, num_warps=warps)
-    return int((np.asarray(count) == FALLBACK).sum())
+    """How many rows the candidate pass sent to the whole-row select (default options)."""
+    return int((np.asarray(candidate_counts(rows, K)) == FALLBACK).sum())
 
 
 def _print_row(row) -> None:
@@ -289,11 +284,7 @@ def sweep(args, key) -> None:
                       f"{flops / t / 1e12:.0f} TFLOP/s", flush=True)
     rows_ = jax.random.normal(ks[3], (args.topk_rows, s), jnp.float32)
     if "topk" in args.sweep:
-        block, warps = default_tiles(s)
-        lead, padded, lengths, block = prepare_rows(rows_, K, None, block)
-        t1 = timed(jax.jit(lambda x, n: topk_candidates(x, n, K, width=candidate_width(K, block, 0), block=block,
-                                                        sample=1024, interpret=False, num_warps=warps)),
-                   padded, lengths, repeats=args.repeats)
+        t1 = timed(jax.jit(lambda x: candidate_counts(x, K)), rows_, repeats=args.repeats)
         print(f"sweep topk candidates kernel alone (defaults): {t1 * 1e3:.2f} ms", flush=True)
     topk_variants = ((512, 4, 3, 1024), (512, 4, 3, 2048), (1024, 8, 3, 1024), (1024, 8, 2, 1024),
                      (1024, 4, 3, 1024), (2048, 8, 3, 1024), (2048, 16, 3, 1024), (1024, 8, 3, 2048),
