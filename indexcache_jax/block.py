@@ -66,7 +66,7 @@ class DSABlock(nnx.Module):
                                                           with_distribution=True)
                 def start_dense_group(d):
                     q, w = self.indexer.queries(q_in, x_in, ctx.rope)
-                    return start_group(d, self.indexer.log_probs(q, w, index_keys, ctx.positions))
+                    return start_group(d, self.indexer.log_probs(q, w, index_keys, ctx.positions, impl=ctx.impl))
 
                 distill = jax.lax.cond(is_full, start_dense_group, lambda d: d, distill)
                 distill = add_layer(distill, probs)

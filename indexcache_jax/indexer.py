@@ -54,15 +54,16 @@ class LightningIndexer(nnx.Module):
         return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl, fp8=self.config.indexer_fp8)
 
     @staticmethod
-    def log_probs(q, w, keys, q_positions, indices=None):
+    def log_probs(q, w, keys, q_positions, indices=None, *, impl=None):
         """The indexer's distribution (softmax of its scores) as log-probabilities f32, from queries q [B,T,G,I],
         w [B,T,G] (see `queries`) and keys [B,S,I]: over each query's selected slots indices int32[B,T,K] ->
         [B,T,K], or (indices None) over all visible keys -> [B,T,S]; 0 outside the set (distill.masked_log_softmax).
-        Differentiable: the distillation losses train the indexer through this (plain JAX: [B,T,K,G] logits at
-        most, or [B,T,S,G] without indices)."""
+        Differentiable: the distillation losses train the indexer through this. Over the selected slots it is
+        plain JAX ([B,T,K,G] logits); over all keys it is the dispatch's differentiable scores (`impl`), whose
+        kernels never store the [B,T,S,G] logits that autodiff of the reference keeps."""
         keys = keys.astype(q.dtype)
         if indices is None:
-            scores = pallas_kernels.indexer_scores_reference(q, w, keys, q_positions)  # -inf where not visible
+            scores = pallas_kernels.indexer_scores(q, w, keys, q_positions, impl=impl)  # -inf where not visible
             return masked_log_softmax(scores, jnp.isfinite(scores))
         rows = jax.vmap(lambda k_b, idx_b: k_b[jnp.maximum(idx_b, 0)])(keys, indices)  # [B,T,K,I]
         logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)

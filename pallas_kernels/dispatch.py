@@ -14,8 +14,9 @@ from typing import Literal, Optional
 
 import jax
 
-from pallas_kernels.indexer import indexer_topk_pallas
-from pallas_kernels.indexer_reference import indexer_topk_decode_reference, indexer_topk_reference
+from pallas_kernels.indexer import indexer_scores_trainable, indexer_topk_pallas
+from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_topk_decode_reference,
+                                              indexer_topk_reference)
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
 
@@ -50,8 +51,18 @@ def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None,
     return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8)
 
 
+def indexer_scores(q, w, k, q_positions, *, impl: Optional[str] = None):
+    """Indexer scores, differentiable in q, w and k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] ->
+    f32[B,T,S] (-inf where s > pos). The kernels' backward never stores the per-head logits [B,T,S,G]."""
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return indexer_scores_reference(q, w, k, q_positions)
+    return indexer_scores_trainable(q, w, k, q_positions, impl == "interpret")
+
+
 def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: Optional[str] = None):
-    """Sparse MLA (MQA form). q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> [B,T,H,value_dim]."""
+    """Sparse MLA (MQA form). q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> [B,T,H,value_dim]; prefill is
+    differentiable in q and kv in every implementation."""
     impl = resolve_impl(impl)
     interpret = impl == "interpret"
     if q.shape[1] == 1:

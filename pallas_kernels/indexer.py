@@ -15,6 +15,7 @@ causal length.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._blocking import map_query_blocks
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels.indexer_backward import indexer_scores_backward_call
 from pallas_kernels.indexer_reference import quantize_fp8
 from pallas_kernels.topk import topk_pallas
 
@@ -63,6 +65,48 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
         out_ref[...] = jnp.where(key_ids[None, :] <= positions[:, None], scores, -jnp.inf)
 
 
+class _Tiling(NamedTuple):
+    """How q [B,T,G,I] and k [B,S,I] are padded and tiled: a tile is block_q queries x block_k keys, and one dot
+    covers rows = block_q queries x `step` heads (G padded to heads_p = groups * step)."""
+    block_q: int
+    block_k: int
+    step: int
+    groups: int
+    heads_p: int
+    width_p: int
+    num_q_p: int
+    num_keys_p: int
+
+    @property
+    def rows(self) -> int:
+        return self.block_q * self.step
+
+    @classmethod
+    def of(cls, q_shape, num_keys: int, *, rows_per_tile: int, heads_per_step: int, block_k: int) -> "_Tiling":
+        heads, width = q_shape[2], q_shape[3]
+        heads_p, width_p = dot_size(heads), dot_size(width)  # zero heads (w = 0) and zero dims change nothing
+        step = min(heads_per_step or heads_p, heads_p)
+        if heads_p % step or step & (step - 1):
+            raise ValueError(f"heads_per_step must be a power of two dividing {heads_p}, got {heads_per_step}")
+        block_q = max(1, rows_per_tile // step)
+        block_k = min(block_k, dot_size(num_keys))
+        return cls(block_q, block_k, step, heads_p // step, heads_p, width_p, round_up(q_shape[1], block_q),
+                   round_up(num_keys, block_k))
+
+    def pad(self, q, w, k, q_positions):
+        q = pad_axis(pad_axis(pad_axis(q, 3, self.width_p), 2, self.heads_p), 1, self.num_q_p)
+        w = pad_axis(pad_axis(w, 2, self.heads_p), 1, self.num_q_p)
+        k = pad_axis(pad_axis(k.astype(q.dtype), 2, self.width_p), 1, self.num_keys_p)
+        positions = pad_axis(q_positions.astype(jnp.int32), 1, self.num_q_p, -1)  # padded queries see nothing
+        return q, w, k, positions
+
+    def by_group(self, x):
+        """[B, T, G, ...] -> [B, T/block_q, n, block_q*step, ...]: one head group's rows contiguous, query-major."""
+        x = x.reshape(x.shape[0], self.num_q_p // self.block_q, self.block_q, self.groups, self.step, *x.shape[3:])
+        x = jnp.moveaxis(x, 3, 2)
+        return x.reshape(x.shape[0], self.num_q_p // self.block_q, self.groups, self.rows, *x.shape[5:])
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
                                              "num_warps", "num_stages", "epilogue"))
 def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 128,
@@ -76,54 +120,71 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
     queries. The defaults won a sweep on an H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md,
     `scripts/bench_kernels.py --sweep`)."""
-    batch, num_q, heads, width = q.shape
-    num_keys = k.shape[1]
-    heads_p, width_p = dot_size(heads), dot_size(width)  # zero heads (w = 0) and zero dims change nothing
-    step = min(heads_per_step or heads_p, heads_p)
-    if heads_p % step or step & (step - 1):
-        raise ValueError(f"heads_per_step must be a power of two dividing {heads_p}, got {heads_per_step}")
-    groups = heads_p // step
-    block_q = max(1, rows_per_tile // step)
-    block_k = min(block_k, dot_size(num_keys))
-    num_q_p, num_keys_p = round_up(num_q, block_q), round_up(num_keys, block_k)
-    q = pad_axis(pad_axis(pad_axis(q, 3, width_p), 2, heads_p), 1, num_q_p)
-    w = pad_axis(pad_axis(w, 2, heads_p), 1, num_q_p)
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
-    k = pad_axis(pad_axis(k.astype(q.dtype), 2, width_p), 1, num_keys_p)
-    positions = pad_axis(q_positions.astype(jnp.int32), 1, num_q_p, -1)  # padded queries see nothing
-    rows = block_q * step
-
-    def by_group(x):  # [B, T, G, ...] -> [B, T/block_q, n, block_q*hg, ...]: one group's rows contiguous
-        x = x.reshape(batch, num_q_p // block_q, block_q, groups, step, *x.shape[3:])
-        x = jnp.moveaxis(x, 3, 2)
-        return x.reshape(batch, num_q_p // block_q, groups, rows, *x.shape[5:])
-
+    tiles = _Tiling.of(q.shape, k.shape[1], rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,
+                       block_k=block_k)
+    batch, num_q, num_keys = q.shape[0], q.shape[1], k.shape[1]
+    block_q, block_k, groups = tiles.block_q, tiles.block_k, tiles.groups
+    q, w, k, positions = tiles.pad(q, w, k, q_positions)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_scores_kernel, block_q=block_q, block_k=block_k, heads_per_step=step,
+    kernel = functools.partial(_scores_kernel, block_q=block_q, block_k=block_k, heads_per_step=tiles.step,
                                precision=precision, epilogue=epilogue)
     extra_specs, extra_args = [], []
     if fp8:
         extra_specs = [pl.BlockSpec((None, block_k), lambda j, i, b: (b, j))]
-        extra_args = [pad_axis(k_scale.astype(jnp.float32), 1, num_keys_p)]
+        extra_args = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])]
     scores = pl.pallas_call(
         kernel,
         # Key tiles on the grid's first axis, which the GPU schedules fastest: programs running together share
         # their query tile and stream the (L2-resident) keys. Query tiles first re-read all queries from HBM once
         # per key tile (ncu on an H100: ~16 GB of DRAM traffic for a 4096 x 32K chunk).
-        grid=(num_keys_p // block_k, num_q_p // block_q, batch),
-        in_specs=[pl.BlockSpec((None, None, groups, rows, width_p), lambda j, i, b: (b, i, 0, 0, 0)),
-                  pl.BlockSpec((None, None, groups, rows), lambda j, i, b: (b, i, 0, 0)),
-                  pl.BlockSpec((None, block_k, width_p), lambda j, i, b: (b, j, 0)),
+        grid=(k.shape[1] // block_k, q.shape[1] // block_q, batch),
+        in_specs=[pl.BlockSpec((None, None, groups, tiles.rows, k.shape[2]), lambda j, i, b: (b, i, 0, 0, 0)),
+                  pl.BlockSpec((None, None, groups, tiles.rows), lambda j, i, b: (b, i, 0, 0)),
+                  pl.BlockSpec((None, block_k, k.shape[2]), lambda j, i, b: (b, j, 0)),
                   pl.BlockSpec((None, block_q), lambda j, i, b: (b, i))] + extra_specs,
         out_specs=pl.BlockSpec((None, block_q, block_k), lambda j, i, b: (b, i, j)),
-        out_shape=jax.ShapeDtypeStruct((batch, num_q_p, num_keys_p), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, q.shape[1], k.shape[1]), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages),
         name="indexer_scores",
-    )(by_group(q), by_group(w), k, positions, *extra_args)
+    )(tiles.by_group(q), tiles.by_group(w), k, positions, *extra_args)
     return scores[:, :num_q, :num_keys]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def indexer_scores_trainable(q, w, k, q_positions, interpret: bool = False):
+    """`indexer_scores_pallas` (bf16 or fp32 inputs) with a Pallas backward (`indexer_backward`): differentiable
+    in q, w and k without ever storing the per-head logits [B,T,S,G] that autodiff of the reference keeps."""
+    return indexer_scores_pallas(q, w, k, q_positions, interpret=interpret)
+
+
+def _trainable_fwd(q, w, k, q_positions, interpret):
+    return indexer_scores_pallas(q, w, k, q_positions, interpret=interpret), (q, w, k, q_positions)
+
+
+def _trainable_bwd(interpret, residuals, d_scores):
+    q, w, k, q_positions = residuals
+    batch, num_q, heads, width = q.shape
+    num_keys = k.shape[1]
+    # All heads in one dot, as in the forward; 64-key tiles keep d_q [block_q*G, I] and the tile's logits in
+    # registers together.
+    tiles = _Tiling.of(q.shape, num_keys, rows_per_tile=128, heads_per_step=0, block_k=64)
+    q_p, w_p, k_p, positions = tiles.pad(q, w.astype(jnp.float32), k, q_positions)
+    q_tiles = tiles.num_q_p // tiles.block_q
+    d_scores = pad_axis(pad_axis(d_scores.astype(jnp.float32), 1, tiles.num_q_p), 2, tiles.num_keys_p)
+    d_q, d_w, d_k = indexer_scores_backward_call(
+        tiles.by_group(q_p)[:, :, 0], tiles.by_group(w_p)[:, :, 0], k_p,
+        positions.reshape(batch, q_tiles, tiles.block_q), d_scores, block_q=tiles.block_q, block_k=tiles.block_k,
+        heads=tiles.heads_p, num_warps=8, interpret=interpret)
+    d_q = d_q.reshape(batch, tiles.num_q_p, tiles.heads_p, tiles.width_p)[:, :num_q, :heads, :width]
+    d_w = d_w.reshape(batch, tiles.num_q_p, tiles.heads_p)[:, :num_q, :heads]
+    return d_q, d_w.astype(w.dtype), d_k[:, :num_keys, :width].astype(k.dtype), None
+
+
+indexer_scores_trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
 def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False, fp8: bool = False,

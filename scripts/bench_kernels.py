@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import indexer_scores_reference, quantize_fp8  # noqa: E402
-from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.sparse_attention import Tiles, sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
                                                        sparse_mla_reference)
 from pallas_kernels.topk import FALLBACK, candidate_counts, topk_pallas  # noqa: E402
@@ -304,7 +304,7 @@ def sweep(args, key) -> None:
     for bk, bh, warps in ((32, 64, 8), (64, 64, 8), (16, 64, 8), (32, 32, 4), (64, 32, 4), (32, 128, 8),
                           (64, 64, 4), (32, 64, 16)):
         fn = jax.jit(lambda a, b, c, bk=bk, bh=bh, warps=warps: sparse_mla_pallas(
-            a, b, c, scale=0.07, value_dim=R, block_k=bk, block_h=bh, num_warps=warps))
+            a, b, c, scale=0.07, value_dim=R, tiles=Tiles(block_k=bk, block_h=bh, num_warps=warps)))
         try:
             t = timed(fn, qs, kv, idx, repeats=args.repeats)
             print(f"sweep sparse bk={bk} bh={bh} warps={warps}: {t * 1e3:.2f} ms {sflops / t / 1e12:.0f} TFLOP/s",

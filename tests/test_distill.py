@@ -147,17 +147,21 @@ def test_logits_equal_the_plain_forward(setup):
         assert rel_err(logits, forward(params, tokens, "FSSFS", config=CONFIG, attention=attention)) < 1e-5
 
 
-def test_training_gradients_run_through_the_interpreted_kernels(setup):
-    """The compiled kernels define no JVP; training differentiates the model anyway (the selection is cut with a
-    stop-gradient, the sparse attention has its custom VJP). Interpret mode runs the same kernel code on CPU."""
+@pytest.mark.parametrize("impl", ["interpret"] + (["pallas"] if jax.default_backend() == "gpu" else []))
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_training_gradients_run_through_the_kernels(setup, attention, impl):
+    """Training differentiates the model through the kernels: the selection is cut with a stop-gradient, the sparse
+    attention (sparse stages) and the all-keys indexer scores (dense warm-up's KL) have Pallas backward kernels.
+    Interpret mode runs the same kernel code on CPU."""
     params, tokens = setup
 
     def objective(p, impl):
-        logits, indexer_loss = forward_with_indexer_loss(p, tokens, "FSFFS", config=CONFIG, impl=impl)
+        logits, indexer_loss = forward_with_indexer_loss(p, tokens, "FSFFS", config=CONFIG, impl=impl,
+                                                         attention=attention)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + indexer_loss
 
-    got = jax.grad(objective)(params, "interpret")
+    got = jax.grad(objective)(params, impl)
     want = jax.grad(objective)(params, "reference")
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         if np.linalg.norm(np.asarray(w)) > 0:
-            assert rel_err(g, w) < 1e-4, jax.tree_util.keystr(path)
+            assert rel_err(g, w) < (1e-4 if impl == "interpret" else 2e-3), jax.tree_util.keystr(path)

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err
-from indexcache_jax import forward
+from indexcache_jax import forward, layer_indices
 from pallas_kernels import dispatch
-from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas
+from pallas_kernels.indexer import indexer_scores_pallas, indexer_scores_trainable, indexer_topk_pallas
 from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference, quantize_fp8
 from pallas_kernels.sparse_attention import combine_splits, sparse_mla_decode_pallas, sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
@@ -151,6 +151,30 @@ def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol,shape", [(jnp.float32, 1e-5, (2, 13, 29, 4, 16)),
+                                             (jnp.float32, 1e-5, (2, 5, 5, 3, 12)),
+                                             (jnp.bfloat16, 2e-2, (1, 40, 150, 8, 32))])
+def test_indexer_scores_backward_kernels_equal_reference_gradients(impl, dtype, tol, shape):
+    """d_q, d_w, d_k of the trainable scores kernel against autodiff of the float32 reference, for a random
+    cotangent on every entry (the -inf ones included: they must take no gradient). Rows are decode-like, prefill-
+    like and padded (-1), so key tiles no query sees and queries that see nothing both occur."""
+    q, w, k, pos = _indexer_inputs(7, *shape, dtype)
+    d_scores = jax.random.normal(jax.random.key(8), shape[:2] + (shape[2],), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        _, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_reference(q_, w_, k_, pos), q.astype(jnp.float32), w,
+                         k.astype(jnp.float32))
+        want = vjp(d_scores)
+        scores, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos, impl == "interpret"),
+                              q, w, k)
+        got = vjp(d_scores)
+    assert np.isfinite(np.asarray(scores)).sum() == np.isfinite(np.asarray(indexer_scores_reference(q, w, k, pos))).sum()
+    for name, g, ref, dt in zip(("d_q", "d_w", "d_k"), got, want, (dtype, jnp.float32, dtype), strict=True):
+        assert g.dtype == dt, name
+        bound = max(tol, 2e-3) if impl == "pallas" else tol
+        assert rel_err(g, ref) < bound, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_indexer_topk_chunked_selects_the_best_keys(impl):
     q, w, k, pos = _indexer_inputs(1, 2, 37, 53, 4, 16, jnp.float32)
     scores = indexer_scores_reference(q, w, k, pos)
@@ -245,19 +269,39 @@ def test_combine_splits_handles_empty_splits():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_sparse_gradients_equal_reference_gradients(impl):
+@pytest.mark.parametrize("dtype,tol,shape", [(jnp.float32, 1e-5, s) for s in SPARSE_SHAPES]
+                         + [(jnp.bfloat16, 3e-2, SPARSE_SHAPES[1])])
+def test_sparse_backward_kernel_equals_reference_gradients(impl, dtype, tol, shape):
+    """The Pallas backward (d_q per query, d_kv by atomic scatter) against autodiff of the float32 reference, for
+    a random cotangent. Keys selected by several queries (the scatter must accumulate), -1 slots, a query with no
+    valid slot, padded heads and widths."""
+    q, kv, idx = _sparse_inputs(5, *shape, dtype)
+    value_dim = shape[4]
+    d_out = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape[:3] + (value_dim,)), dtype)
+    ids = np.asarray(idx)
+    assert max(np.bincount(ids[b][ids[b] >= 0]).max() for b in range(shape[0])) > 1
+    with jax.default_matmul_precision("highest"):
+        _, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, idx, scale=0.3, value_dim=value_dim),
+                         q.astype(jnp.float32), kv.astype(jnp.float32))
+        want_q, want_kv = vjp(d_out.astype(jnp.float32))
+        _, vjp = jax.vjp(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.3, value_dim=value_dim,
+                                                           **_flags(impl)), q, kv)
+        got_q, got_kv = vjp(d_out)
+    assert got_q.dtype == got_kv.dtype == dtype
+    assert np.all(np.asarray(got_q[:, 0], np.float32) == 0)  # the query with no valid slot
+    tol = max(tol, 2e-3) if impl == "pallas" else tol
+    assert rel_err(got_q, want_q) < tol and rel_err(got_kv, want_kv) < tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_gradients_pass_a_finite_difference_check(impl):
     q, kv, idx = _sparse_inputs(3, 1, 4, 12, 3, 8, 4, 5, jnp.float32)
 
-    def loss(fn):
-        return lambda q_, kv_: jnp.sum(jnp.sin(fn(q_, kv_, idx, scale=0.5, value_dim=8)))
+    def loss(q_, kv_):
+        return jnp.sum(jnp.sin(sparse_mla_pallas(q_, kv_, idx, scale=0.5, value_dim=8, **_flags(impl))))
 
     with jax.default_matmul_precision("highest"):
-        want = jax.grad(loss(sparse_mla_reference), (0, 1))(q, kv)
-        got = jax.grad(loss(lambda *a, **kw: sparse_mla_pallas(*a, **kw, **_flags(impl))), (0, 1))(q, kv)
-        for g, w in zip(got, want, strict=True):
-            assert rel_err(g, w) < 1e-5
-        jax.test_util.check_grads(lambda q_, kv_: loss(lambda *a, **kw: sparse_mla_pallas(
-            *a, **kw, **_flags(impl)))(q_, kv_), (q, kv), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+        jax.test_util.check_grads(loss, (q, kv), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 # ---- dispatch and the model --------------------------------------------------------------------------------------
@@ -282,7 +326,13 @@ def test_model_with_fp8_indexer_equals_reference_and_stays_near_bf16_selection(s
     with jax.default_matmul_precision("highest"):
         want = forward(small_params, tokens, "FSFS", config=fp8_config, impl="reference")
         got = forward(small_params, tokens, "FSFS", config=fp8_config, impl=impl)
-        unquantised = forward(small_params, tokens, "FSFS", config=small_config, impl="reference")
+        chosen_fp8 = np.asarray(layer_indices(small_params, tokens, "FSFS", config=fp8_config, impl="reference"))
+        chosen = np.asarray(layer_indices(small_params, tokens, "FSFS", config=small_config, impl="reference"))
     assert rel_err(got, want) < (1e-5 if impl == "interpret" else 2e-3)
-    # fp8 scores change a few selections: the logits move (6.6% here), but not like a broken selection would.
-    assert 1e-3 < rel_err(want, unquantised) < 0.2
+    # fp8 scores change some selections (near-ties among a top-4), but keep most: per query, the share of the
+    # unquantised selection that fp8 keeps was 0.99 at 11 tokens and 0.84 at 64 (a random top-4 keeps ~0.15).
+    # The logits are not the measure: one changed key moves them far in a 4-layer model (51% at 64 tokens).
+    kept = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum())
+            for a, b in zip(chosen_fp8.reshape(-1, chosen.shape[-1]), chosen.reshape(-1, chosen.shape[-1]),
+                            strict=True)]
+    assert 0.75 < np.mean(kept) < 1.0

@@ -1,0 +1,130 @@
+"""Time the backward kernels (training) on the GPU against autodiff of the XLA references, at DeepSeek-V3.2 shapes.
+
+  sparse   forward + backward of sparse MLA for `--sparse-queries` queries x 2048 slots (128 heads, latent 512 + 64)
+           over a context of S keys; bf16. TFLOP/s over the backward's matmul FLOPs, 2·H·K·(3·576 + 2·512) per query
+           (logits recomputed, dP, d_q, d_kv's key and value parts), and the tile variants of `--sweep`.
+  scores   forward + backward of the indexer scores (64 heads x 128) for T = S causal queries; bf16. TFLOP/s over
+           the backward's matmul FLOPs on the visible pairs: 4 dots of 2·G·I each (logits recomputed by both
+           kernels, d_q, d_k). The reference keeps the [T, S, G] logits, so it runs only up to `--reference-max`.
+Median of `--repeats` timed calls after a warm-up; random normal inputs and cotangents.
+
+    python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench_kernels import rel_err, timed  # noqa: E402
+from pallas_kernels.indexer import indexer_scores_trainable  # noqa: E402
+from pallas_kernels.indexer_reference import indexer_scores_reference  # noqa: E402
+from pallas_kernels.sparse_attention import Tiles, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.sparse_attention_reference import sparse_mla_reference  # noqa: E402
+
+G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
+BF16 = jnp.bfloat16
+
+
+def grad_fn(forward):
+    """(inputs..., cotangent) -> gradients of <forward(inputs), cotangent>, jitted."""
+    def loss(*args):
+        *inputs, cotangent = args
+        return jnp.sum(forward(*inputs).astype(jnp.float32) * cotangent)
+    return jax.jit(lambda *args: jax.grad(loss, argnums=tuple(range(len(args) - 1)))(*args))
+
+
+def bench_sparse(s: int, args) -> dict:
+    keys = jax.random.split(jax.random.key(s), 4)
+    nq = args.sparse_queries
+    q = jax.random.normal(keys[0], (1, nq, H, R + P), BF16)
+    kv = jax.random.normal(keys[1], (1, s, R + P), BF16)
+    # Neighbouring queries of a real prefill share most of their selection: draw each query's slots from a window
+    # of 4K keys around its position (unique, sorted), so the scatter into d_kv collides as it would in training.
+    centre = jnp.linspace(2 * K, s - 1, nq).astype(jnp.int32)[:, None]  # centre - window >= 0: no repeats
+    window = jax.vmap(lambda kk: jax.random.permutation(kk, 2 * K)[:K])(jax.random.split(keys[2], nq))
+    idx = jnp.sort(jnp.clip(centre - window, 0, s - 1), axis=-1)[None].astype(jnp.int32)
+    d_out = jax.random.normal(keys[3], (1, nq, H, R), jnp.float32)
+    flops = 2.0 * nq * H * K * (3 * (R + P) + 2 * R)
+    out = {"context": s, "queries": nq}
+    variants = [("default", Tiles())] + [
+        (f"bk{bk}_bh{bh}_w{w}", Tiles(backward_block_k=bk, backward_block_h=bh, backward_num_warps=w))
+        for bk, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 8), (64, 16, 8), (16, 32, 4), (32, 64, 8))] * args.sweep
+    forward_only = jax.jit(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.07, value_dim=R))
+    t_fwd = timed(forward_only, q, kv, repeats=args.repeats)
+    out["forward_ms"] = t_fwd * 1e3
+    for name, tiles in variants:
+        fn = grad_fn(lambda q_, kv_, tiles=tiles: sparse_mla_pallas(q_, kv_, idx, scale=0.07, value_dim=R,
+                                                                     tiles=tiles))
+        try:
+            t = timed(fn, q, kv, d_out, repeats=args.repeats) - t_fwd
+            out[f"backward_ms_{name}"] = t * 1e3
+            out[f"backward_tflops_{name}"] = flops / t / 1e12
+        except Exception as err:  # noqa: BLE001
+            out[f"backward_ms_{name}"] = f"{type(err).__name__}: {str(err)[:120]}"
+    ref = grad_fn(lambda q_, kv_: sparse_mla_reference(q_, kv_, idx, scale=0.07, value_dim=R))
+    out["reference_backward_ms"] = (timed(ref, q, kv, d_out, repeats=args.repeats) - t_fwd) * 1e3
+    got = grad_fn(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.07, value_dim=R))(q, kv, d_out)
+    want = ref(q.astype(jnp.float32), kv.astype(jnp.float32), d_out)
+    out["rel_err_d_q"], out["rel_err_d_kv"] = (rel_err(g, w) for g, w in zip(got, want, strict=True))
+    return out
+
+
+def bench_scores(t: int, args) -> dict:
+    keys = jax.random.split(jax.random.key(t), 4)
+    q = jax.random.normal(keys[0], (1, t, G, I), BF16)
+    w = jax.random.normal(keys[1], (1, t, G), jnp.float32) * G ** -0.5
+    k = jax.random.normal(keys[2], (1, t, I), BF16)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    d_scores = jax.random.normal(keys[3], (1, t, t), jnp.float32)
+    pairs = t * (t + 1) / 2
+    out = {"length": t}
+    t_fwd = timed(jax.jit(lambda *a: indexer_scores_trainable(*a, pos)), q, w, k, repeats=args.repeats)
+    out["forward_ms"] = t_fwd * 1e3
+    mine = grad_fn(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos))
+    tb = timed(mine, q, w, k, d_scores, repeats=args.repeats) - t_fwd
+    out["backward_ms"], out["backward_tflops"] = tb * 1e3, 4 * 2.0 * G * I * pairs / tb / 1e12
+    if t <= args.reference_max:
+        # finite cotangent only where the forward is finite: the reference's where() passes 0 to -inf entries
+        ref = grad_fn(lambda q_, w_, k_: indexer_scores_reference(q_, w_, k_, pos))
+        t_ref = timed(jax.jit(lambda *a: indexer_scores_reference(*a, pos)), q, w, k, repeats=args.repeats)
+        out["reference_backward_ms"] = (timed(ref, q, w, k, d_scores, repeats=args.repeats) - t_ref) * 1e3
+        got = mine(q, w, k, d_scores)
+        with jax.default_matmul_precision("highest"):
+            want = ref(q.astype(jnp.float32), w, k.astype(jnp.float32), d_scores)
+        out["rel_err_d_q"], out["rel_err_d_w"], out["rel_err_d_k"] = (
+            rel_err(g, r) for g, r in zip(got, want, strict=True))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
+    parser.add_argument("--sparse-queries", type=int, default=1024)
+    parser.add_argument("--scores-lengths", type=int, nargs="*", default=[4096, 8192])
+    parser.add_argument("--reference-max", type=int, default=4096)
+    parser.add_argument("--sweep", action="store_true", help="also time backward tile variants of sparse MLA")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "sparse": [], "scores": []}
+    for s in args.contexts:
+        results["sparse"].append(bench_sparse(s, args))
+        print(json.dumps(results["sparse"][-1]), flush=True)
+    for t in args.scores_lengths:
+        results["scores"].append(bench_scores(t, args))
+        print(json.dumps(results["scores"][-1]), flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
