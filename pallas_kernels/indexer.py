@@ -9,7 +9,8 @@ diagonal are written as -inf without any arithmetic. Shapes as in `indexer_refer
 
 `indexer_topk_pallas` chunks the queries so that one chunk's scores ([B, chunk, S] fp32) stay under a memory
 budget, scores each chunk with this kernel and selects with `topk.topk_pallas`, which stops each row at its
-causal length.
+causal length. `indexer_scores_trainable` is the scores kernel with its backward (`indexer_backward`), for the
+losses that differentiate the scores.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
 def indexer_scores_trainable(q, w, k, q_positions, interpret: bool = False):
     """`indexer_scores_pallas` (bf16 or fp32 inputs) with a Pallas backward (`indexer_backward`): differentiable
     in q, w and k without ever storing the per-head logits [B,T,S,G] that autodiff of the reference keeps."""
-    return indexer_scores_pallas(q, w, k, q_positions, interpret=interpret)
+    return _trainable_fwd(q, w, k, q_positions, interpret)[0]
 
 
 def _trainable_fwd(q, w, k, q_positions, interpret):

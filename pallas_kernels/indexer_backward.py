@@ -77,9 +77,10 @@ def _key_side_kernel(q_ref, w_ref, k_ref, pos_ref, d_ref, d_k_ref, *, block_q, b
         positions = pos_ref[i]
 
         def add_tile(d_k):
-            grad_t, _, _ = _tile_terms(keys, q_ref[i], w_ref[i], d_ref[pl.ds(i * block_q, block_q), :],
+            q_rows = q_ref[i]  # one load for the logits and the d_k product
+            grad_t, _, _ = _tile_terms(keys, q_rows, w_ref[i], d_ref[pl.ds(i * block_q, block_q), :],
                                        positions, first_key, block_q=block_q, heads=heads, precision=precision)
-            return d_k + lax.dot_general(grad_t, q_ref[i], _MATMUL, preferred_element_type=jnp.float32,
+            return d_k + lax.dot_general(grad_t, q_rows, _MATMUL, preferred_element_type=jnp.float32,
                                          precision=precision)
 
         # Query tiles that see none of these keys (all of them above the diagonal, in causal prefill) add nothing.

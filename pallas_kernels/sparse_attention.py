@@ -10,8 +10,9 @@ tensor-core minimum of 16; non-power-of-two widths are zero-padded (zeros change
 Decode has one query per sequence, too little work for a GPU: its slots are split across `num_splits` programs
 that each return a partial result and its log-sum-exp, combined afterwards (the split-K "flash decoding" scheme).
 
-Gradients (`jax.custom_vjp`): the forward saves each head's log-sum-exp, and `sparse_attention_backward` rebuilds the
-probabilities from it (no recomputed forward). Shapes as in `sparse_attention_reference`.
+Gradients (`jax.custom_vjp`): the forward saves its output and each head's log-sum-exp; the two kernels of
+`sparse_attention_backward` recompute the logits and turn them into probabilities with the saved log-sum-exp (no
+second online softmax). Shapes as in `sparse_attention_reference`.
 """
 
 from __future__ import annotations
