@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._blocking import map_query_blocks
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels._triton_ops import fp8_dot_nt
 from pallas_kernels.indexer_backward import indexer_scores_backward_call
 from pallas_kernels.indexer_reference import quantize_fp8
 from pallas_kernels.topk import topk_pallas
@@ -51,8 +52,11 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
         def head_group(g, acc):
             # logits^T [block_k, block_q*hg]: the head sum runs along the accumulator's columns, which a warp
             # holds (shuffles), instead of along its rows, which span warps (a trip through shared memory).
-            logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32, precision=precision)
+            if keys.dtype == jnp.float8_e4m3fn:  # the plain dot misses Hopper's fp8 tensor cores (_triton_ops)
+                logits = fp8_dot_nt(keys, q_ref[g])
+            else:
+                logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32, precision=precision)
             weighted = jnp.maximum(logits, 0.0) * w_ref[g].astype(jnp.float32)[None, :]
             if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
                 weighted = logits

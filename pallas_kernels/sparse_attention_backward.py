@@ -10,9 +10,9 @@ the token's slots, rebuilt from its log-sum-exp lse; dO the output's cotangent; 
 Two kernels, each walking a token's slots block_k at a time and gathering the latent rows inside the kernel like
 the forward. The d_q kernel (one program per token and head block) keeps d_q in registers. d_kv is a scatter: many
 tokens select the same key, so the d_kv kernel (one program per token) sums a slot block's contribution over all
-heads, block_h at a time, and adds it into an fp32 [B, S+1, L] buffer with one atomic add. Both rebuild the
-probabilities: a second pass of matmuls costs less than per-head-block atomics (measured on an H100: a single
-kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink for -1 slots,
+heads, block_h at a time, and adds it into an fp32 [B, S+1, L] buffer with one relaxed atomic add (`_triton_ops`).
+Both rebuild the probabilities: a second pass of matmuls costs less than per-head-block atomics (measured on an
+H100: a single kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink for -1 slots,
 so that no slot adds into a real row twice within one atomic call (the interpreter applies an indexed add as one
 gather-then-set, which would drop a duplicate; the top-k convention has no other repeated ids).
 """
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._pallas import compiler_params, load
+from pallas_kernels._triton_ops import atomic_add_relaxed
 
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))
@@ -119,8 +119,8 @@ def _d_kv_kernel(q_ref, kv_ref, idx_ref, d_out_ref, lse_ref, delta_ref, _d_kv_ze
         init = (jnp.zeros((block_k, value_dim), jnp.float32), jnp.zeros((block_k, rope_dim), jnp.float32))
         d_nope, d_rope = lax.fori_loop(0, q_ref.shape[0] // block_h, head_block, init)
         sink = jnp.where(ids >= 0, ids, num_keys)
-        pltriton.atomic_add(d_kv_ref, (sink[:, None], slots.nope_cols[None, :]), d_nope)
-        pltriton.atomic_add(d_kv_ref, (sink[:, None], slots.rope_cols[None, :]), d_rope)
+        atomic_add_relaxed(d_kv_ref, (sink[:, None], slots.nope_cols[None, :]), d_nope)
+        atomic_add_relaxed(d_kv_ref, (sink[:, None], slots.rope_cols[None, :]), d_rope)
         return 0
 
     lax.fori_loop(0, idx_ref.shape[0] // block_k, slot_block, 0)
@@ -151,8 +151,8 @@ def sparse_backward_call(q, kv, indices, d_out, lse, delta, *, scale: float, val
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret, compiler_params=params, name="sparse_mla_backward_q",
     )(q, kv, indices, d_out, lse, delta)
-    # d_kv: one program per token sums every head's contribution to a slot block before one atomic add, so the
-    # atomics (which bound this pass) are per token, not per head block.
+    # d_kv: one program per token sums every head's contribution to a slot block before one (relaxed) atomic add,
+    # so the atomics are per token, not per head block.
     d_kv = pl.pallas_call(
         functools.partial(_d_kv_kernel, block_h=block_h, **common),
         grid=(num_q, batch),

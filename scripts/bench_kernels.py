@@ -141,7 +141,7 @@ def check_fp8_and_long_rows(key) -> list[str]:
     got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale))
     finite = np.isfinite(ref)
     err = rel_err(got[finite], ref[finite])
-    ok = err < 1e-4 and bool((np.isfinite(got) == finite).all())
+    ok = err < 3e-4 and bool((np.isfinite(got) == finite).all())  # fp8 tensor cores' narrower accumulator
     _print_row(("fp8", "e4m3", (b, t, s, g, i), err, ok))
     if not ok:
         failures.append(f"fp8 scores: err {err:.2e}")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from conftest import rel_err
 from indexcache_jax import forward, layer_indices
 from pallas_kernels import dispatch
+from pallas_kernels._triton_ops import reaches_fast_forms
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_scores_trainable, indexer_topk_pallas
 from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference, quantize_fp8
 from pallas_kernels.sparse_attention import combine_splits, sparse_mla_decode_pallas, sparse_mla_pallas
@@ -198,14 +199,22 @@ def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, sh
     got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale, **_flags(impl)))
     finite = np.isfinite(want)
     assert (np.isfinite(got) == finite).all()
-    # Products of e4m3 values are exact in fp32: only the summation order differs.
-    assert rel_err(got[finite], want[finite]) < 1e-5
+    # Products of e4m3 values are exact in fp32, so interpret mode differs only in summation order. The GPU's fp8
+    # tensor cores sum each 128-product chain in an accumulator narrower than fp32 (_triton_ops): 4.4e-5 measured on an
+    # H100 at this test's shapes.
+    assert rel_err(got[finite], want[finite]) < (3e-4 if impl == "pallas" else 1e-5)
     # Against unquantised fp32 scores: e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per input);
     # independent roundings average out to ~3.5% of the scores' norm on random data.
     exact = np.asarray(indexer_scores_reference(q, w, k, pos))
     assert rel_err(want[finite], exact[finite]) < 0.06
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         indexer_scores_pallas(q, w8, k, pos, k_scale, **_flags(impl))
+
+
+def test_fast_triton_lowerings_are_reached_on_this_jax():
+    # The fp8 tensor-core dot and the relaxed atomic add hook into private Pallas Triton modules (_triton_ops); a
+    # jax release that moves them would fall back, silently, to the slow public forms. This fails instead.
+    assert reaches_fast_forms() == {"fp8_dot_nt": True, "atomic_add_relaxed": True}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
