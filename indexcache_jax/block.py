@@ -54,9 +54,10 @@ class DSABlock(nnx.Module):
         # it, and it never trains anything but the indexer.
         x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
         kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x_in, ctx.rope)
+        key_scales = None  # with an fp8 key cache: the keys come quantised, one scale per token
         if cache is not None:  # attend over everything cached so far, this step's tokens included
             cache = cache.append(ctx.write_offsets, kv_rows, index_keys)
-            kv_rows, index_keys = cache.latent, cache.index_keys
+            kv_rows, index_keys, key_scales = cache.latent, cache.index_keys, cache.index_key_scales
 
         if ctx.attention == "dense":
             if distill is None:
@@ -75,7 +76,7 @@ class DSABlock(nnx.Module):
                 indices, distill = carry
                 q, w = self.indexer.queries(q_in, x_in, ctx.rope)
                 indices = select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl,
-                                       fp8=self.indexer.config.indexer_fp8)
+                                       fp8=self.indexer.config.indexer_fp8, key_scales=key_scales)
                 if distill is not None:
                     distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices))
                 return indices, distill

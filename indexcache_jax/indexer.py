@@ -71,10 +71,12 @@ class LightningIndexer(nnx.Module):
         return masked_log_softmax(scores, indices >= 0)
 
 
-def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None, fp8: bool = False):
+def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None, fp8: bool = False, key_scales=None):
     """Top-k of the indexer scores of q [B,T,G,I], w [B,T,G], keys [B,S,I] -> int32[B,T,topk] (fp8: scored with
-    fp8-quantised inputs, see `ModelConfig.indexer_fp8`)."""
+    fp8-quantised inputs, see `ModelConfig.indexer_fp8`; key_scales f32[B,S]: keys already fp8, from the cache)."""
     # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define no
     # JVP: cut the graph here so that differentiating the model never tries to differentiate them.
-    q, w, keys = jax.lax.stop_gradient((q, w, keys.astype(q.dtype)))
-    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl, fp8=fp8)
+    if key_scales is None:
+        keys = keys.astype(q.dtype)
+    q, w, keys = jax.lax.stop_gradient((q, w, keys))
+    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl, fp8=fp8, k_scale=key_scales)

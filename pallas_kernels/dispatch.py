@@ -40,15 +40,18 @@ def resolve_impl(impl: Optional[str]) -> str:
     return impl
 
 
-def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None, fp8: bool = False):
+def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None, fp8: bool = False, k_scale=None):
     """Indexer scores + top-k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].
-    fp8: score with fp8-quantised inputs (`indexer_reference.quantize_fp8`), in every implementation."""
+    fp8: score with fp8-quantised inputs (`indexer_reference.quantize_fp8`), in every implementation; k_scale
+    f32[B,S]: the keys are already fp8 (an fp8 key cache) and only the queries are quantised."""
     impl = resolve_impl(impl)
     if impl != "reference":
-        return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret", fp8=fp8)
+        return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret", fp8=fp8,
+                                   k_scale=k_scale)
     if q.shape[1] == 1:
-        return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk, fp8=fp8)[:, None]
-    return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8)
+        return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk, fp8=fp8,
+                                             k_scale=k_scale)[:, None]
+    return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8, k_scale=k_scale)
 
 
 def indexer_scores(q, w, k, q_positions, *, impl: Optional[str] = None):

@@ -27,7 +27,7 @@ from pallas_kernels._blocking import map_query_blocks
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
 from pallas_kernels._triton_ops import fp8_dot_nt
 from pallas_kernels.indexer_backward import indexer_scores_backward_call
-from pallas_kernels.indexer_reference import quantize_fp8
+from pallas_kernels.indexer_reference import scored_inputs
 from pallas_kernels.topk import topk_pallas
 
 
@@ -193,14 +193,13 @@ indexer_scores_trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
 def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False, fp8: bool = False,
-                        chunk_bytes: int = 1 << 30):
+                        k_scale=None, chunk_bytes: int = 1 << 30):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk] (the top-k convention).
-    fp8: quantise the inputs (`indexer_reference.quantize_fp8`) and score on fp8 tensor cores.
+    fp8: quantise the inputs (`indexer_reference.quantize_fp8`) and score on fp8 tensor cores; k_scale f32[B,S]:
+    k is already fp8 (an fp8 key cache) and only the queries are quantised (`indexer_reference.scored_inputs`).
 
     Queries go in chunks whose fp32 scores take at most chunk_bytes ([B, chunk, S])."""
-    k_scale = None
-    if fp8:
-        q, w, k, k_scale = quantize_fp8(q, w, k)
+    q, w, k, k_scale = scored_inputs(q, w, k, fp8=fp8, k_scale=k_scale)
     batch, num_q = q.shape[:2]
     num_keys = k.shape[1]
     chunk = max(1, min(num_q, chunk_bytes // (4 * batch * num_keys)))

@@ -30,12 +30,32 @@ def _quantize_rows(x):
     return (x / scale[..., None]).astype(jnp.float8_e4m3fn), scale
 
 
+def quantize_fp8_keys(k):
+    """Indexer keys k [..., S, I] -> (k8 float8_e4m3fn [..., S, I], k_scale f32[..., S]). Per row, so a key cache
+    can quantise each token once, when it is written, and get what quantising the whole cache would give."""
+    return _quantize_rows(k)
+
+
+def quantize_fp8_queries(q, w):
+    """Indexer queries q [B,T,G,I] and head weights w [B,T,G] -> (q8 [B,T,G,I], w * q_scale f32[B,T,G])."""
+    q8, q_scale = _quantize_rows(q)
+    return q8, w.astype(jnp.float32) * q_scale
+
+
 def quantize_fp8(q, w, k):
     """Indexer inputs to fp8 with per-row scales: q [B,T,G,I], w [B,T,G], k [B,S,I] ->
     (q8 [B,T,G,I], w * q_scale f32[B,T,G], k8 [B,S,I], k_scale f32[B,S])."""
-    q8, q_scale = _quantize_rows(q)
-    k8, k_scale = _quantize_rows(k)
-    return q8, w.astype(jnp.float32) * q_scale, k8, k_scale
+    return (*quantize_fp8_queries(q, w), *quantize_fp8_keys(k))
+
+
+def scored_inputs(q, w, k, *, fp8: bool = False, k_scale=None):
+    """The indexer's inputs as the scores see them -> (q, w, k, k_scale or None): unchanged; quantised (fp8); or,
+    with k_scale given, keys already fp8 (a cache written with `quantize_fp8_keys`) and only q and w quantised."""
+    if k_scale is None:
+        return quantize_fp8(q, w, k) if fp8 else (q, w, k, None)
+    if k.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"k_scale means fp8 keys (float8_e4m3fn), got keys of dtype {k.dtype}")
+    return (*quantize_fp8_queries(q, w), k, k_scale)
 
 
 def indexer_scores_reference(q, w, k, q_positions, k_scale=None):
@@ -52,15 +72,14 @@ def indexer_scores_reference(q, w, k, q_positions, k_scale=None):
     return jnp.where(visible, scores, -jnp.inf)
 
 
-def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 128, fp8: bool = False):
+def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 128, fp8: bool = False,
+                           k_scale=None):
     """Top-k key ids per query: q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].
-    fp8: score with the fp8-quantised inputs (`quantize_fp8`).
+    fp8: score with the fp8-quantised inputs (`quantize_fp8`); k_scale f32[B,S]: k is already fp8 (`scored_inputs`).
 
     Blocked over queries so that at most [B, block_q, S, G] logits exist at once, never [B, T, S, G].
     """
-    k_scale = None
-    if fp8:
-        q, w, k, k_scale = quantize_fp8(q, w, k)
+    q, w, k, k_scale = scored_inputs(q, w, k, fp8=fp8, k_scale=k_scale)
 
     def one_block(q_blk, w_blk, pos_blk):
         return topk_reference(indexer_scores_reference(q_blk, w_blk, k, pos_blk, k_scale), topk)
@@ -69,10 +88,8 @@ def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 12
     return map_query_blocks(one_block, block_q, (q, w, q_positions), fills=(0, 0, -1))
 
 
-def indexer_topk_decode_reference(q, w, k, q_positions, *, topk: int, fp8: bool = False):
+def indexer_topk_decode_reference(q, w, k, q_positions, *, topk: int, fp8: bool = False, k_scale=None):
     """Decode, one new token per row: q [B,G,I], w [B,G], k [B,S,I], q_positions int[B] -> int32[B,topk]."""
-    k_scale = None
-    if fp8:
-        q, w, k, k_scale = quantize_fp8(q, w, k)
+    q, w, k, k_scale = scored_inputs(q, w, k, fp8=fp8, k_scale=k_scale)
     scores = indexer_scores_reference(q[:, None], w[:, None], k, q_positions[:, None], k_scale)
     return topk_reference(scores, topk)[:, 0]

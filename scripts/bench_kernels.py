@@ -17,7 +17,8 @@ Median of `--repeats` timed calls after a warm-up; inputs are random normal, nev
 
     python scripts/bench_kernels.py --check                       # correctness on the GPU only
     python scripts/bench_kernels.py --contexts 8192 32768 65536 131072
-    python scripts/bench_kernels.py --sweep topk fp8 --contexts 32768  # tile variants
+    python scripts/bench_kernels.py --sweep topk fp8 --contexts 32768  # tile variants (fp8: also the decode
+                                                                      # indexer over an fp8 key cache)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
-from pallas_kernels.indexer_reference import indexer_scores_reference, quantize_fp8  # noqa: E402
+from pallas_kernels.indexer_reference import (indexer_scores_reference, quantize_fp8,  # noqa: E402
+                                              quantize_fp8_keys)
 from pallas_kernels.sparse_attention import Tiles, sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
                                                        sparse_mla_reference)
@@ -275,6 +277,23 @@ def sweep(args, key) -> None:
                   f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
         except Exception as err:  # noqa: BLE001
             print(f"sweep scores fp8 {rows} {bk} {warps} {stages}: {type(err).__name__}", flush=True)
+    if "fp8" in args.sweep:  # decode: the indexer of one new token per row over an fp8 key cache or a bf16 one
+        bd = args.decode_batch
+        kd = jax.random.normal(ks[4], (bd, s, I), BF16)
+        qd = jax.random.normal(ks[5], (bd, 1, G, I), BF16)
+        wd = jax.random.normal(ks[6], (bd, 1, G), jnp.float32)
+        posd = jnp.full((bd, 1), s - 1, jnp.int32)
+        kd8, kd_scale = quantize_fp8_keys(kd)
+        for name, fn, args_ in (
+                ("bf16 keys", lambda a, b, c, d: indexer_topk_pallas(a, b, c, d, topk=K), (qd, wd, kd, posd)),
+                ("bf16 keys quantised at each call", lambda a, b, c, d: indexer_topk_pallas(a, b, c, d, topk=K,
+                                                                                           fp8=True),
+                 (qd, wd, kd, posd)),
+                ("fp8 key cache", lambda a, b, c, d, e: indexer_topk_pallas(a, b, c, d, topk=K, k_scale=e),
+                 (qd, wd, kd8, posd, kd_scale))):
+            t = timed(jax.jit(fn), *args_, repeats=args.repeats * 4)
+            print(f"sweep decode indexer B={bd} S={s}, {name}: {t * 1e6:.0f} us", flush=True)
+        del kd, kd8
     if "fp8" in args.sweep:  # ablation: what the ReLU + head weights cost, bf16 vs fp8 tensor-core inputs
         for name, args_ in (("bf16", (q, w, k, pos, None)), ("fp8", (q8, w8, k8, pos, k_scale))):
             for epilogue in ("relu_weighted_sum", "sum"):
@@ -302,7 +321,8 @@ def sweep(args, key) -> None:
     idx = jnp.sort(jax.random.randint(ks[0], (1, nq, K), 0, s), axis=-1).astype(jnp.int32)
     sflops = 2.0 * nq * H * K * (R + P + R)
     for bk, bh, warps in ((32, 64, 8), (64, 64, 8), (16, 64, 8), (32, 32, 4), (64, 32, 4), (32, 128, 8),
-                          (64, 64, 4), (32, 64, 16)):
+                          (64, 64, 4), (32, 64, 16), (64, 16, 4), (32, 16, 4), (128, 16, 4), (128, 32, 8),
+                          (64, 32, 8)):
         fn = jax.jit(lambda a, b, c, bk=bk, bh=bh, warps=warps: sparse_mla_pallas(
             a, b, c, scale=0.07, value_dim=R, tiles=Tiles(block_k=bk, block_h=bh, num_warps=warps)))
         try:
@@ -317,7 +337,8 @@ def sweep(args, key) -> None:
     idxd = jnp.sort(jax.random.randint(ks[3], (bd, K), 0, s), axis=-1).astype(jnp.int32)
     dbytes = bd * (K * (R + P) * 2 + K * 4 + H * (R + P) * 2 + H * R * 2)
     for bk, bh, warps, splits in ((32, 64, 8, 0), (64, 64, 8, 0), (32, 64, 8, 1), (32, 64, 8, 4), (32, 32, 4, 0),
-                                  (64, 128, 8, 0), (32, 64, 16, 0)):
+                                  (64, 128, 8, 0), (32, 64, 16, 0), (64, 32, 4, 0), (16, 32, 4, 0), (32, 16, 4, 0),
+                                  (16, 16, 4, 0), (64, 16, 4, 0), (32, 32, 4, 4), (32, 32, 4, 8), (32, 32, 2, 0)):
         fn = jax.jit(lambda a, b, c, bk=bk, bh=bh, warps=warps, sp=splits: sparse_mla_decode_pallas(
             a, b, c, scale=0.07, value_dim=R, block_k=bk, block_h=bh, num_warps=warps, num_splits=sp))
         try:

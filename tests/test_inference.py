@@ -1,6 +1,8 @@
 """prefill / decode_step / generate: incremental decoding reproduces a full forward pass, batching conventions
 hold, sampling is what it says, and capacity and vocabulary errors are loud."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +19,18 @@ def sequences(small_config):
     return jax.random.randint(jax.random.key(11), (2, 16), 0, small_config.vocab_size)
 
 
+@pytest.mark.parametrize("fp8", [False, True])  # fp8: the cache holds fp8 indexer keys, quantised when written
 @pytest.mark.parametrize("pattern", ["FFFF", "FSSS"])  # all Full, and retention 1/4
-def test_decode_after_prefill_matches_full_forward_token_by_token(small_config, small_params, sequences, pattern):
+def test_decode_after_prefill_matches_full_forward_token_by_token(small_config, small_params, sequences, pattern,
+                                                                 fp8):
+    small_config = dataclasses.replace(small_config, indexer_fp8=fp8)
     full = np.asarray(forward(small_params, sequences, pattern, config=small_config))  # [2,16,V]
     lengths = np.array([9, 5])  # different prompt lengths in one right-padded batch
     prompts = np.where(np.arange(16)[None] < lengths[:, None], np.asarray(sequences), 0)[:, :9]
     cache = init_cache(small_config, 2, 24)
+    keys = cache.segments[0]
+    assert keys.index_keys.dtype == (jnp.float8_e4m3fn if fp8 else small_config.compute_dtype)
+    assert (keys.index_key_scales is not None) == fp8
     logits, cache = prefill(small_params, prompts, cache, pattern, config=small_config, lengths=lengths)
     errors = [rel_err(logits[b], full[b, lengths[b] - 1]) for b in range(2)]
     for step in range(16 - lengths.max()):

@@ -226,6 +226,18 @@ def test_fp8_indexer_topk_selects_the_best_fp8_keys(impl):
     _selection_is_best(got, scores, 8, slack=1e-5)
     same = np.asarray(got) == np.asarray(dispatch.indexer_topk(q, w, k, pos, topk=8, impl="reference", fp8=True))
     assert same.mean() > 0.99  # equal but for near-ties (summation order)
+    # Keys quantised beforehand (an fp8 key cache, one scale per token) select exactly what quantising at the call
+    # does: the quantisation is per key row. Decode-shaped queries take the reference's decode path.
+    for impl_ in (impl, "reference"):
+        at_call = dispatch.indexer_topk(q, w, k, pos, topk=8, impl=impl_, fp8=True)
+        np.testing.assert_array_equal(dispatch.indexer_topk(q, w, k8, pos, topk=8, impl=impl_, k_scale=k_scale),
+                                      at_call)
+        last = (q[:, -1:], w[:, -1:])
+        np.testing.assert_array_equal(
+            dispatch.indexer_topk(*last, k8, pos[:, -1:], topk=8, impl=impl_, k_scale=k_scale),
+            dispatch.indexer_topk(*last, k, pos[:, -1:], topk=8, impl=impl_, fp8=True))
+        with pytest.raises(ValueError, match="k_scale means fp8 keys"):
+            dispatch.indexer_topk(q, w, k, pos, topk=8, impl=impl_, k_scale=k_scale)
 
 
 # ---- sparse MLA --------------------------------------------------------------------------------------------------
