@@ -23,22 +23,17 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench_kernels import BF16, H, K, P, R, scores_inputs  # noqa: E402
 from pallas_kernels.indexer import indexer_scores_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import quantize_fp8  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
-
-G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
-BF16 = jnp.bfloat16
 
 
 def kernel_call(name: str, s: int, queries: int, batch: int):
     """(jitted function, its arguments) for the kernel called `name` at context s."""
     ks = jax.random.split(jax.random.key(0), 6)
     if name in ("scores", "scores_fp8"):
-        q = jax.random.normal(ks[0], (1, queries, G, I), BF16)
-        w = jax.random.normal(ks[1], (1, queries, G), jnp.float32)
-        k = jax.random.normal(ks[2], (1, s, I), BF16)
-        pos = (s - queries + jnp.arange(queries, dtype=jnp.int32))[None]
+        (q, w, k, pos), _ = scores_inputs(ks, s, queries)  # the benchmark's inputs: the context's last queries
         if name == "scores":
             return jax.jit(indexer_scores_pallas), (q, w, k, pos)
         q8, w8, k8, k_scale = quantize_fp8(q, w, k)
