@@ -7,10 +7,11 @@ the token's slots, rebuilt from its log-sum-exp lse; dO the output's cotangent; 
     d_q[h]    = scale * sum_j dS[h,j] kv[idx_j]      (all L = R + P dims)
     d_kv[idx_j] += scale * sum_h dS[h,j] q[h]  +  [sum_h p[h,j] dO[h], 0]   (values are the first R dims)
 
-Two kernels, each walking a token's slots block_k at a time and gathering the latent rows inside the kernel like
-the forward. The d_q kernel (one program per token and head block) keeps d_q in registers. d_kv is a scatter: many
-tokens select the same key, so the d_kv kernel (one program per token) sums a slot block's contribution over all
-heads, block_h at a time, and adds it into an fp32 [B, S+1, L] buffer with one relaxed atomic add (`_triton_ops`).
+Two kernels, each walking a token's slots block_k at a time and gathering the latent rows inside the kernel in
+column pieces like the forward (`_latent_slots`). The d_q kernel (one program per token and head block) keeps d_q
+in registers, one slice per piece. d_kv is a scatter: many tokens select the same key, so the d_kv kernel (one
+program per token) sums a slot block's contribution over all heads, block_h at a time, and adds it into an fp32
+[B, S+1, L] buffer with relaxed atomic adds (`_triton_ops`), one per piece.
 Both rebuild the probabilities: a second pass of matmuls costs less than per-head-block atomics (measured on an
 H100: a single kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink for -1 slots,
 so that no slot adds into a real row twice within one atomic call (the interpreter applies an indexed add as one
@@ -26,69 +27,55 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._pallas import compiler_params, load
+from pallas_kernels._latent_slots import LatentSlots
+from pallas_kernels._pallas import compiler_params
 from pallas_kernels._triton_ops import atomic_add_relaxed
 
 
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
 _MATMUL = (((1,), (0,)), ((), ()))
 
 
-class _Slots:
-    """One program's view of a token: its slot ids and the gathered latent rows of a block of them."""
-
-    def __init__(self, kv_ref, idx_ref, *, value_dim: int, rope_dim: int, block_k: int, num_keys: int):
-        self.kv_ref, self.idx_ref, self.block_k, self.num_keys = kv_ref, idx_ref, block_k, num_keys
-        self.nope_cols = lax.iota(jnp.int32, value_dim)
-        self.rope_cols = value_dim + lax.iota(jnp.int32, rope_dim)
-
-    def gather(self, j):
-        """Slot block j -> (ids int32[block_k], kv_nope [block_k, R], k_rope [block_k, P])."""
-        ids = self.idx_ref[pl.ds(j * self.block_k, self.block_k)]
-        rows = jnp.clip(ids, 0, self.num_keys - 1)  # -1 slots read row 0; their probabilities are 0
-        return (ids, load(self.kv_ref.at[rows[:, None], self.nope_cols[None, :]]),
-                load(self.kv_ref.at[rows[:, None], self.rope_cols[None, :]]))
-
-
-def _probs_and_grads(q_nope, q_rope, d_out, lse, delta, ids, kv_nope, k_rope, *, scale, precision):
-    """A [Hb heads, block_k slots] tile -> (p f32, dS f32), both 0 at -1 slots and for heads with lse = +inf."""
-    def dot(a, b):
-        return lax.dot_general(a, b, _CONTRACT_LAST, preferred_element_type=jnp.float32, precision=precision)
-    logits = (dot(q_nope, kv_nope) + dot(q_rope, k_rope)) * scale
-    probs = jnp.exp(jnp.where(ids[None, :] >= 0, logits, -jnp.inf) - lse[:, None])
-    return probs, probs * (dot(d_out, kv_nope) - delta[:, None])
-
-
-def _load_heads(q_ref, d_out_ref, lse_ref, delta_ref, heads, *, value_dim, rope_dim):
-    """q_nope, q_rope, d_out, lse, delta for the heads `heads` (a pl.ds) of this token."""
+def _head_stats(lse_ref, delta_ref, heads):
+    """lse and delta of the heads `heads` (a pl.ds). A head with no valid slot (lse = -inf) or a padded head
+    (lse = +inf) must get p = 0 everywhere, so both become +inf."""
     lse = lse_ref[heads]
-    # A head with no valid slot (lse = -inf) or a padded head (lse = +inf) must get p = 0 everywhere.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    return (q_ref[heads, pl.ds(0, value_dim)], q_ref[heads, pl.ds(value_dim, rope_dim)], d_out_ref[heads, :],
-            lse, delta_ref[heads])
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse), delta_ref[heads]
+
+
+def _probs_and_grads(slots, q_ref, d_out_ref, heads, lse, delta, ids, values, k_rope, *, scale, precision):
+    """A [Hb heads, block_k slots] tile -> (p f32, dS f32), both 0 at -1 slots and for heads with lse = +inf."""
+    logits = slots.dot_rows(q_ref, heads, values, k_rope, precision=precision) * scale
+    probs = jnp.exp(jnp.where(ids[None, :] >= 0, logits, -jnp.inf) - lse[:, None])
+    d_probs = slots.dot_rows(d_out_ref, heads, values, k_rope, precision=precision, with_rope=False)
+    return probs, probs * (d_probs - delta[:, None])
 
 
 def _d_q_kernel(q_ref, kv_ref, idx_ref, d_out_ref, lse_ref, delta_ref, d_q_ref, *, scale: float, value_dim: int,
                 rope_dim: int, block_k: int, num_keys: int, precision):
     # q_ref [Hb, R+P], kv_ref [S, R+P], idx_ref [K], d_out_ref [Hb, R], lse_ref/delta_ref f32[Hb], d_q_ref [Hb, R+P]
-    heads = q_ref.shape[0]
-    q_nope, q_rope, d_out, lse, delta = _load_heads(q_ref, d_out_ref, lse_ref, delta_ref, pl.ds(0, heads),
-                                                    value_dim=value_dim, rope_dim=rope_dim)
-    slots = _Slots(kv_ref, idx_ref, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k, num_keys=num_keys)
+    heads = pl.ds(0, q_ref.shape[0])
+    lse, delta = _head_stats(lse_ref, delta_ref, heads)
+    slots = LatentSlots(kv_ref, idx_ref, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k,
+                        num_keys=num_keys)
+
+    def matmul(a, b):
+        return lax.dot_general(a, b, _MATMUL, preferred_element_type=jnp.float32, precision=precision)
 
     def slot_block(j, carry):
-        d_q_nope, d_q_rope = carry
-        ids, kv_nope, k_rope = slots.gather(j)
-        _, d_logits = _probs_and_grads(q_nope, q_rope, d_out, lse, delta, ids, kv_nope, k_rope, scale=scale,
-                                       precision=precision)
-        ds = d_logits.astype(kv_nope.dtype)
-        d_q_nope += lax.dot_general(ds, kv_nope, _MATMUL, preferred_element_type=jnp.float32, precision=precision)
-        d_q_rope += lax.dot_general(ds, k_rope, _MATMUL, preferred_element_type=jnp.float32, precision=precision)
-        return d_q_nope, d_q_rope
+        d_q_values, d_q_rope = carry
+        ids, values, k_rope = slots.gather(j)
+        _, d_logits = _probs_and_grads(slots, q_ref, d_out_ref, heads, lse, delta, ids, values, k_rope,
+                                       scale=scale, precision=precision)
+        ds = d_logits.astype(kv_ref.dtype)
+        d_q_values = tuple(acc + matmul(ds, piece) for acc, piece in zip(d_q_values, values, strict=True))
+        return d_q_values, d_q_rope + matmul(ds, k_rope)
 
-    init = (jnp.zeros((heads, value_dim), jnp.float32), jnp.zeros((heads, rope_dim), jnp.float32))
-    d_q_nope, d_q_rope = lax.fori_loop(0, idx_ref.shape[0] // block_k, slot_block, init)
-    d_q_ref[:, pl.ds(0, value_dim)] = (d_q_nope * scale).astype(d_q_ref.dtype)
+    num_heads = q_ref.shape[0]
+    init = (tuple(jnp.zeros((num_heads, slots.piece), jnp.float32) for _ in slots.starts),
+            jnp.zeros((num_heads, rope_dim), jnp.float32))
+    d_q_values, d_q_rope = lax.fori_loop(0, slots.num_blocks, slot_block, init)
+    for start, acc in zip(slots.starts, d_q_values, strict=True):
+        d_q_ref[:, pl.ds(start, slots.piece)] = (acc * scale).astype(d_q_ref.dtype)
     d_q_ref[:, pl.ds(value_dim, rope_dim)] = (d_q_rope * scale).astype(d_q_ref.dtype)
 
 
@@ -96,34 +83,37 @@ def _d_kv_kernel(q_ref, kv_ref, idx_ref, d_out_ref, lse_ref, delta_ref, _d_kv_ze
                  scale: float, value_dim: int, rope_dim: int, block_k: int, block_h: int, num_keys: int, precision):
     # q_ref [H, R+P] (every head of this token), kv_ref [S, R+P], idx_ref [K], d_out_ref [H, R],
     # lse_ref/delta_ref f32[H], d_kv_ref f32[S+1, R+P] (aliased with _d_kv_zeros_ref: it starts at zero)
-    slots = _Slots(kv_ref, idx_ref, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k, num_keys=num_keys)
+    slots = LatentSlots(kv_ref, idx_ref, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k,
+                        num_keys=num_keys)
 
     def dot_t(a, b):  # a [Hb, block_k], b [Hb, X] -> a^T b [block_k, X]
         return lax.dot_general(a.T, b, _MATMUL, preferred_element_type=jnp.float32, precision=precision)
 
     def slot_block(j, _):
-        ids, kv_nope, k_rope = slots.gather(j)
+        ids, values, k_rope = slots.gather(j)
 
         def head_block(h, acc):
-            d_nope, d_rope = acc
-            q_nope, q_rope, d_out, lse, delta = _load_heads(q_ref, d_out_ref, lse_ref, delta_ref,
-                                                            pl.ds(h * block_h, block_h), value_dim=value_dim,
-                                                            rope_dim=rope_dim)
-            probs, d_logits = _probs_and_grads(q_nope, q_rope, d_out, lse, delta, ids, kv_nope, k_rope,
+            d_values, d_rope = acc
+            heads = pl.ds(h * block_h, block_h)
+            lse, delta = _head_stats(lse_ref, delta_ref, heads)
+            probs, d_logits = _probs_and_grads(slots, q_ref, d_out_ref, heads, lse, delta, ids, values, k_rope,
                                                scale=scale, precision=precision)
-            ds = d_logits.astype(q_nope.dtype)
-            d_nope += dot_t(ds, q_nope) * scale + dot_t(probs.astype(d_out.dtype), d_out)
-            d_rope += dot_t(ds, q_rope) * scale
-            return d_nope, d_rope
+            ds, probs = d_logits.astype(q_ref.dtype), probs.astype(d_out_ref.dtype)
+            d_values = tuple(acc + dot_t(ds, q_ref[heads, pl.ds(start, slots.piece)]) * scale
+                             + dot_t(probs, d_out_ref[heads, pl.ds(start, slots.piece)])
+                             for acc, start in zip(d_values, slots.starts, strict=True))
+            return d_values, d_rope + dot_t(ds, q_ref[heads, pl.ds(value_dim, rope_dim)]) * scale
 
-        init = (jnp.zeros((block_k, value_dim), jnp.float32), jnp.zeros((block_k, rope_dim), jnp.float32))
-        d_nope, d_rope = lax.fori_loop(0, q_ref.shape[0] // block_h, head_block, init)
-        sink = jnp.where(ids >= 0, ids, num_keys)
-        atomic_add_relaxed(d_kv_ref, (sink[:, None], slots.nope_cols[None, :]), d_nope)
-        atomic_add_relaxed(d_kv_ref, (sink[:, None], slots.rope_cols[None, :]), d_rope)
+        init = (tuple(jnp.zeros((block_k, slots.piece), jnp.float32) for _ in slots.starts),
+                jnp.zeros((block_k, rope_dim), jnp.float32))
+        d_values, d_rope = lax.fori_loop(0, q_ref.shape[0] // block_h, head_block, init)
+        sink = jnp.where(ids >= 0, ids, num_keys)[:, None]
+        for start, d_piece in zip(slots.starts, d_values, strict=True):
+            atomic_add_relaxed(d_kv_ref, (sink, slots.columns(start, slots.piece)[None, :]), d_piece)
+        atomic_add_relaxed(d_kv_ref, (sink, slots.columns(value_dim, rope_dim)[None, :]), d_rope)
         return 0
 
-    lax.fori_loop(0, idx_ref.shape[0] // block_k, slot_block, 0)
+    lax.fori_loop(0, slots.num_blocks, slot_block, 0)
 
 
 def sparse_backward_call(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int, rope_dim: int,

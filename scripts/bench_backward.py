@@ -6,7 +6,7 @@
   scores   forward + backward of the indexer scores (64 heads x 128) for T = S causal queries; bf16. TFLOP/s over
            the backward's matmul FLOPs on the visible pairs: 4 dots of 2·G·I each (logits recomputed by both
            kernels, d_q, d_k). The reference keeps the [T, S, G] logits, so it runs only up to `--reference-max`.
-Median of `--repeats` timed calls after a warm-up; random normal inputs and cotangents.
+Median of `--repeats` samples after a warm-up (`bench_kernels.timed`); random normal inputs and cotangents.
 
     python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192
 """
@@ -56,7 +56,8 @@ def bench_sparse(s: int, args) -> dict:
     out = {"context": s, "queries": nq}
     variants = [("default", Tiles())] + [
         (f"bk{bk}_bh{bh}_w{w}", Tiles(backward_block_k=bk, backward_block_h=bh, backward_num_warps=w))
-        for bk, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 8), (64, 16, 8), (16, 32, 4), (32, 64, 8))] * args.sweep
+        for bk, bh, w in ((16, 16, 4), (32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 4), (32, 32, 8), (64, 16, 8),
+                          (32, 64, 8))] * args.sweep
     forward_only = jax.jit(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.07, value_dim=R))
     t_fwd = timed(forward_only, q, kv, repeats=args.repeats)
     out["forward_ms"] = t_fwd * 1e3

@@ -8,7 +8,8 @@ kernel runs `--calls` times after compiling (no reference, no timing), e.g.:
     ncu -k regex:indexer_scores --launch-skip 1 --launch-count 1 --metrics \\
         sm__inst_executed_pipe_tensor_op_gmma.sum python scripts/profile_kernel.py scores_fp8
 
-Kernels: scores, scores_fp8 (the indexer-scores kernel on the last `--queries` queries of the context),
+Kernels: scores, scores_fp8 (the indexer-scores kernel on the last `--queries` queries of the context), topk
+(its two kernels on `--queries` rows of the context's length, k = 2048),
 sparse (prefill forward), sparse_backward (its two backward kernels, behind one forward), decode (batch
 `--batch`). Inputs are random normal.
 """
@@ -27,6 +28,7 @@ from bench_kernels import BF16, H, K, P, R, scores_inputs  # noqa: E402
 from pallas_kernels.indexer import indexer_scores_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import quantize_fp8  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.topk import topk_pallas  # noqa: E402
 
 
 def kernel_call(name: str, s: int, queries: int, batch: int):
@@ -38,6 +40,9 @@ def kernel_call(name: str, s: int, queries: int, batch: int):
             return jax.jit(indexer_scores_pallas), (q, w, k, pos)
         q8, w8, k8, k_scale = quantize_fp8(q, w, k)
         return jax.jit(indexer_scores_pallas), (q8, w8, k8, pos, k_scale)
+    if name == "topk":
+        rows = jax.random.normal(ks[0], (queries, s), jnp.float32)
+        return jax.jit(lambda x: topk_pallas(x, K)), (rows,)
     if name == "decode":
         q = jax.random.normal(ks[0], (batch, H, R + P), BF16)
         kv = jax.random.normal(ks[1], (batch, s, R + P), BF16)
@@ -54,12 +59,13 @@ def kernel_call(name: str, s: int, queries: int, batch: int):
         def loss(a, b):
             return jnp.sum(sparse_mla_pallas(a, b, idx, scale=0.07, value_dim=R).astype(jnp.float32) * d_out)
         return jax.jit(jax.grad(loss, argnums=(0, 1))), (q, kv)
-    raise ValueError(f"unknown kernel {name!r}: scores, scores_fp8, sparse, sparse_backward or decode")
+    raise ValueError(f"unknown kernel {name!r}: scores, scores_fp8, topk, sparse, sparse_backward or decode")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", choices=["scores", "scores_fp8", "sparse", "sparse_backward", "decode"])
+    parser.add_argument("kernel", choices=["scores", "scores_fp8", "topk", "sparse", "sparse_backward",
+                                                     "decode"])
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--queries", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
