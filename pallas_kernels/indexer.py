@@ -16,7 +16,7 @@ losses that differentiate the scores.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,43 +31,79 @@ from pallas_kernels.indexer_reference import scored_inputs
 from pallas_kernels.topk import topk_pallas
 
 
+def _score_tile(q_ref, w_ref, keys, key_scales, positions, first_key, *, block_q: int, block_k: int,
+                heads_per_step: int, precision, epilogue: str):
+    """Scores of the tile's block_q queries against keys [block_k, I] (first id first_key) -> f32 [block_q,
+    block_k], -inf where a key is past a query's position."""
+    def head_group(g, acc):
+        # logits^T [block_k, block_q*hg]: the head sum runs along the accumulator's columns, which a warp holds
+        # (shuffles), instead of along its rows, which span warps (a trip through shared memory).
+        if keys.dtype == jnp.float8_e4m3fn:  # the plain dot misses Hopper's fp8 tensor cores (_triton_ops)
+            logits = fp8_dot_nt(keys, q_ref[g])
+        else:
+            logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                     precision=precision)
+        weighted = jnp.maximum(logits, 0.0) * w_ref[g].astype(jnp.float32)[None, :]
+        if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
+            weighted = logits
+        return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
+
+    scores = lax.fori_loop(0, q_ref.shape[0], head_group, jnp.zeros((block_k, block_q), jnp.float32)).T
+    if key_scales is not None:
+        scores = scores * key_scales[None, :]
+    key_ids = first_key + lax.iota(jnp.int32, block_k)
+    return jnp.where(key_ids[None, :] <= positions[:, None], scores, -jnp.inf)
+
+
 def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
                    precision, epilogue: str):
-    # q_ref [n, block_q*hg, I] and w_ref [n, block_q*hg]: the tile's queries x heads in n = G/hg head groups (rows
-    # query-major within a group); k_ref [block_k, I], pos_ref [block_q], (fp8: k_scale_ref [block_k]),
-    # out_ref [block_q, block_k]
+    # One [block_q, block_k] tile per program. q_ref [n, block_q*hg, I] and w_ref [n, block_q*hg]: the tile's
+    # queries x heads in n = G/hg head groups (rows query-major within a group); k_ref [block_k, I], pos_ref
+    # [block_q], (fp8: k_scale_ref [block_k]), out_ref [block_q, block_k]
     *k_scale_ref, out_ref = refs
     first_key = pl.program_id(0) * block_k
     positions = pos_ref[...]
-    last_visible = jnp.max(positions)
 
-    @pl.when(first_key > last_visible)
+    @pl.when(first_key > jnp.max(positions))
     def _():
         out_ref[...] = jnp.full((block_q, block_k), -jnp.inf, jnp.float32)
 
-    @pl.when(first_key <= last_visible)
+    @pl.when(first_key <= jnp.max(positions))
     def _():
-        keys = k_ref[...]  # loaded once, used by every head group
+        out_ref[...] = _score_tile(q_ref, w_ref, k_ref[...], k_scale_ref[0][...] if k_scale_ref else None,
+                                   positions, first_key, block_q=block_q, block_k=block_k,
+                                   heads_per_step=heads_per_step, precision=precision, epilogue=epilogue)
 
-        def head_group(g, acc):
-            # logits^T [block_k, block_q*hg]: the head sum runs along the accumulator's columns, which a warp
-            # holds (shuffles), instead of along its rows, which span warps (a trip through shared memory).
-            if keys.dtype == jnp.float8_e4m3fn:  # the plain dot misses Hopper's fp8 tensor cores (_triton_ops)
-                logits = fp8_dot_nt(keys, q_ref[g])
-            else:
-                logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32, precision=precision)
-            weighted = jnp.maximum(logits, 0.0) * w_ref[g].astype(jnp.float32)[None, :]
-            if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
-                weighted = logits
-            return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
 
-        acc = lax.fori_loop(0, q_ref.shape[0], head_group, jnp.zeros((block_k, block_q), jnp.float32))
-        scores = acc.T
-        if k_scale_ref:
-            scores = scores * k_scale_ref[0][...][None, :]
-        key_ids = first_key + lax.iota(jnp.int32, block_k)
-        out_ref[...] = jnp.where(key_ids[None, :] <= positions[:, None], scores, -jnp.inf)
+def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
+                        precision, epilogue: str):
+    # One program per block_q queries, walking every key tile: the queries stay put and only keys stream in.
+    # q_ref / w_ref as in _scores_kernel, k_ref [S', I] (the row's keys), pos_ref [block_q], (fp8: k_scale_ref
+    # [S']), out_ref [block_q, S']
+    *k_scale_ref, out_ref = refs
+    positions = pos_ref[...]
+    num_blocks = out_ref.shape[1] // block_k
+    visible_blocks = jnp.minimum((jnp.max(positions) + block_k) // block_k, num_blocks)  # 0 for padded queries
+
+    # (The loops pass their carry through: with traced bounds a literal yield does not lower to Triton.)
+    def visible(j, carry):
+        keys = pl.ds(j * block_k, block_k)
+        out_ref[:, keys] = _score_tile(q_ref, w_ref, k_ref[keys, :], k_scale_ref[0][keys] if k_scale_ref else None,
+                                       positions, j * block_k, block_q=block_q, block_k=block_k,
+                                       heads_per_step=heads_per_step, precision=precision, epilogue=epilogue)
+        return carry
+
+    def hidden(j, carry):  # wholly above the causal diagonal: no arithmetic
+        out_ref[:, pl.ds(j * block_k, block_k)] = jnp.full((block_q, block_k), -jnp.inf, jnp.float32)
+        return carry
+
+    lax.fori_loop(0, visible_blocks, visible, visible_blocks)
+    lax.fori_loop(visible_blocks, num_blocks, hidden, visible_blocks)
+
+
+# Query tiles from which one program per query tile fills a GPU (two per SM of an H100); fewer (decode: one query
+# per row) get one program per key tile too.
+WALK_MIN_PROGRAMS = 264
 
 
 class _Tiling(NamedTuple):
@@ -113,18 +149,22 @@ class _Tiling(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
-                                             "num_warps", "num_stages", "epilogue"))
+                                             "num_warps", "num_stages", "epilogue", "walk_keys"))
 def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 128,
                           rows_per_tile: int = 128, heads_per_step: int = 0, num_warps: int = 4,
-                          num_stages: int = 4, epilogue: str = "relu_weighted_sum"):
+                          num_stages: int = 0, epilogue: str = "relu_weighted_sum",
+                          walk_keys: Optional[bool] = None):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos).
     fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`).
     epilogue="sum" is a profiling ablation that drops the ReLU and head weights: not scores.
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
-    queries. The defaults won a sweep on an H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md,
-    `scripts/bench_kernels.py --sweep`)."""
+    queries. walk_keys: one program per block_q queries walks all their key tiles, so only keys stream in (on an
+    H100 at 32K and 128K: fp8 565 -> 801-805 TFLOP/s, bf16 350-371 -> 379-384); otherwise one program per (key
+    tile, query tile), which keeps a GPU busy when there are few query tiles (decode). None: walk when there are
+    at least WALK_MIN_PROGRAMS query tiles and 1- or 2-byte inputs. num_stages 0: 3 walking, 4 per tile. The defaults won sweeps on an
+    H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md, `scripts/bench_kernels.py --sweep`)."""
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
@@ -134,28 +174,44 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     block_q, block_k, groups = tiles.block_q, tiles.block_k, tiles.groups
     q, w, k, positions = tiles.pad(q, w, k, q_positions)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_scores_kernel, block_q=block_q, block_k=block_k, heads_per_step=tiles.step,
-                               precision=precision, epilogue=epilogue)
-    extra_specs, extra_args = [], []
-    if fp8:
-        extra_specs = [pl.BlockSpec((None, block_k), lambda j, i, b: (b, j))]
-        extra_args = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])]
+    common = dict(block_q=block_q, block_k=block_k, heads_per_step=tiles.step, precision=precision,
+                  epilogue=epilogue)
+    q_spec = (None, None, groups, tiles.rows, k.shape[2])
+    w_spec = (None, None, groups, tiles.rows)
+    k_scales = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])] if fp8 else []
+    out_shape = jax.ShapeDtypeStruct((batch, q.shape[1], k.shape[1]), jnp.float32)
+    if walk_keys is None:  # (4-byte inputs: a walking program's stages of fp32 key tiles overflow shared memory)
+        walk_keys = q.dtype.itemsize <= 2 and batch * (q.shape[1] // block_q) >= WALK_MIN_PROGRAMS
+    num_stages = num_stages or (3 if walk_keys else 4)
+    params = dict(interpret=interpret, name="indexer_scores",
+                  compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
+    if walk_keys:
+        scores = pl.pallas_call(
+            functools.partial(_scores_rows_kernel, **common),
+            grid=(q.shape[1] // block_q, batch),
+            in_specs=[pl.BlockSpec(q_spec, lambda i, b: (b, i, 0, 0, 0)),
+                      pl.BlockSpec(w_spec, lambda i, b: (b, i, 0, 0)),
+                      pl.BlockSpec((None, k.shape[1], k.shape[2]), lambda i, b: (b, 0, 0)),
+                      pl.BlockSpec((None, block_q), lambda i, b: (b, i))]
+            + [pl.BlockSpec((None, k.shape[1]), lambda i, b: (b, 0))] * fp8,
+            out_specs=pl.BlockSpec((None, block_q, k.shape[1]), lambda i, b: (b, i, 0)),
+            out_shape=out_shape, **params,
+        )(tiles.by_group(q), tiles.by_group(w), k, positions, *k_scales)
+        return scores[:, :num_q, :num_keys]
     scores = pl.pallas_call(
-        kernel,
+        functools.partial(_scores_kernel, **common),
         # Key tiles on the grid's first axis, which the GPU schedules fastest: programs running together share
         # their query tile and stream the (L2-resident) keys. Query tiles first re-read all queries from HBM once
         # per key tile (ncu on an H100: ~16 GB of DRAM traffic for a 4096 x 32K chunk).
         grid=(k.shape[1] // block_k, q.shape[1] // block_q, batch),
-        in_specs=[pl.BlockSpec((None, None, groups, tiles.rows, k.shape[2]), lambda j, i, b: (b, i, 0, 0, 0)),
-                  pl.BlockSpec((None, None, groups, tiles.rows), lambda j, i, b: (b, i, 0, 0)),
+        in_specs=[pl.BlockSpec(q_spec, lambda j, i, b: (b, i, 0, 0, 0)),
+                  pl.BlockSpec(w_spec, lambda j, i, b: (b, i, 0, 0)),
                   pl.BlockSpec((None, block_k, k.shape[2]), lambda j, i, b: (b, j, 0)),
-                  pl.BlockSpec((None, block_q), lambda j, i, b: (b, i))] + extra_specs,
+                  pl.BlockSpec((None, block_q), lambda j, i, b: (b, i))]
+        + [pl.BlockSpec((None, block_k), lambda j, i, b: (b, j))] * fp8,
         out_specs=pl.BlockSpec((None, block_q, block_k), lambda j, i, b: (b, i, j)),
-        out_shape=jax.ShapeDtypeStruct((batch, q.shape[1], k.shape[1]), jnp.float32),
-        interpret=interpret,
-        compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages),
-        name="indexer_scores",
-    )(tiles.by_group(q), tiles.by_group(w), k, positions, *extra_args)
+        out_shape=out_shape, **params,
+    )(tiles.by_group(q), tiles.by_group(w), k, positions, *k_scales)
     return scores[:, :num_q, :num_keys]
 
 

@@ -263,31 +263,37 @@ def sweep(args, key) -> None:
     s = args.contexts[0]
     ks = jax.random.split(key, 8)
     (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
-    score_tiles = ((128, 128, 0, 4, 4), (128, 128, 16, 4, 4), (128, 128, 32, 4, 4), (128, 128, 16, 4, 3),
-                   (256, 128, 32, 8, 3), (128, 64, 16, 4, 4), (64, 128, 16, 4, 4), (128, 128, 8, 4, 4))
-    for rows, bk, hps, warps, stages in score_tiles if "scores" in args.sweep else ():
-        fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, hps=hps, warps=warps, stages=stages:
+    # (rows, key block, heads per step, warps, stages, walk_keys)
+    score_tiles = ((128, 128, 0, 4, 4, False), (128, 128, 16, 4, 4, False), (128, 128, 32, 4, 4, False),
+                   (128, 128, 16, 4, 3, False), (256, 128, 32, 8, 3, False), (128, 64, 16, 4, 4, False),
+                   (64, 128, 16, 4, 4, False), (128, 128, 8, 4, 4, False), (128, 128, 0, 4, 3, True),
+                   (128, 64, 0, 4, 4, True), (64, 128, 0, 4, 4, True))
+    for rows, bk, hps, warps, stages, walk in score_tiles if "scores" in args.sweep else ():
+        fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, hps=hps, warps=warps, stages=stages, walk=walk:
                      indexer_scores_pallas(a, b, c, d, rows_per_tile=rows, block_k=bk, heads_per_step=hps,
-                                           num_warps=warps, num_stages=stages))
+                                           num_warps=warps, num_stages=stages, walk_keys=walk))
+        name = f"rows={rows} bk={bk} heads_per_step={hps} warps={warps} stages={stages} walk_keys={walk}"
         try:
             t = timed(fn, q, w, k, pos, repeats=args.repeats)
-            print(f"sweep scores rows={rows} bk={bk} heads_per_step={hps} warps={warps} stages={stages}: "
-                  f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+            print(f"sweep scores {name}: {t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
         except Exception as err:  # noqa: BLE001
-            print(f"sweep scores {rows} {bk} {hps} {warps} {stages}: {type(err).__name__}", flush=True)
+            print(f"sweep scores {name}: {type(err).__name__}", flush=True)
     q8, w8, k8, k_scale = quantize_fp8(q, w, k)
-    fp8_tiles = ((128, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3), (256, 64, 4, 4),
-                 (64, 128, 4, 4)) if not args.ablation_only else ()
-    for rows, bk, warps, stages in fp8_tiles if "fp8" in args.sweep else ():
-        fn = jax.jit(lambda a, b, c, d, e, rows=rows, bk=bk, warps=warps, stages=stages:
+    # (rows, key block, warps, stages, walk_keys)
+    fp8_tiles = ((128, 128, 4, 4, False), (128, 128, 8, 3, False), (256, 128, 8, 3, False),
+                 (128, 256, 8, 3, False), (256, 64, 4, 4, False), (64, 128, 4, 4, False), (128, 128, 4, 3, True),
+                 (128, 128, 4, 4, True), (128, 64, 4, 4, True), (256, 128, 8, 3, True), (256, 64, 8, 4, True)
+                 ) if not args.ablation_only else ()
+    for rows, bk, warps, stages, walk in fp8_tiles if "fp8" in args.sweep else ():
+        fn = jax.jit(lambda a, b, c, d, e, rows=rows, bk=bk, warps=warps, stages=stages, walk=walk:
                      indexer_scores_pallas(a, b, c, d, e, rows_per_tile=rows, block_k=bk, num_warps=warps,
-                                           num_stages=stages))
+                                           num_stages=stages, walk_keys=walk))
+        name = f"rows={rows} bk={bk} warps={warps} stages={stages} walk_keys={walk}"
         try:
             t = timed(fn, q8, w8, k8, pos, k_scale, repeats=args.repeats)
-            print(f"sweep scores fp8 rows={rows} bk={bk} warps={warps} stages={stages}: "
-                  f"{t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+            print(f"sweep scores fp8 {name}: {t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
         except Exception as err:  # noqa: BLE001
-            print(f"sweep scores fp8 {rows} {bk} {warps} {stages}: {type(err).__name__}", flush=True)
+            print(f"sweep scores fp8 {name}: {type(err).__name__}", flush=True)
     if "fp8" in args.sweep:  # decode: the indexer of one new token per row over an fp8 key cache or a bf16 one
         bd = args.decode_batch
         kd = jax.random.normal(ks[4], (bd, s, I), BF16)

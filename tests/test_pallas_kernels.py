@@ -143,8 +143,11 @@ def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
     q, w, k, pos = _indexer_inputs(0, *shape, dtype)
     with jax.default_matmul_precision("highest"):
         want = np.asarray(indexer_scores_reference(q, w, k, pos))
-    for heads_per_step in (0, 4):  # all heads in one dot; 4 head groups accumulated in a loop
-        got = np.asarray(indexer_scores_pallas(q, w, k, pos, heads_per_step=heads_per_step, **_flags(impl)))
+    # all heads in one dot; 4 head groups accumulated in a loop; one program walking every key tile of its queries
+    # (16-key tiles: several visible and hidden ones per row)
+    for heads_per_step, walk_keys, block_k in ((0, False, 128), (4, False, 128), (0, True, 16)):
+        got = np.asarray(indexer_scores_pallas(q, w, k, pos, heads_per_step=heads_per_step, walk_keys=walk_keys,
+                                               block_k=block_k, **_flags(impl)))
         finite = np.isfinite(want)
         assert (np.isfinite(got) == finite).all()
         # bf16 inputs: both sides multiply exactly and accumulate in fp32; only the summation order differs.
@@ -196,13 +199,15 @@ def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, sh
     q8, w8, k8, k_scale = quantize_fp8(q, w, k)
     assert q8.dtype == k8.dtype == jnp.float8_e4m3fn and k_scale.shape == k.shape[:2]
     want = np.asarray(indexer_scores_reference(q8, w8, k8, pos, k_scale))
-    got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale, **_flags(impl)))
     finite = np.isfinite(want)
-    assert (np.isfinite(got) == finite).all()
-    # Products of e4m3 values are exact in fp32, so interpret mode differs only in summation order. The GPU's fp8
-    # tensor cores sum each 128-product chain in an accumulator narrower than fp32 (_triton_ops): 4.4e-5 measured on an
-    # H100 at this test's shapes.
-    assert rel_err(got[finite], want[finite]) < (3e-4 if impl == "pallas" else 1e-5)
+    for walk_keys, block_k in ((False, 128), (True, 16)):
+        got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale, walk_keys=walk_keys, block_k=block_k,
+                                               **_flags(impl)))
+        assert (np.isfinite(got) == finite).all()
+        # Products of e4m3 values are exact in fp32, so interpret mode differs only in summation order. The GPU's
+        # fp8 tensor cores sum each 128-product chain in an accumulator narrower than fp32 (_triton_ops): 4.4e-5
+        # measured on an H100 at this test's shapes.
+        assert rel_err(got[finite], want[finite]) < (3e-4 if impl == "pallas" else 1e-5)
     # Against unquantised fp32 scores: e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per input);
     # independent roundings average out to ~3.5% of the scores' norm on random data.
     exact = np.asarray(indexer_scores_reference(q, w, k, pos))
