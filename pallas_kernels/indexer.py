@@ -2,10 +2,12 @@
 
     I[b,t,s] = sum_g w[b,t,g] * ReLU(q[b,t,g,:] . k[b,s,:])     for s <= pos[b,t], else -inf
 
-One program scores a [block_q, block_k] tile: the block_q queries' G heads form one [block_q*G, I] operand, so a
+A [block_q, block_k] tile is scored at once: the block_q queries' G heads form one [block_q*G, I] operand, so a
 single tensor-core dot against the key tile gives every head's logits at once ([block_q*G, block_k], fp32
 accumulation); ReLU, the head weights and the sum over heads happen in registers. Tiles wholly above the causal
-diagonal are written as -inf without any arithmetic. Shapes as in `indexer_reference`.
+diagonal are written as -inf without any arithmetic. For prefill one program takes a query tile and walks all its
+key tiles (its queries are read once; only keys stream from L2); for decode, with too few query tiles to fill the
+GPU, one program takes one (key tile, query tile). Shapes as in `indexer_reference`.
 
 `indexer_topk_pallas` chunks the queries so that one chunk's scores ([B, chunk, S] fp32) stay under a memory
 budget, scores each chunk with this kernel and selects with `topk.topk_pallas`, which stops each row at its
@@ -163,8 +165,9 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     queries. walk_keys: one program per block_q queries walks all their key tiles, so only keys stream in (on an
     H100 at 32K and 128K: fp8 565 -> 801-805 TFLOP/s, bf16 350-371 -> 379-384); otherwise one program per (key
     tile, query tile), which keeps a GPU busy when there are few query tiles (decode). None: walk when there are
-    at least WALK_MIN_PROGRAMS query tiles and 1- or 2-byte inputs. num_stages 0: 3 walking, 4 per tile. The defaults won sweeps on an
-    H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md, `scripts/bench_kernels.py --sweep`)."""
+    at least WALK_MIN_PROGRAMS query tiles and 1- or 2-byte inputs. num_stages 0: 3 walking, 4 per tile. The
+    defaults won sweeps on an H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md, `scripts/bench_kernels.py
+    --sweep`)."""
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")

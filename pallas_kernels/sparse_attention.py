@@ -4,8 +4,9 @@ One program takes one query token (prefill) or one slice of a token's slots (dec
 the token's top-k slots block_k at a time: loads the slot ids, gathers those latent rows straight from the cache
 (c_kv in pieces of [block_k, 64] and k_rope [block_k, P], loads of contiguous row segments, no gathered copy in
 HBM), computes the heads' logits with tensor-core dots (the heads share the latent rows: MQA form), and keeps an
-online softmax in registers, with the output accumulator in one slice per piece. -1 slots are masked; a token with no valid slot gets zeros. Small head counts are padded to the
-tensor-core minimum of 16; non-power-of-two widths are zero-padded (zeros change no dot product).
+online softmax in registers, with the output accumulator in one slice per piece. -1 slots are masked; a token
+with no valid slot gets zeros. Small head counts are padded to the tensor-core minimum of 16; non-power-of-two
+widths are zero-padded (zeros change no dot product).
 
 Decode has one query per sequence, too little work for a GPU: its slots are split across `num_splits` programs
 that each return a partial result and its log-sum-exp, combined afterwards (the split-K "flash decoding" scheme).
