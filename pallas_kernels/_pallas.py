@@ -20,6 +20,9 @@ except (ImportError, AttributeError):  # older releases kept them in pallas itse
     _CompilerParams = pl.TritonCompilerParams  # type: ignore[attr-defined]
 
 DOT_MIN = 16  # smallest dimension a Triton tensor-core dot accepts
+# Programs that fill a large GPU in one wave: two per SM of an H100 (132 SMs). Below this, kernels split their work
+# further (decode's slot splits; the indexer's per-key-tile programs).
+PROGRAMS_TO_FILL_GPU = 264
 
 
 def compiler_params(num_warps: int, num_stages: int = 2):

@@ -6,7 +6,7 @@ A [block_q, block_k] tile is scored at once: the block_q queries' G heads form o
 single tensor-core dot against the key tile gives every head's logits at once ([block_q*G, block_k], fp32
 accumulation); ReLU, the head weights and the sum over heads happen in registers. Tiles wholly above the causal
 diagonal are written as -inf without any arithmetic. For prefill one program takes a query tile and walks all its
-key tiles (its queries are read once; only keys stream from L2); for decode, with too few query tiles to fill the
+key tiles (the query tile it re-reads for each stays in cache); for decode, with too few query tiles to fill the
 GPU, one program takes one (key tile, query tile). Shapes as in `indexer_reference`.
 
 `indexer_topk_pallas` chunks the queries so that one chunk's scores ([B, chunk, S] fp32) stay under a memory
@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._blocking import map_query_blocks
-from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels._pallas import (PROGRAMS_TO_FILL_GPU, compiler_params, dot_size, next_pow2, pad_axis,
+                                    round_up)
 from pallas_kernels._triton_ops import fp8_dot_nt
 from pallas_kernels.indexer_backward import indexer_scores_backward_call
 from pallas_kernels.indexer_reference import scored_inputs
@@ -65,12 +66,13 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
     *k_scale_ref, out_ref = refs
     first_key = pl.program_id(0) * block_k
     positions = pos_ref[...]
+    last_visible = jnp.max(positions)
 
-    @pl.when(first_key > jnp.max(positions))
+    @pl.when(first_key > last_visible)
     def _():
         out_ref[...] = jnp.full((block_q, block_k), -jnp.inf, jnp.float32)
 
-    @pl.when(first_key <= jnp.max(positions))
+    @pl.when(first_key <= last_visible)
     def _():
         out_ref[...] = _score_tile(q_ref, w_ref, k_ref[...], k_scale_ref[0][...] if k_scale_ref else None,
                                    positions, first_key, block_q=block_q, block_k=block_k,
@@ -79,7 +81,7 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
 
 def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
                         precision, epilogue: str):
-    # One program per block_q queries, walking every key tile: the queries stay put and only keys stream in.
+    # One program per block_q queries, walking every key tile with the same query tile.
     # q_ref / w_ref as in _scores_kernel, k_ref [S', I] (the row's keys), pos_ref [block_q], (fp8: k_scale_ref
     # [S']), out_ref [block_q, S']
     *k_scale_ref, out_ref = refs
@@ -101,11 +103,6 @@ def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block
 
     lax.fori_loop(0, visible_blocks, visible, visible_blocks)
     lax.fori_loop(visible_blocks, num_blocks, hidden, visible_blocks)
-
-
-# Query tiles from which one program per query tile fills a GPU (two per SM of an H100); fewer (decode: one query
-# per row) get one program per key tile too.
-WALK_MIN_PROGRAMS = 264
 
 
 class _Tiling(NamedTuple):
@@ -162,12 +159,12 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
-    queries. walk_keys: one program per block_q queries walks all their key tiles, so only keys stream in (on an
-    H100 at 32K and 128K: fp8 565 -> 801-805 TFLOP/s, bf16 350-371 -> 379-384); otherwise one program per (key
-    tile, query tile), which keeps a GPU busy when there are few query tiles (decode). None: walk when there are
-    at least WALK_MIN_PROGRAMS query tiles and 1- or 2-byte inputs. num_stages 0: 3 walking, 4 per tile. The
-    defaults won sweeps on an H100 at DeepSeek-V3.2 shapes (docs/BENCHMARKS.md, `scripts/bench_kernels.py
-    --sweep`)."""
+    queries. walk_keys: one program per block_q queries walks all their key tiles, reusing one query tile instead
+    of fetching a new one per key tile (on an H100 at 32K and 128K: fp8 565 -> 801-805 TFLOP/s, bf16 350-371 ->
+    379-384); otherwise one program per (key tile, query tile), which keeps a GPU busy when there are few query
+    tiles (decode). None: walk when there are at least PROGRAMS_TO_FILL_GPU query tiles and 1- or 2-byte inputs.
+    num_stages 0: 3 walking, 4 per tile. The defaults won sweeps on an H100 at DeepSeek-V3.2 shapes
+    (docs/BENCHMARKS.md, `scripts/bench_kernels.py --sweep`)."""
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
@@ -184,7 +181,7 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     k_scales = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])] if fp8 else []
     out_shape = jax.ShapeDtypeStruct((batch, q.shape[1], k.shape[1]), jnp.float32)
     if walk_keys is None:  # (4-byte inputs: a walking program's stages of fp32 key tiles overflow shared memory)
-        walk_keys = q.dtype.itemsize <= 2 and batch * (q.shape[1] // block_q) >= WALK_MIN_PROGRAMS
+        walk_keys = q.dtype.itemsize <= 2 and batch * (q.shape[1] // block_q) >= PROGRAMS_TO_FILL_GPU
     num_stages = num_stages or (3 if walk_keys else 4)
     params = dict(interpret=interpret, name="indexer_scores",
                   compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))

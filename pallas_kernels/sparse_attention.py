@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
-from pallas_kernels._pallas import compiler_params, dot_size, pad_axis, round_up
+from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, compiler_params, dot_size, pad_axis, round_up
 from pallas_kernels.sparse_attention_backward import sparse_backward_call
 
 
@@ -217,14 +217,14 @@ def sparse_mla_decode_pallas(q, kv, indices, *, scale: float, value_dim: int, in
                              num_splits: int = 0, block_k: int = 0, block_h: int = 0, num_warps: int = 4):
     """Decode: q [B,H,L], kv [B,S,L], indices int32[B,K] -> out [B,H,value_dim] (dtype of q).
 
-    num_splits = 0 picks as many splits of the K slots as give every SM of a large GPU up to two programs (one
-    wave): on an H100 at B = 64 (256 programs unsplit) one split took 177 us, two 190 us, four 219 us."""
+    num_splits = 0 picks as many splits of the K slots as fill a large GPU in one wave (PROGRAMS_TO_FILL_GPU): on
+    an H100 at B = 64 (256 programs unsplit) one split took 177 us, two 190 us, four 219 us."""
     batch, heads = q.shape[:2]
     block_k, block_h = _tiles(q.dtype, block_k, block_h)
     if num_splits <= 0:
         head_blocks = -(-dot_size(heads) // min(block_h, dot_size(heads)))
         most = max(1, -(-indices.shape[-1] // min(block_k, dot_size(indices.shape[-1]))))
-        num_splits = max(1, min(most, 264 // (batch * head_blocks)))
+        num_splits = max(1, min(most, PROGRAMS_TO_FILL_GPU // (batch * head_blocks)))
     out, lse = _sparse_call(q[:, None], kv, indices[:, None], scale=scale, value_dim=value_dim,
                             num_splits=num_splits, out_dtype=jnp.float32, interpret=interpret, block_k=block_k,
                             block_h=block_h, num_warps=num_warps)

@@ -13,9 +13,9 @@ in registers, one slice per piece. d_kv is a scatter: many tokens select the sam
 program per token) sums a slot block's contribution over all heads, block_h at a time, and adds it into an fp32
 [B, S+1, L] buffer with relaxed atomic adds (`_triton_ops`), one per piece.
 Both rebuild the probabilities: a second pass of matmuls costs less than per-head-block atomics (measured on an
-H100: a single kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink for -1 slots,
-so that no slot adds into a real row twice within one atomic call (the interpreter applies an indexed add as one
-gather-then-set, which would drop a duplicate; the top-k convention has no other repeated ids).
+H100: a single kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink
+for -1 slots, so that no slot adds into a real row twice within one atomic call (the interpreter applies an indexed
+add as one gather-then-set, which would drop a duplicate; the top-k convention has no other repeated ids).
 """
 
 from __future__ import annotations
