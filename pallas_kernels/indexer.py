@@ -5,9 +5,10 @@
 A [block_q, block_k] tile is scored at once: the block_q queries' G heads form one [block_q*G, I] operand, so a
 single tensor-core dot against the key tile gives every head's logits at once ([block_q*G, block_k], fp32
 accumulation); ReLU, the head weights and the sum over heads happen in registers. Tiles wholly above the causal
-diagonal are written as -inf without any arithmetic. For prefill one program takes a query tile and walks all its
-key tiles (the query tile it re-reads for each stays in cache); for decode, with too few query tiles to fill the
-GPU, one program takes one (key tile, query tile). Shapes as in `indexer_reference`.
+diagonal are written as -inf without any arithmetic. For prefill one program loads a query tile once and walks all
+its key tiles, so only keys stream from L2 (re-reading the query tile for every key tile had held bf16 at ~380
+TFLOP/s); for decode, with too few query tiles to fill the GPU, one program takes one (key tile, query tile).
+Shapes as in `indexer_reference`.
 
 `indexer_topk_pallas` chunks the queries so that one chunk's scores ([B, chunk, S] fp32) stay under a memory
 budget, scores each chunk with this kernel and selects with `topk.topk_pallas`, which stops each row at its
@@ -34,24 +35,26 @@ from pallas_kernels.indexer_reference import scored_inputs
 from pallas_kernels.topk import topk_pallas
 
 
-def _score_tile(q_ref, w_ref, keys, key_scales, positions, first_key, *, block_q: int, block_k: int,
-                heads_per_step: int, precision, epilogue: str):
+def _score_tile(head_group_of, groups: int, keys, key_scales, positions, first_key, *, block_q: int,
+                block_k: int, heads_per_step: int, precision, epilogue: str):
     """Scores of the tile's block_q queries against keys [block_k, I] (first id first_key) -> f32 [block_q,
-    block_k], -inf where a key is past a query's position."""
+    block_k], -inf where a key is past a query's position. head_group_of(g) -> (q [block_q*hg, I], w
+    [block_q*hg]): head group g of the `groups`."""
     def head_group(g, acc):
+        q_group, w_group = head_group_of(g)
         # logits^T [block_k, block_q*hg]: the head sum runs along the accumulator's columns, which a warp holds
         # (shuffles), instead of along its rows, which span warps (a trip through shared memory).
         if keys.dtype == jnp.float8_e4m3fn:  # the plain dot misses Hopper's fp8 tensor cores (_triton_ops)
-            logits = fp8_dot_nt(keys, q_ref[g])
+            logits = fp8_dot_nt(keys, q_group)
         else:
-            logits = lax.dot_general(keys, q_ref[g], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+            logits = lax.dot_general(keys, q_group, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                      precision=precision)
-        weighted = jnp.maximum(logits, 0.0) * w_ref[g].astype(jnp.float32)[None, :]
+        weighted = jnp.maximum(logits, 0.0) * w_group.astype(jnp.float32)[None, :]
         if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
             weighted = logits
         return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
 
-    scores = lax.fori_loop(0, q_ref.shape[0], head_group, jnp.zeros((block_k, block_q), jnp.float32)).T
+    scores = lax.fori_loop(0, groups, head_group, jnp.zeros((block_k, block_q), jnp.float32)).T
     if key_scales is not None:
         scores = scores * key_scales[None, :]
     key_ids = first_key + lax.iota(jnp.int32, block_k)
@@ -59,7 +62,7 @@ def _score_tile(q_ref, w_ref, keys, key_scales, positions, first_key, *, block_q
 
 
 def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
-                   precision, epilogue: str):
+                   precision, epilogue: str, write_hidden: bool):
     # One [block_q, block_k] tile per program. q_ref [n, block_q*hg, I] and w_ref [n, block_q*hg]: the tile's
     # queries x heads in n = G/hg head groups (rows query-major within a group); k_ref [block_k, I], pos_ref
     # [block_q], (fp8: k_scale_ref [block_k]), out_ref [block_q, block_k]
@@ -68,19 +71,21 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
     positions = pos_ref[...]
     last_visible = jnp.max(positions)
 
-    @pl.when(first_key > last_visible)
-    def _():
-        out_ref[...] = jnp.full((block_q, block_k), -jnp.inf, jnp.float32)
+    if write_hidden:
+        @pl.when(first_key > last_visible)
+        def _():
+            out_ref[...] = jnp.full((block_q, block_k), -jnp.inf, jnp.float32)
 
     @pl.when(first_key <= last_visible)
     def _():
-        out_ref[...] = _score_tile(q_ref, w_ref, k_ref[...], k_scale_ref[0][...] if k_scale_ref else None,
-                                   positions, first_key, block_q=block_q, block_k=block_k,
+        out_ref[...] = _score_tile(lambda g: (q_ref[g], w_ref[g]), q_ref.shape[0], k_ref[...],
+                                   k_scale_ref[0][...] if k_scale_ref else None, positions, first_key,
+                                   block_q=block_q, block_k=block_k,
                                    heads_per_step=heads_per_step, precision=precision, epilogue=epilogue)
 
 
 def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
-                        precision, epilogue: str):
+                        precision, epilogue: str, write_hidden: bool):
     # One program per block_q queries, walking every key tile with the same query tile.
     # q_ref / w_ref as in _scores_kernel, k_ref [S', I] (the row's keys), pos_ref [block_q], (fp8: k_scale_ref
     # [S']), out_ref [block_q, S']
@@ -88,13 +93,23 @@ def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block
     positions = pos_ref[...]
     num_blocks = out_ref.shape[1] // block_k
     visible_blocks = jnp.minimum((jnp.max(positions) + block_k) // block_k, num_blocks)  # 0 for padded queries
+    groups = q_ref.shape[0]
+    if groups == 1:  # the default (all heads in one dot): load the query tile once, not once per key tile
+        q_tile, w_tile = q_ref[0], w_ref[0]
+
+        def head_group_of(g):
+            return q_tile, w_tile
+    else:
+        def head_group_of(g):
+            return q_ref[g], w_ref[g]
 
     # (The loops pass their carry through: with traced bounds a literal yield does not lower to Triton.)
     def visible(j, carry):
         keys = pl.ds(j * block_k, block_k)
-        out_ref[:, keys] = _score_tile(q_ref, w_ref, k_ref[keys, :], k_scale_ref[0][keys] if k_scale_ref else None,
-                                       positions, j * block_k, block_q=block_q, block_k=block_k,
-                                       heads_per_step=heads_per_step, precision=precision, epilogue=epilogue)
+        out_ref[:, keys] = _score_tile(head_group_of, groups, k_ref[keys, :],
+                                       k_scale_ref[0][keys] if k_scale_ref else None, positions, j * block_k,
+                                       block_q=block_q, block_k=block_k, heads_per_step=heads_per_step,
+                                       precision=precision, epilogue=epilogue)
         return carry
 
     def hidden(j, carry):  # wholly above the causal diagonal: no arithmetic
@@ -102,7 +117,8 @@ def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block
         return carry
 
     lax.fori_loop(0, visible_blocks, visible, visible_blocks)
-    lax.fori_loop(visible_blocks, num_blocks, hidden, visible_blocks)
+    if write_hidden:
+        lax.fori_loop(visible_blocks, num_blocks, hidden, visible_blocks)
 
 
 class _Tiling(NamedTuple):
@@ -147,42 +163,63 @@ class _Tiling(NamedTuple):
         return x.reshape(x.shape[0], self.num_q_p // self.block_q, self.groups, self.rows, *x.shape[5:])
 
 
+# (rows per tile, key block, warps, stages) by program kind and input bytes, from H100 sweeps at DeepSeek-V3.2
+# shapes (docs/BENCHMARKS.md). Walking: 2-byte 256/64/8/3 (bf16 565 TFLOP/s at 32K and 128K), 1-byte 128/64/4/3
+# (fp8 850-901); 4-byte inputs walk only when asked, in tiles that fit shared memory. Per tile: 128/128/4/4.
+_WALKING_TILES = {1: (128, 64, 4, 3), 2: (256, 64, 8, 3), 4: (128, 64, 4, 2)}
+_PER_TILE_TILES = (128, 128, 4, 4)
+MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88) from the Triton backend on an H100
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
-                                             "num_warps", "num_stages", "epilogue", "walk_keys"))
-def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 128,
-                          rows_per_tile: int = 128, heads_per_step: int = 0, num_warps: int = 4,
+                                             "num_warps", "num_stages", "epilogue", "walk_keys", "fill_hidden"))
+def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 0,
+                          rows_per_tile: int = 0, heads_per_step: int = 0, num_warps: int = 0,
                           num_stages: int = 0, epilogue: str = "relu_weighted_sum",
-                          walk_keys: Optional[bool] = None):
+                          walk_keys: Optional[bool] = None, fill_hidden: bool = True):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos).
     fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`).
     epilogue="sum" is a profiling ablation that drops the ReLU and head weights: not scores.
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
-    queries. walk_keys: one program per block_q queries walks all their key tiles, reusing one query tile instead
-    of fetching a new one per key tile (on an H100 at 32K and 128K: fp8 565 -> 801-805 TFLOP/s, bf16 350-371 ->
-    379-384); otherwise one program per (key tile, query tile), which keeps a GPU busy when there are few query
-    tiles (decode). None: walk when there are at least PROGRAMS_TO_FILL_GPU query tiles and 1- or 2-byte inputs.
-    num_stages 0: 3 walking, 4 per tile. The defaults won sweeps on an H100 at DeepSeek-V3.2 shapes
-    (docs/BENCHMARKS.md, `scripts/bench_kernels.py --sweep`)."""
+    queries. walk_keys: one program per block_q queries walks all their key tiles with its query tile loaded once
+    (with all heads in one group), so only the keys stream from L2 (on an H100 at 32K and 128K: bf16 565, fp8
+    850-901 TFLOP/s); otherwise one program per (key tile, query tile), which keeps a GPU busy when there are few
+    query tiles (decode: 340-380 bf16, 525-555 fp8). None: walk when there are at least PROGRAMS_TO_FILL_GPU query
+    tiles and 1- or 2-byte inputs. rows_per_tile, block_k, num_warps, num_stages: 0 = the defaults for the program
+    kind and input dtype (`_WALKING_TILES`, `_PER_TILE_TILES`); rows_per_tile at most MAX_ROWS_PER_TILE.
+    fill_hidden=False leaves the key tiles wholly past a query tile's last position unwritten (undefined values,
+    not -inf): for callers that stop each row at its causal length, such as `indexer_topk_pallas`, it saves
+    writing the hidden half of a causal [T, S] block."""
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
-    tiles = _Tiling.of(q.shape, k.shape[1], rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,
-                       block_k=block_k)
+    if rows_per_tile > MAX_ROWS_PER_TILE:
+        raise ValueError(f"rows_per_tile must be at most {MAX_ROWS_PER_TILE} (larger tiles computed wrong scores "
+                         f"on an H100), got {rows_per_tile}")
+
+    def tiling(defaults):
+        rows, block, warps, stages = defaults
+        return (_Tiling.of(q.shape, k.shape[1], rows_per_tile=rows_per_tile or rows,
+                           heads_per_step=heads_per_step, block_k=block_k or block), warps, stages)
+
+    tiles, warps, stages = tiling(_WALKING_TILES[q.dtype.itemsize])
+    if walk_keys is None:  # 4-byte inputs only when asked: fp32 key tiles leave few pipeline stages
+        walk_keys = q.dtype.itemsize <= 2 and q.shape[0] * (tiles.num_q_p // tiles.block_q) >= PROGRAMS_TO_FILL_GPU
+    if not walk_keys:
+        tiles, warps, stages = tiling(_PER_TILE_TILES)
+    num_warps, num_stages = num_warps or warps, num_stages or stages
     batch, num_q, num_keys = q.shape[0], q.shape[1], k.shape[1]
     block_q, block_k, groups = tiles.block_q, tiles.block_k, tiles.groups
     q, w, k, positions = tiles.pad(q, w, k, q_positions)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     common = dict(block_q=block_q, block_k=block_k, heads_per_step=tiles.step, precision=precision,
-                  epilogue=epilogue)
+                  epilogue=epilogue, write_hidden=fill_hidden)
     q_spec = (None, None, groups, tiles.rows, k.shape[2])
     w_spec = (None, None, groups, tiles.rows)
     k_scales = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])] if fp8 else []
     out_shape = jax.ShapeDtypeStruct((batch, q.shape[1], k.shape[1]), jnp.float32)
-    if walk_keys is None:  # (4-byte inputs: a walking program's stages of fp32 key tiles overflow shared memory)
-        walk_keys = q.dtype.itemsize <= 2 and batch * (q.shape[1] // block_q) >= PROGRAMS_TO_FILL_GPU
-    num_stages = num_stages or (3 if walk_keys else 4)
     params = dict(interpret=interpret, name="indexer_scores",
                   compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
     if walk_keys:
@@ -262,8 +299,9 @@ def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = Fa
     chunk = next_pow2(chunk) // 2 if next_pow2(chunk) > chunk else chunk  # a power of two, for even tiles
 
     def one_chunk(q_c, w_c, pos_c):
-        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret)
-        return topk_pallas(scores, topk, pos_c + 1, interpret=interpret)  # each row stops at its causal length
+        # Each row's top-k stops at its causal length, so the tiles past it need not be written.
+        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret, fill_hidden=False)
+        return topk_pallas(scores, topk, pos_c + 1, interpret=interpret)
 
     if chunk >= num_q:
         return one_chunk(q, w, q_positions)

@@ -5,14 +5,17 @@ Selection needs far less: find the k-th largest score, then keep what is above i
 int32 keys (float bits with the magnitude bits flipped for negatives; -inf, NaN and keys past the row's length
 become INT_MIN, "invisible").
 
-Exact radix select (`_kth_largest`): the k-th largest key is found digit by digit, 4 bits per pass, most significant
-first; each pass streams the keys once and counts, for the 16 candidate values of the next digit, how many keys are
-at least that large. Eight passes pin the key exactly. A last pass writes the selected ids by stream compaction (a
-running offset plus an exclusive cumsum per block), in ascending id order, taking keys equal to the threshold in
-ascending id order until k are chosen: the lower id wins a tie, as in the reference.
+Exact radix select (`_kth_largest`): the k-th largest key is found digit by digit, 2 bits per pass, most significant
+first; each pass streams the keys once and counts, for the 4 candidate values of the next digit, how many keys are
+at least that large. Sixteen passes pin the key exactly. (Each key costs passes x candidates compares: 16 x 4 = 64
+with 2-bit digits against 8 x 16 = 128 with 4-bit ones; on an H100 the select kernel, which is compute-bound, went
+1.11 -> 0.78 ms for 8192 rows of 32K; 1-bit digits, 32 passes x 2, were slower than either.) A last pass writes
+the selected ids by stream compaction (a running offset plus an exclusive cumsum per block), in ascending id
+order, taking keys equal to the threshold in ascending id order until k are chosen: the lower id wins a tie, as in
+the reference.
 
-Nine passes over a row of 128K is what made the first version only ~1.8x faster than `lax.top_k`, so the row is now
-read about once (two kernels, one program per row each):
+Nine passes over a row of 128K (4-bit digits then) is what made the first version only ~1.8x faster than
+`lax.top_k`, so the row is now read about once (two kernels, one program per row each):
   1. candidates: read a strided sample of the row (`sample` keys), take as floor the sample key whose expected count
      in the row is half the candidate capacity W (W = 4k rounded to a power of two), and stream-compact every key
      >= floor (ids and keys, ascending ids) into a [W] buffer, counting but not writing past it. Rows no longer
@@ -42,7 +45,7 @@ from pallas_kernels.topk_reference import INVALID
 
 INT_MIN = -(2 ** 31)
 LOWEST_VISIBLE = INT_MIN + 1
-DIGIT_BITS = 4
+DIGIT_BITS = 2
 NUM_PASSES = 32 // DIGIT_BITS
 RADIX = 1 << DIGIT_BITS
 FALLBACK = -1  # candidate count that sends a row to the whole-row select
@@ -69,7 +72,7 @@ def _row_blocks(scores_ref, length, block: int):
 def _kth_largest(num_blocks, keys_of_block, rank, block: int):
     """Radix descent over the keys of `num_blocks` blocks -> (threshold, above): the rank-th largest key and how
     many keys are strictly larger. With fewer than `rank` visible keys the threshold is INT_MIN."""
-    digits = lax.iota(jnp.int32, RADIX)[:, None] + 1  # candidate digits 1..16 (16 = the next prefix's start)
+    digits = lax.iota(jnp.int32, RADIX)[:, None] + 1  # candidate digits 1..RADIX (RADIX = the next prefix's start)
     prefix = jnp.int32(INT_MIN)
     counts = digit = None
     for p in range(NUM_PASSES):
@@ -81,7 +84,8 @@ def _kth_largest(num_blocks, keys_of_block, rank, block: int):
             return acc + (keys[None, :] >= thresholds).astype(jnp.int32)
 
         counts = lax.fori_loop(0, num_blocks, count_block, jnp.zeros((RADIX, block), jnp.int32)).sum(axis=1)
-        # counts fall as the digit grows; the digit is how many of 1..15 still keep `rank` keys (16 is not one).
+        # counts fall as the digit grows; the digit is how many of 1..RADIX-1 still keep `rank` keys (RADIX is not
+        # a digit).
         digit = jnp.sum(((counts >= rank) & (lax.iota(jnp.int32, RADIX) < RADIX - 1)).astype(jnp.int32))
         prefix = prefix + (digit << shift)
     # From the last pass: keys > threshold are keys >= threshold + 1, the count for candidate digit + 1.
@@ -195,6 +199,13 @@ def _one_spec():
     return pl.BlockSpec((1,), lambda r: (r,))
 
 
+# Keys per step of the select kernel. Its radix counts keep a [RADIX, block] int32 accumulator in registers: with
+# 4-bit digits and 1024 keys the kernel took 255 registers and spilled (ncu on an H100, 8192 rows of 32K: 4.3M
+# local loads, 12.5% occupancy, select 1.88 ms); 256 keys: 96 registers, 1.11 ms; with 2-bit digits 512 keys won
+# (0.71 ms; 128 / 256: 0.73 / 0.78).
+SELECT_BLOCK = 512
+
+
 def _default_tiles(num_keys: int) -> tuple[int, int]:
     """(block, num_warps) from an H100 sweep (docs/BENCHMARKS.md): long rows amortise each step's scans and
     reductions over more keys; short rows are few steps and prefer small blocks."""
@@ -206,21 +217,22 @@ def _call_params(interpret, num_warps, num_stages):
                 compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
 
 
-def _candidates(scores, k, lengths, *, interpret, block, num_warps, num_stages, capacity, sample):
+def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps, num_stages, capacity, sample):
     """Kernel 1 with its inputs prepared: scores f32[..., S] -> (lead shape, rows f32[R, S_pad], lengths int32[R],
-    block, ids int32[R, W], keys int32[R, W], count int32[R]); count = FALLBACK where the candidates might miss
-    part of the top-k. Options as in `topk_pallas`."""
+    select_block, ids int32[R, W], keys int32[R, W], count int32[R]); count = FALLBACK where the candidates might
+    miss part of the top-k. Options as in `topk_pallas`."""
     *lead, num_keys = scores.shape
     if not 0 < k <= num_keys:
         raise ValueError(f"top-k over {num_keys} keys needs 0 < k <= {num_keys}, got k={k}")
     default_block, default_warps = _default_tiles(num_keys)
     block = min(block or default_block, next_pow2(num_keys))
+    width = max(next_pow2(capacity or 4 * k), block)  # W
+    select_block = min(select_block or SELECT_BLOCK, width, next_pow2(num_keys))  # (divides W: powers of two)
     rows = scores.reshape(-1, num_keys).astype(jnp.float32)
-    rows = pad_axis(rows, 1, round_up(num_keys, block), -jnp.inf)
+    rows = pad_axis(rows, 1, round_up(num_keys, max(block, select_block)), -jnp.inf)
     if lengths is None:
         lengths = jnp.full(rows.shape[:1], num_keys, jnp.int32)
     lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(-1), 0, num_keys)
-    width = max(next_pow2(capacity or 4 * k), block)  # W
     num_rows = rows.shape[0]
     ids, keys, count = pl.pallas_call(
         functools.partial(_candidates_kernel, k=k, block=block, sample=round_up(sample, block)),
@@ -231,39 +243,41 @@ def _candidates(scores, k, lengths, *, interpret, block, num_warps, num_stages, 
         + [jax.ShapeDtypeStruct((num_rows,), jnp.int32)],
         name="topk_candidates", **_call_params(interpret, num_warps or default_warps, num_stages),
     )(lengths, rows)
-    return lead, rows, lengths, block, ids, keys, count
+    return lead, rows, lengths, select_block, ids, keys, count
 
 
-_OPTIONS = ("k", "interpret", "block", "num_warps", "num_stages", "capacity", "sample")
+_OPTIONS = ("k", "interpret", "block", "select_block", "num_warps", "num_stages", "capacity", "sample")
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS)
 def candidate_counts(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
-                     block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0,
-                     sample: int = 1024):
+                     block: int = 0, select_block: int = 0, num_warps: int = 0, num_stages: int = 3,
+                     capacity: int = 0, sample: int = 1024):
     """Kernel 1 alone (for tests and benchmarks): int32[...] candidates per row, FALLBACK (-1) for rows that
     `topk_pallas` sends to the whole-row select. Arguments as in `topk_pallas`."""
-    lead, *_, count = _candidates(scores, k, lengths, interpret=interpret, block=block, num_warps=num_warps,
-                                  num_stages=num_stages, capacity=capacity, sample=sample)
+    lead, *_, count = _candidates(scores, k, lengths, interpret=interpret, block=block, select_block=select_block,
+                                  num_warps=num_warps, num_stages=num_stages, capacity=capacity, sample=sample)
     return count.reshape(lead)
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS)
 def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
-                block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0, sample: int = 1024):
+                block: int = 0, select_block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0,
+                sample: int = 1024):
     """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
     -> int32[..., k] in the top-k convention of `topk_reference` (ascending ids, then -1).
 
     capacity: candidate slots per row (0 = 4k; rounded up to a power of two and to a block); sample: keys in the
-    strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step and
-    warps per row (0 = by row length, `_default_tiles`)."""
+    strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step of the
+    candidates kernel and warps per row (0 = by row length, `_default_tiles`); select_block: keys per step of the
+    select kernel (0 = SELECT_BLOCK; at most the capacity)."""
     num_warps = num_warps or _default_tiles(scores.shape[-1])[1]
-    lead, rows, lengths, block, ids, keys, count = _candidates(
-        scores, k, lengths, interpret=interpret, block=block, num_warps=num_warps, num_stages=num_stages,
-        capacity=capacity, sample=sample)
+    lead, rows, lengths, select_block, ids, keys, count = _candidates(
+        scores, k, lengths, interpret=interpret, block=block, select_block=select_block, num_warps=num_warps,
+        num_stages=num_stages, capacity=capacity, sample=sample)
     k_pad = next_pow2(k + 1)  # one spare slot past k (see _masked_slots)
     out = pl.pallas_call(
-        functools.partial(_select_kernel, k=k, block=block, out_block=min(k_pad, 1024)),
+        functools.partial(_select_kernel, k=k, block=select_block, out_block=min(k_pad, 1024)),
         grid=(rows.shape[0],),
         in_specs=[_one_spec(), _one_spec(), _row_spec(rows.shape[1]), _row_spec(ids.shape[1]),
                   _row_spec(ids.shape[1])],

@@ -258,42 +258,50 @@ def bench_context(s: int, args, key) -> dict:
     return out
 
 
+def _sweep_variant(name: str, fn, args, flops: float, repeats: int) -> None:
+    """Time one scores variant and compare it with the reference on the first 64 queries: a tile choice can
+    compile into wrong scores (512-row bf16 tiles did on an H100), and a fast wrong variant must not win."""
+    try:
+        q, w, k, pos, *k_scale = args
+        got = np.asarray(fn(*args)[:, :64])
+        want = np.asarray(indexer_scores_reference(q[:, :64], w[:, :64], k, pos[:, :64], *k_scale))
+        finite = np.isfinite(want)
+        wrong = not (np.isfinite(got) == finite).all() or rel_err(got[finite], want[finite]) > 2e-2
+        t = timed(fn, *args, repeats=repeats)
+        print(f"sweep {name}: {t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s"
+              f"{'  WRONG (differs from the reference)' if wrong else ''}", flush=True)
+    except Exception as err:  # noqa: BLE001 (a variant that does not compile is reported, not fatal)
+        print(f"sweep {name}: {type(err).__name__} {str(err)[:120]}", flush=True)
+
+
 def sweep(args, key) -> None:
     """Tile/warp variants of the kernels named by --sweep at one context (--contexts[0]); prints ms per variant."""
     s = args.contexts[0]
     ks = jax.random.split(key, 8)
     (q, w, k, pos), flops = scores_inputs(ks, s, min(args.chunk, s))
-    # (rows, key block, heads per step, warps, stages, walk_keys)
+    # (rows, key block, heads per step, warps, stages, walk_keys); 0 = the default
     score_tiles = ((128, 128, 0, 4, 4, False), (128, 128, 16, 4, 4, False), (128, 128, 32, 4, 4, False),
-                   (128, 128, 16, 4, 3, False), (256, 128, 32, 8, 3, False), (128, 64, 16, 4, 4, False),
-                   (64, 128, 16, 4, 4, False), (128, 128, 8, 4, 4, False), (128, 128, 0, 4, 3, True),
-                   (128, 64, 0, 4, 4, True), (64, 128, 0, 4, 4, True))
+                   (256, 128, 32, 8, 3, False), (128, 64, 16, 4, 4, False), (128, 128, 0, 4, 3, True),
+                   (128, 64, 0, 4, 3, True), (256, 64, 0, 8, 3, True), (256, 64, 0, 8, 2, True),
+                   (256, 128, 0, 8, 3, True), (256, 64, 0, 8, 4, True), (128, 64, 32, 4, 3, True))
     for rows, bk, hps, warps, stages, walk in score_tiles if "scores" in args.sweep else ():
         fn = jax.jit(lambda a, b, c, d, rows=rows, bk=bk, hps=hps, warps=warps, stages=stages, walk=walk:
                      indexer_scores_pallas(a, b, c, d, rows_per_tile=rows, block_k=bk, heads_per_step=hps,
                                            num_warps=warps, num_stages=stages, walk_keys=walk))
-        name = f"rows={rows} bk={bk} heads_per_step={hps} warps={warps} stages={stages} walk_keys={walk}"
-        try:
-            t = timed(fn, q, w, k, pos, repeats=args.repeats)
-            print(f"sweep scores {name}: {t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
-        except Exception as err:  # noqa: BLE001
-            print(f"sweep scores {name}: {type(err).__name__}", flush=True)
+        _sweep_variant(f"scores rows={rows} bk={bk} heads_per_step={hps} warps={warps} stages={stages} "
+                       f"walk_keys={walk}", fn, (q, w, k, pos), flops, args.repeats)
     q8, w8, k8, k_scale = quantize_fp8(q, w, k)
     # (rows, key block, warps, stages, walk_keys)
-    fp8_tiles = ((128, 128, 4, 4, False), (128, 128, 8, 3, False), (256, 128, 8, 3, False),
-                 (128, 256, 8, 3, False), (256, 64, 4, 4, False), (64, 128, 4, 4, False), (128, 128, 4, 3, True),
-                 (128, 128, 4, 4, True), (128, 64, 4, 4, True), (256, 128, 8, 3, True), (256, 64, 8, 4, True)
+    fp8_tiles = ((128, 128, 4, 4, False), (256, 128, 8, 3, False), (256, 64, 4, 4, False),
+                 (128, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 64, 4, 5, True),
+                 (256, 64, 8, 3, True), (256, 64, 8, 4, True), (128, 32, 4, 4, True)
                  ) if not args.ablation_only else ()
     for rows, bk, warps, stages, walk in fp8_tiles if "fp8" in args.sweep else ():
         fn = jax.jit(lambda a, b, c, d, e, rows=rows, bk=bk, warps=warps, stages=stages, walk=walk:
                      indexer_scores_pallas(a, b, c, d, e, rows_per_tile=rows, block_k=bk, num_warps=warps,
                                            num_stages=stages, walk_keys=walk))
-        name = f"rows={rows} bk={bk} warps={warps} stages={stages} walk_keys={walk}"
-        try:
-            t = timed(fn, q8, w8, k8, pos, k_scale, repeats=args.repeats)
-            print(f"sweep scores fp8 {name}: {t * 1e3:.2f} ms {flops / t / 1e12:.0f} TFLOP/s", flush=True)
-        except Exception as err:  # noqa: BLE001
-            print(f"sweep scores fp8 {name}: {type(err).__name__}", flush=True)
+        _sweep_variant(f"scores fp8 rows={rows} bk={bk} warps={warps} stages={stages} walk_keys={walk}", fn,
+                       (q8, w8, k8, pos, k_scale), flops, args.repeats)
     if "fp8" in args.sweep:  # decode: the indexer of one new token per row over an fp8 key cache or a bf16 one
         bd = args.decode_batch
         kd = jax.random.normal(ks[4], (bd, s, I), BF16)
@@ -322,14 +330,15 @@ def sweep(args, key) -> None:
     if "topk" in args.sweep:
         t1 = timed(jax.jit(lambda x: candidate_counts(x, K)), rows_, repeats=args.repeats)
         print(f"sweep topk candidates kernel alone (defaults): {t1 * 1e3:.2f} ms", flush=True)
-    topk_variants = ((512, 4, 3, 1024), (512, 4, 3, 2048), (1024, 8, 3, 1024), (1024, 8, 2, 1024),
-                     (1024, 4, 3, 1024), (2048, 8, 3, 1024), (2048, 16, 3, 1024), (1024, 8, 3, 2048),
-                     (256, 4, 3, 1024))
-    for block, warps, stages, sample in topk_variants if "topk" in args.sweep else ():
-        t = timed(jax.jit(lambda x, b=block, wp=warps, st=stages, sp=sample: topk_pallas(
-            x, K, block=b, num_warps=wp, num_stages=st, sample=sp)), rows_, repeats=args.repeats)
-        print(f"sweep topk block={block} warps={warps} stages={stages} sample={sample}: {t * 1e3:.2f} ms",
-              flush=True)
+    # (candidates block, select block, warps, stages, sample); 0 = the default
+    topk_variants = ((512, 0, 4, 3, 1024), (1024, 0, 4, 3, 1024), (1024, 0, 8, 3, 1024), (1024, 0, 4, 2, 1024),
+                     (1024, 0, 4, 3, 2048), (2048, 0, 8, 3, 1024), (1024, 128, 4, 3, 1024),
+                     (1024, 256, 4, 3, 1024), (1024, 1024, 4, 3, 1024))
+    for block, select_block, warps, stages, sample in topk_variants if "topk" in args.sweep else ():
+        t = timed(jax.jit(lambda x, b=block, sb=select_block, wp=warps, st=stages, sp=sample: topk_pallas(
+            x, K, block=b, select_block=sb, num_warps=wp, num_stages=st, sample=sp)), rows_, repeats=args.repeats)
+        print(f"sweep topk block={block} select_block={select_block} warps={warps} stages={stages} "
+              f"sample={sample}: {t * 1e3:.2f} ms", flush=True)
     if "sparse" not in args.sweep:
         return
     nq = min(args.sparse_queries, s)

@@ -144,12 +144,15 @@ def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
     with jax.default_matmul_precision("highest"):
         want = np.asarray(indexer_scores_reference(q, w, k, pos))
     # all heads in one dot; 4 head groups accumulated in a loop; one program walking every key tile of its queries
-    # (16-key tiles: several visible and hidden ones per row)
-    for heads_per_step, walk_keys, block_k in ((0, False, 128), (4, False, 128), (0, True, 16)):
+    # (16-key tiles: several visible and hidden ones per row), with one head group or 4; hidden tiles left unwritten
+    for heads_per_step, walk_keys, block_k, fill_hidden in ((0, False, 128, True), (4, False, 128, True),
+                                                            (0, True, 16, True), (4, True, 16, True),
+                                                            (0, True, 16, False), (0, False, 16, False)):
         got = np.asarray(indexer_scores_pallas(q, w, k, pos, heads_per_step=heads_per_step, walk_keys=walk_keys,
-                                               block_k=block_k, **_flags(impl)))
+                                               block_k=block_k, fill_hidden=fill_hidden, **_flags(impl)))
         finite = np.isfinite(want)
-        assert (np.isfinite(got) == finite).all()
+        if fill_hidden:
+            assert (np.isfinite(got) == finite).all()
         # bf16 inputs: both sides multiply exactly and accumulate in fp32; only the summation order differs.
         assert rel_err(got[finite], want[finite]) < (2e-3 if impl == "pallas" and dtype == jnp.float32 else tol)
 
@@ -214,6 +217,8 @@ def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, sh
     assert rel_err(want[finite], exact[finite]) < 0.06
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         indexer_scores_pallas(q, w8, k, pos, k_scale, **_flags(impl))
+    with pytest.raises(ValueError, match="rows_per_tile must be at most 256"):  # a tile that miscompiled on a GPU
+        indexer_scores_pallas(q8, w8, k8, pos, k_scale, rows_per_tile=512, **_flags(impl))
 
 
 def test_fast_triton_lowerings_are_reached_on_this_jax():
