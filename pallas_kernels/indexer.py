@@ -186,9 +186,10 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     queries. walk_keys: one program per block_q queries walks all their key tiles with its query tile loaded once
     (with all heads in one group), so only the keys stream from L2 (on an H100 at 32K and 128K: bf16 565, fp8
     850-901 TFLOP/s); otherwise one program per (key tile, query tile), which keeps a GPU busy when there are few
-    query tiles (decode: 340-380 bf16, 525-555 fp8). None: walk when there are at least PROGRAMS_TO_FILL_GPU query
-    tiles and 1- or 2-byte inputs. rows_per_tile, block_k, num_warps, num_stages: 0 = the defaults for the program
-    kind and input dtype (`_WALKING_TILES`, `_PER_TILE_TILES`); rows_per_tile at most MAX_ROWS_PER_TILE.
+    query tiles, as in decode (on the same 4096-query chunks: 340-380 bf16, 525-555 fp8). None: walk when there
+    are at least PROGRAMS_TO_FILL_GPU query tiles and 1- or 2-byte inputs. rows_per_tile, block_k, num_warps,
+    num_stages: 0 = the defaults for the program kind and input dtype (`_WALKING_TILES`, `_PER_TILE_TILES`);
+    rows_per_tile at most MAX_ROWS_PER_TILE.
     fill_hidden=False leaves the key tiles wholly past a query tile's last position unwritten (undefined values,
     not -inf): for callers that stop each row at its causal length, such as `indexer_topk_pallas`, it saves
     writing the hidden half of a causal [T, S] block."""
