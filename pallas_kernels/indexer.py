@@ -50,7 +50,7 @@ def _score_tile(head_group_of, groups: int, keys, key_scales, positions, first_k
             logits = lax.dot_general(keys, q_group, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                      precision=precision)
         weighted = jnp.maximum(logits, 0.0) * w_group.astype(jnp.float32)[None, :]
-        if epilogue == "sum":  # profiling ablation only (see indexer_scores_pallas)
+        if epilogue == "sum":  # profiling ablation only (head_sum_ablation)
             weighted = logits
         return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
 
@@ -172,14 +172,12 @@ MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
-                                             "num_warps", "num_stages", "epilogue", "walk_keys", "fill_hidden"))
+                                             "num_warps", "num_stages", "walk_keys", "fill_hidden"))
 def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 0,
                           rows_per_tile: int = 0, heads_per_step: int = 0, num_warps: int = 0,
-                          num_stages: int = 0, epilogue: str = "relu_weighted_sum",
-                          walk_keys: Optional[bool] = None, fill_hidden: bool = True):
+                          num_stages: int = 0, walk_keys: Optional[bool] = None, fill_hidden: bool = True):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos).
     fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`).
-    epilogue="sum" is a profiling ablation that drops the ReLU and head weights: not scores.
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
@@ -193,6 +191,20 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     fill_hidden=False leaves the key tiles wholly past a query tile's last position unwritten (undefined values,
     not -inf): for callers that stop each row at its causal length, such as `indexer_topk_pallas`, it saves
     writing the hidden half of a causal [T, S] block."""
+    return _scores(q, w, k, q_positions, k_scale, epilogue="relu_weighted_sum", interpret=interpret,
+                   block_k=block_k, rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,
+                   num_warps=num_warps, num_stages=num_stages, walk_keys=walk_keys, fill_hidden=fill_hidden)
+
+
+def head_sum_ablation(q, w, k, q_positions, k_scale=None, **options):
+    """Profiling only, not scores: `indexer_scores_pallas` with the ReLU and head weights dropped (a plain sum of
+    q_h . k over heads), to time what the epilogue costs. Options as in `indexer_scores_pallas`."""
+    return _scores(q, w, k, q_positions, k_scale, epilogue="sum", **options)
+
+
+def _scores(q, w, k, q_positions, k_scale, *, epilogue: str, interpret: bool = False, block_k: int = 0,
+            rows_per_tile: int = 0, heads_per_step: int = 0, num_warps: int = 0, num_stages: int = 0,
+            walk_keys: Optional[bool] = None, fill_hidden: bool = True):
     fp8 = k_scale is not None
     if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
         raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")

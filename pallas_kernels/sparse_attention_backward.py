@@ -14,8 +14,8 @@ program per token) sums a slot block's contribution over all heads, block_h at a
 [B, S+1, L] buffer with relaxed atomic adds (`_triton_ops`), one per piece.
 Both rebuild the probabilities: a second pass of matmuls costs less than per-head-block atomics (measured on an
 H100: a single kernel adding per head block was 1.7x slower than XLA's gradient of the reference). Row S is a sink
-for -1 slots, so that no slot adds into a real row twice within one atomic call (the interpreter applies an indexed
-add as one gather-then-set, which would drop a duplicate; the top-k convention has no other repeated ids).
+for -1 slots, whose adds are discarded. A slot id repeated within a token (not produced by our top-k, but valid
+input) adds once per occurrence, on the GPU and in interpret mode alike, as the reference's gradient does.
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ the reference.
 Nine passes over a row of 128K (4-bit digits then) is what made the first version only ~1.8x faster than
 `lax.top_k`, so the row is now read about once (two kernels, one program per row each):
   1. candidates: read a strided sample of the row (`sample` keys), take as floor the sample key whose expected count
-     in the row is half the candidate capacity W (W = 4k rounded to a power of two), and stream-compact every key
-     >= floor (ids and keys, ascending ids) into a [W] buffer, counting but not writing past it. Rows no longer
-     than the buffer skip the sample and keep every visible key.
+     in the row is k plus a safety margin of 3.5 sampling spreads, at most half the candidate capacity W (W = 4k
+     rounded to a power of two; `_sample_rank`), and stream-compact every key >= floor (ids and keys, ascending
+     ids) into a [W] buffer, counting but not writing past it. Rows of at most 2k keys skip the sample and keep
+     every visible key. (Rows of 8K with k = 2048 keep ~2.5K candidates, not all 8K as when every row that fit
+     the buffer skipped the sample.)
   2. select: if the candidates are sure to hold the row's top-k (at least k of them, or every visible key, and no
      overflow), run the exact radix select on the candidates only (W keys, L2-resident); otherwise (an unlucky
      sample, or heavy ties) run it on the whole row. Either way the answer is exact and identical, ties included,
@@ -49,6 +51,7 @@ DIGIT_BITS = 2
 NUM_PASSES = 32 // DIGIT_BITS
 RADIX = 1 << DIGIT_BITS
 FALLBACK = -1  # candidate count that sends a row to the whole-row select
+SAMPLE_MARGIN = 3.5  # spreads of the sampled count kept above k (`_sample_rank`)
 
 
 def sortable_keys(scores, visible):
@@ -135,26 +138,43 @@ def _select_into(out_ref, num_blocks, keys_of_block, k: int, block: int, out_blo
               mask=slots >= written)
 
 
+def _sample_rank(length, k: int, capacity: int, sample: int):
+    """The rank, within a strided sample of `sample` keys, of the key to use as the candidates' floor.
+
+    The sample key of rank r has about r * length / sample keys at or above it in the row, with a relative spread
+    of about 1 / sqrt(r). The smallest r whose count stays above k by SAMPLE_MARGIN spreads solves
+    r - z sqrt(r) = k * sample / length; fewer candidates make the select cheaper, and a count below k sends the
+    row to the whole-row select (correct, slower). The rank is capped where the count would reach half the
+    buffer, so that it rarely overflows."""
+    length = jnp.maximum(length, 1)
+    needed = (k * sample) / length.astype(jnp.float32)
+    z = SAMPLE_MARGIN
+    with_margin = jnp.ceil(((z + jnp.sqrt(z * z + 4.0 * needed)) / 2.0) ** 2).astype(jnp.int32)
+    half_buffer = (capacity // 2 * sample + length - 1) // length
+    return jnp.clip(jnp.minimum(with_margin, half_buffer), 1, sample)
+
+
 def _candidates_kernel(length_ref, scores_ref, ids_ref, keys_ref, count_ref, *, k: int, block: int, sample: int):
     # length_ref [1], scores_ref [S_pad], ids_ref / keys_ref [W] (slot W-1 is the spare), count_ref [1]
     length = length_ref[0]
     capacity = ids_ref.shape[0] - 1
-    last_key = scores_ref.shape[0] - 1
-    stride = jnp.maximum(length // sample, 1)
     lanes = lax.iota(jnp.int32, block)
 
     def sample_block(j):
-        at = (j * block + lanes) * stride
-        return at, sortable_keys(load(scores_ref.at[jnp.minimum(at, last_key)]), at < length)
+        # Sample i sits at floor(i * length / sample), computed without overflowing int32: spread evenly over the
+        # whole row, whatever its length (shorter rows than the sample repeat keys, which keeps the proportions).
+        i = j * block + lanes
+        at = i * (length // sample) + (i * (length % sample)) // sample
+        return at, sortable_keys(load(scores_ref.at[at]), at < length)
 
     def sampled_floor():
-        # The sample key of rank r has about r * length / sample keys at or above it in the row: aim at half the
-        # buffer.
-        rank = jnp.clip((capacity // 2 * sample + length - 1) // jnp.maximum(length, 1), 1, sample)
+        rank = _sample_rank(length, k, capacity, sample)
         return jnp.maximum(_kth_largest(sample // block, sample_block, rank, block)[0], LOWEST_VISIBLE)
 
-    # (The short-row branch computes its constant from an operand: the Triton lowering cannot yield a literal.)
-    floor = lax.cond(length > capacity, lambda _: sampled_floor(), lambda n: n * 0 + LOWEST_VISIBLE, length)
+    # Rows of at most 2k keys (or that fit a smaller buffer) keep every visible key: a sample would cut few.
+    # (That branch computes its constant from an operand: the Triton lowering cannot yield a literal.)
+    floor = lax.cond(length > min(capacity, 2 * k), lambda _: sampled_floor(),
+                     lambda n: n * 0 + LOWEST_VISIBLE, length)
 
     def write(slots, ids, keys, take):
         keep = take & (slots < capacity)

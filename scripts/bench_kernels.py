@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
+from pallas_kernels.indexer import head_sum_ablation, indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import (indexer_scores_reference, quantize_fp8,  # noqa: E402
                                               quantize_fp8_keys)
 from pallas_kernels.sparse_attention import Tiles, sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
@@ -322,7 +322,7 @@ def sweep(args, key) -> None:
     if "fp8" in args.sweep:  # ablation: what the ReLU + head weights cost, bf16 vs fp8 tensor-core inputs
         for name, args_ in (("bf16", (q, w, k, pos, None)), ("fp8", (q8, w8, k8, pos, k_scale))):
             for epilogue in ("relu_weighted_sum", "sum"):
-                fn = jax.jit(lambda a, b, c, d, e, ep=epilogue: indexer_scores_pallas(a, b, c, d, e, epilogue=ep))
+                fn = jax.jit(indexer_scores_pallas if epilogue == "relu_weighted_sum" else head_sum_ablation)
                 t = timed(fn, *args_, repeats=args.repeats)
                 print(f"sweep scores ablation {name} epilogue={epilogue}: {t * 1e3:.2f} ms "
                       f"{flops / t / 1e12:.0f} TFLOP/s", flush=True)

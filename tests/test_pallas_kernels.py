@@ -18,7 +18,8 @@ from conftest import rel_err
 from indexcache_jax import forward, layer_indices
 from pallas_kernels import dispatch
 from pallas_kernels._triton_ops import reaches_fast_forms
-from pallas_kernels.indexer import indexer_scores_pallas, indexer_scores_trainable, indexer_topk_pallas
+from pallas_kernels.indexer import (head_sum_ablation, indexer_scores_pallas, indexer_scores_trainable,
+                                    indexer_topk_pallas)
 from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_topk_reference, quantize_fp8
 from pallas_kernels.sparse_attention import combine_splits, sparse_mla_decode_pallas, sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
@@ -80,9 +81,13 @@ def _candidate_counts(scores, k, *, capacity, sample, block):
 def test_topk_paths_short_rows_sampled_floor_and_fallbacks():
     rng = np.random.default_rng(11)
     k, capacity, sample, block = 16, 64, 64, 16
-    short = rng.standard_normal((1, 60)).astype(np.float32)  # fits the buffer: every visible key is a candidate
+    short = rng.standard_normal((1, 2 * k)).astype(np.float32)  # at most 2k keys: every visible key is a candidate
     short[0, 7] = -np.inf
-    assert _candidate_counts(short, k, capacity=capacity, sample=sample, block=block)[0] == 59
+    assert _candidate_counts(short, k, capacity=capacity, sample=sample, block=block)[0] == 2 * k - 1
+    # Rows that fit the buffer but are longer than 2k: the sample cuts them to about k + 3.5 spreads (here ~30).
+    middle = rng.standard_normal((4, 60)).astype(np.float32)
+    counts = _candidate_counts(middle, k, capacity=capacity, sample=sample, block=block)
+    assert ((counts >= k) & (counts < 45)).all(), counts
     # Long rows: the sample sets a floor aimed at half the buffer. Continuous scores: 16 sampled keys above it
     # (mean 128 candidates, sd ~32): between k and the capacity (255 usable slots).
     smooth = rng.standard_normal((3, 4096)).astype(np.float32)
@@ -155,6 +160,18 @@ def test_indexer_scores_equal_reference(impl, dtype, tol, shape):
             assert (np.isfinite(got) == finite).all()
         # bf16 inputs: both sides multiply exactly and accumulate in fp32; only the summation order differs.
         assert rel_err(got[finite], want[finite]) < (2e-3 if impl == "pallas" and dtype == jnp.float32 else tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_sum_ablation_drops_only_the_relu_and_head_weights(impl):
+    """The benchmark's profiling ablation computes sum_h q_h . k (same masking), which the public scores never do."""
+    q, w, k, pos = _indexer_inputs(4, 1, 9, 20, 4, 16, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(jnp.einsum("btgi,bsi->bts", q, k))
+    got = np.asarray(head_sum_ablation(q, w, k, pos, walk_keys=True, block_k=16, **_flags(impl)))
+    visible = np.arange(20)[None, None, :] <= np.asarray(pos)[:, :, None]
+    assert (np.isfinite(got) == visible).all()
+    assert rel_err(got[visible], want[visible]) < (2e-3 if impl == "pallas" else 1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -324,6 +341,25 @@ def test_sparse_backward_kernel_equals_reference_gradients(impl, dtype, tol, sha
     assert np.all(np.asarray(got_q[:, 0], np.float32) == 0)  # the query with no valid slot
     tol = max(tol, 2e-3) if impl == "pallas" else tol
     assert rel_err(got_q, want_q) < tol and rel_err(got_kv, want_kv) < tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_attention_counts_a_repeated_slot_once_per_occurrence(impl):
+    """Slot ids repeated within one token (valid input, though our top-k never repeats one): the forward weighs
+    the row once per occurrence and the d_kv scatter adds once per occurrence, in one atomic call, as autodiff of
+    the reference does. In interpret mode this needs the scatter-add discharge of `atomic_add_relaxed`."""
+    q, kv, _ = _sparse_inputs(7, 1, 3, 10, 4, 16, 16, 8, jnp.float32)
+    idx = jnp.asarray([[[4, 4, 4, 1, -1, 4, 9, 1], [2, 2, -1, -1, 7, 7, 7, 7], [0, 5, 5, 5, 5, 5, 5, 3]]], jnp.int32)
+    d_out = jnp.asarray(np.random.default_rng(8).standard_normal(q.shape[:3] + (16,)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        want, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, idx, scale=0.3, value_dim=16), q, kv)
+        want_q, want_kv = vjp(d_out)
+        got, vjp = jax.vjp(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.3, value_dim=16, **_flags(impl)),
+                           q, kv)
+        got_q, got_kv = vjp(d_out)
+    tol = 2e-3 if impl == "pallas" else 1e-5
+    assert rel_err(got, want) < tol and rel_err(got_q, want_q) < tol and rel_err(got_kv, want_kv) < tol
+    assert rel_err(got_kv[:, 4], want_kv[:, 4]) < tol  # row 4, taken 4 times by token 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
