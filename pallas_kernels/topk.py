@@ -16,8 +16,8 @@ the reference.
 
 Nine passes over a row of 128K (4-bit digits then) is what made the first version only ~1.8x faster than
 `lax.top_k`, so the row is now read about once (two kernels, one program per row each):
-  1. candidates: read a strided sample of the row (`sample` keys), take as floor the sample key whose expected count
-     in the row is k plus a safety margin of 3.5 sampling spreads, at most half the candidate capacity W (W = 4k
+  1. candidates: read an evenly spread sample of the row (`sample` keys), take as floor the sample key whose
+     expected count in the row is k plus a safety margin of 3.5 sampling spreads, at most half the capacity W (W = 4k
      rounded to a power of two; `_sample_rank`), and stream-compact every key >= floor (ids and keys, ascending
      ids) into a [W] buffer, counting but not writing past it. Rows of at most 2k keys skip the sample and keep
      every visible key. (Rows of 8K with k = 2048 keep ~2.5K candidates, not all 8K as when every row that fit
@@ -139,7 +139,7 @@ def _select_into(out_ref, num_blocks, keys_of_block, k: int, block: int, out_blo
 
 
 def _sample_rank(length, k: int, capacity: int, sample: int):
-    """The rank, within a strided sample of `sample` keys, of the key to use as the candidates' floor.
+    """The rank, within an evenly spread sample of `sample` keys, of the key to use as the candidates' floor.
 
     The sample key of rank r has about r * length / sample keys at or above it in the row, with a relative spread
     of about 1 / sqrt(r). The smallest r whose count stays above k by SAMPLE_MARGIN spreads solves

@@ -235,8 +235,8 @@ def bench_context(s: int, args, key) -> dict:
     sparse_flops = 2.0 * nq * H * K * (R + P + R)
     out["sparse_ms"], out["sparse_tflops"] = t * 1e3, sparse_flops / t / 1e12
     out["sparse_ms_per_query"] = t * 1e3 / nq
-    # The first K queries of a causal sequence see t + 1 < K keys and select all of them (ids 0..t, then -1): the
-    # kernel stops after their last valid slot block, so they are timed apart for the whole-layer estimate below.
+    # The first K queries of a causal sequence see t + 1 < K keys and select all of them (ids 0..t, then -1):
+    # timed apart for the whole-layer estimate below, so that a kernel that skips -1 slot blocks gets the credit.
     head = min(K, s)
     slots = jnp.arange(K, dtype=jnp.int32)[None, :]
     idx_head = jnp.where(slots <= jnp.arange(head, dtype=jnp.int32)[:, None], slots, -1)[None]
@@ -333,9 +333,8 @@ def sweep(args, key) -> None:
         del kd, kd8
     if "fp8" in args.sweep:  # ablation: what the ReLU + head weights cost, bf16 vs fp8 tensor-core inputs
         for name, args_ in (("bf16", (q, w, k, pos, None)), ("fp8", (q8, w8, k8, pos, k_scale))):
-            for epilogue in ("relu_weighted_sum", "sum"):
-                fn = jax.jit(indexer_scores_pallas if epilogue == "relu_weighted_sum" else head_sum_ablation)
-                t = timed(fn, *args_, repeats=args.repeats)
+            for epilogue, scores_fn in (("relu_weighted_sum", indexer_scores_pallas), ("sum", head_sum_ablation)):
+                t = timed(jax.jit(scores_fn), *args_, repeats=args.repeats)
                 print(f"sweep scores ablation {name} epilogue={epilogue}: {t * 1e3:.2f} ms "
                       f"{flops / t / 1e12:.0f} TFLOP/s", flush=True)
     rows_ = jax.random.normal(ks[3], (args.topk_rows, s), jnp.float32)

@@ -88,6 +88,11 @@ def test_topk_paths_short_rows_sampled_floor_and_fallbacks():
     middle = rng.standard_normal((4, 60)).astype(np.float32)
     counts = _candidate_counts(middle, k, capacity=capacity, sample=sample, block=block)
     assert ((counts >= k) & (counts < 45)).all(), counts
+    # Where half the buffer is far above that (capacity 256, rows of 200), the margin, not the cap, sets the floor:
+    # ~70 candidates expected, against ~128 at half the buffer.
+    roomy = rng.standard_normal((4, 200)).astype(np.float32)
+    counts = _candidate_counts(roomy, k, capacity=256, sample=sample, block=block)
+    assert ((counts >= k) & (counts < 100)).all(), counts
     # Long rows: the sample sets a floor aimed at half the buffer. Continuous scores: 16 sampled keys above it
     # (mean 128 candidates, sd ~32): between k and the capacity (255 usable slots).
     smooth = rng.standard_normal((3, 4096)).astype(np.float32)
