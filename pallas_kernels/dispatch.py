@@ -2,8 +2,9 @@
 
 impl:
   "reference"  plain-jnp kernels (`*_reference.py`): the CPU/TPU fallback and the ground truth;
-  "pallas"     the Pallas kernels compiled for the GPU (Triton backend): `indexer.py`, `topk.py`,
-               `sparse_attention.py`;
+  "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
+               forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
+               jax-triton are installed (bf16/fp16 inputs);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
                logic;
   None         the platform default: "pallas" on a CUDA GPU, "reference" elsewhere.

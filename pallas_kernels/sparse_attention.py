@@ -93,9 +93,60 @@ def _prepare(q, kv, indices, *, value_dim: int, block_k: int, block_h: int, num_
     return q, kv, indices, r_p, p_p, block_k, block_h
 
 
+FORWARD_KERNELS = ("auto", "gluon", "pallas")
+# The Gluon kernel's input limits, here rather than in `sparse_attention_gluon` so that checking them needs no
+# triton: 2-byte inputs, and each warpgroup's half of the (padded) value columns one wgmma of n <= 256.
+GLUON_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+GLUON_MAX_VALUE_DIM = 512
+
+
+def _gluon_unavailable(dtype, value_dim: int, kv_dtype=None) -> Optional[str]:
+    """None when the Gluon forward (`sparse_attention_gluon`) runs here for these inputs, else why not."""
+    from pallas_kernels import _gluon
+    if jnp.dtype(dtype) not in GLUON_DTYPES:
+        return f"it takes bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
+        return f"it takes q and kv of one dtype, got {jnp.dtype(dtype).name} and {jnp.dtype(kv_dtype).name}"
+    if dot_size(value_dim) > GLUON_MAX_VALUE_DIM:
+        return f"value_dim {value_dim} pads to {dot_size(value_dim)}, above its {GLUON_MAX_VALUE_DIM}"
+    return _gluon.unavailable_reason()
+
+
+def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_dim: int, kv_dtype=None) -> str:
+    """The forward kernel that runs: "gluon" or "pallas". forward_kernel "auto" takes the Gluon kernel where it runs
+    (a Hopper GPU with triton and jax-triton, 2-byte inputs) and Pallas elsewhere; "gluon" insists (an error says
+    why it cannot run); "pallas" always is. Interpret mode is Pallas."""
+    if forward_kernel not in FORWARD_KERNELS:
+        raise ValueError(f"forward_kernel must be one of {list(FORWARD_KERNELS)}, got {forward_kernel!r}")
+    if forward_kernel == "pallas" or (interpret and forward_kernel == "auto"):
+        return "pallas"
+    reason = ("the Pallas interpreter runs Pallas kernels only" if interpret
+              else _gluon_unavailable(dtype, value_dim, kv_dtype))
+    if reason is not None and forward_kernel == "gluon":
+        raise ValueError(f"forward_kernel='gluon' cannot run: {reason}")
+    return "pallas" if reason else "gluon"
+
+
+def _gluon_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
+    """The Gluon forward with the same contract as `_sparse_call`: pads heads to its 64-head block and each
+    split's slots to a multiple of two 64-slot blocks (its double-buffered loop needs two; -1 slots cost a masked
+    block)."""
+    from pallas_kernels import sparse_attention_gluon as gluon
+    heads, slots = q.shape[2], indices.shape[-1]
+    q, kv, r_p, _ = _pad_latent(q, kv, value_dim)
+    q = pad_axis(q, 2, round_up(heads, gluon.BLOCK_H.value))
+    indices = pad_axis(indices.astype(jnp.int32), 2, round_up(slots, 2 * gluon.BLOCK_N.value * num_splits), -1)
+    out, lse = gluon.sparse_forward_gluon(q, kv, indices, scale=scale, value_dim=r_p, num_splits=num_splits,
+                                          out_dtype=out_dtype)
+    return out[..., :heads, :value_dim], lse[..., :heads]
+
+
 def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, interpret, block_k, block_h,
-                 num_warps):
+                 num_warps, forward_kernel="auto"):
     """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> (out [B,T,n,H,R'], lse f32[B,T,n,H]) with n = num_splits."""
+    if resolve_forward_kernel(forward_kernel, interpret, q.dtype, value_dim, kv.dtype) == "gluon":
+        return _gluon_call(q, kv, indices, scale=scale, value_dim=value_dim, num_splits=num_splits,
+                           out_dtype=out_dtype)
     batch, num_q, heads, _ = q.shape
     num_keys = kv.shape[1]
     q, kv, indices, r_p, p_p, block_k, block_h = _prepare(q, kv, indices, value_dim=value_dim, block_k=block_k,
@@ -132,13 +183,15 @@ def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, int
 
 
 class Tiles(NamedTuple):
-    """Slots per step, heads per program and warps, for the forward and the backward kernels (0 = by dtype)."""
+    """Slots per step, heads per program and warps, for the forward and the backward kernels (0 = by dtype), and
+    which forward kernel runs (FORWARD_KERNELS; the tiles are the Pallas kernels', the Gluon kernel's are fixed)."""
     block_k: int = 0
     block_h: int = 0
     num_warps: int = 4
     backward_block_k: int = 0
     backward_block_h: int = 0
     backward_num_warps: int = 4
+    forward_kernel: str = "auto"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -149,7 +202,7 @@ def _sparse_mla(q, kv, indices, scale, value_dim, interpret, tiles):
 def _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles):
     out, lse = _sparse_call(q, kv, indices, scale=scale, value_dim=value_dim, num_splits=1, out_dtype=q.dtype,
                             interpret=interpret, block_k=tiles.block_k, block_h=tiles.block_h,
-                            num_warps=tiles.num_warps)
+                            num_warps=tiles.num_warps, forward_kernel=tiles.forward_kernel)
     out, lse = out[:, :, 0], lse[:, :, 0]
     return out, (q, kv, indices, out, lse)
 
@@ -214,18 +267,25 @@ def combine_splits(out, lse):
 
 
 def sparse_mla_decode_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret: bool = False,
-                             num_splits: int = 0, block_k: int = 0, block_h: int = 0, num_warps: int = 4):
+                             num_splits: int = 0, block_k: int = 0, block_h: int = 0, num_warps: int = 4,
+                             forward_kernel: str = "auto"):
     """Decode: q [B,H,L], kv [B,S,L], indices int32[B,K] -> out [B,H,value_dim] (dtype of q).
 
-    num_splits = 0 picks as many splits of the K slots as fill a large GPU in one wave (PROGRAMS_TO_FILL_GPU): on
-    an H100 at B = 64 (256 programs unsplit) one split took 177 us, two 190 us, four 219 us."""
+    num_splits = 0 picks as many splits of the K slots as fill a large GPU in one wave: two Pallas programs per SM
+    (PROGRAMS_TO_FILL_GPU), one Gluon program (it takes 220 KB of shared memory). On an H100 at K = 2048, 128
+    heads: Pallas at B = 64 (256 programs unsplit), one split 177 us, two 190, four 219; Gluon at B = 64, one split
+    135 us, two 145, four 173; at B = 8, one 116 us, two 78, eight 71, sixteen 70.
+    forward_kernel: as in `Tiles` (the Gluon kernel takes 64 heads and at least 128 slots per program)."""
     batch, heads = q.shape[:2]
     block_k, block_h = _tiles(q.dtype, block_k, block_h)
     if num_splits <= 0:
+        programs = PROGRAMS_TO_FILL_GPU
+        if resolve_forward_kernel(forward_kernel, interpret, q.dtype, value_dim, kv.dtype) == "gluon":
+            block_h, block_k, programs = 64, 128, PROGRAMS_TO_FILL_GPU // 2
         head_blocks = -(-dot_size(heads) // min(block_h, dot_size(heads)))
         most = max(1, -(-indices.shape[-1] // min(block_k, dot_size(indices.shape[-1]))))
-        num_splits = max(1, min(most, PROGRAMS_TO_FILL_GPU // (batch * head_blocks)))
+        num_splits = max(1, min(most, programs // (batch * head_blocks)))
     out, lse = _sparse_call(q[:, None], kv, indices[:, None], scale=scale, value_dim=value_dim,
                             num_splits=num_splits, out_dtype=jnp.float32, interpret=interpret, block_k=block_k,
-                            block_h=block_h, num_warps=num_warps)
+                            block_h=block_h, num_warps=num_warps, forward_kernel=forward_kernel)
     return combine_splits(out[:, 0], lse[:, 0]).astype(q.dtype)

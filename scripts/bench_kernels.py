@@ -9,9 +9,10 @@ bf16 inputs, fp32 accumulation. For each context S:
            read once, and how many rows fell back to the whole-row select;
   indexer  scores + top-k for every query of the context (the dispatch's chunked path), causal TFLOP/s; bf16 and
            fp8 (quantisation included);
-  sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s; and apart, the
-           first 2048 queries of a causal sequence, which see (and select) only t + 1 keys;
-  decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read;
+  sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s, with the default
+           forward kernel (Gluon on Hopper, else Pallas) and the Pallas one; and apart, the first 2048 queries of a
+           causal sequence, which see (and select) only t + 1 keys;
+  decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read (both kernels);
   dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
   dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer;
            the prefill is the first 2048 queries as timed plus the rest at the per-query rate of full rows.
@@ -42,7 +43,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.indexer import head_sum_ablation, indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import (indexer_scores_reference, quantize_fp8,  # noqa: E402
                                               quantize_fp8_keys)
-from pallas_kernels.sparse_attention import Tiles, sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.sparse_attention import (Tiles, resolve_forward_kernel,  # noqa: E402
+                                             sparse_mla_decode_pallas, sparse_mla_pallas)
 from pallas_kernels.sparse_attention_reference import (sparse_mla_decode_reference,  # noqa: E402
                                                        sparse_mla_reference)
 from pallas_kernels.topk import FALLBACK, candidate_counts, topk_pallas  # noqa: E402
@@ -230,11 +232,19 @@ def bench_context(s: int, args, key) -> dict:
     kv = jax.random.normal(ks[6], (1, s, R + P), BF16)
     qs = jax.random.normal(ks[7], (1, nq, H, R + P), BF16)
     idx = jnp.sort(jax.random.randint(ks[0], (1, nq, K), 0, s), axis=-1).astype(jnp.int32)
-    sparse = jax.jit(lambda q_, kv_, i_: sparse_mla_pallas(q_, kv_, i_, scale=0.07, value_dim=R))
+
+    def sparse_fn(kernel):
+        return jax.jit(lambda q_, kv_, i_: sparse_mla_pallas(q_, kv_, i_, scale=0.07, value_dim=R,
+                                                             tiles=Tiles(forward_kernel=kernel)))
+    sparse = sparse_fn("auto")  # the Gluon kernel on Hopper with triton installed, else Pallas
+    out["sparse_kernel"] = resolve_forward_kernel("auto", False, BF16, R)
     t = timed(sparse, qs, kv, idx, repeats=args.repeats)
     sparse_flops = 2.0 * nq * H * K * (R + P + R)
     out["sparse_ms"], out["sparse_tflops"] = t * 1e3, sparse_flops / t / 1e12
     out["sparse_ms_per_query"] = t * 1e3 / nq
+    if out["sparse_kernel"] != "pallas":
+        t = timed(sparse_fn("pallas"), qs, kv, idx, repeats=args.repeats)
+        out["sparse_pallas_tflops"] = sparse_flops / t / 1e12
     # The first K queries of a causal sequence see t + 1 < K keys and select all of them (ids 0..t, then -1):
     # timed apart for the whole-layer estimate below, so that a kernel that skips -1 slot blocks gets the credit.
     head = min(K, s)
@@ -248,10 +258,13 @@ def bench_context(s: int, args, key) -> dict:
     kvd = jax.random.normal(ks[1], (bd, s, R + P), BF16)
     qd = jax.random.normal(ks[2], (bd, H, R + P), BF16)
     idxd = jnp.sort(jax.random.randint(ks[3], (bd, K), 0, s), axis=-1).astype(jnp.int32)
-    decode = jax.jit(lambda q_, kv_, i_: sparse_mla_decode_pallas(q_, kv_, i_, scale=0.07, value_dim=R))
-    t = timed(decode, qd, kvd, idxd, repeats=args.repeats * 4)
     decode_bytes = bd * (K * (R + P) * 2 + K * 4 + H * (R + P) * 2 + H * R * 2)
-    out["decode_us"], out["decode_gbs"] = t * 1e6, decode_bytes / t / 1e9
+    kernels = [("auto", "")] + ([("pallas", "_pallas")] if out["sparse_kernel"] != "pallas" else [])
+    for kernel, suffix in kernels:
+        decode = jax.jit(lambda q_, kv_, i_, kernel=kernel: sparse_mla_decode_pallas(
+            q_, kv_, i_, scale=0.07, value_dim=R, forward_kernel=kernel))
+        t = timed(decode, qd, kvd, idxd, repeats=args.repeats * 4)
+        out[f"decode{suffix}_us"], out[f"decode{suffix}_gbs"] = t * 1e6, decode_bytes / t / 1e9
     del kvd
     # -- dense cuDNN flash attention, whole context --
     qh = jax.random.normal(ks[4], (1, s, H, 128), BF16)
@@ -424,7 +437,8 @@ def main() -> None:
     cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("scores_fp8_tflops", "{:8.1f}"),
             ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"), ("topk_fallback_rows", "{:4d}"),
             ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"),
-            ("decode_gbs", "{:8.0f}"), ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
+            ("sparse_pallas_tflops", "{:8.1f}"), ("decode_gbs", "{:8.0f}"), ("decode_pallas_gbs", "{:8.0f}"),
+            ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
     print(" ".join(f"{c:>18s}" for c, _ in cols))
     for r in results:
         print(" ".join(f"{(fmt.format(r[c]) if c in r else 'n/a'):>18s}" for c, fmt in cols))

@@ -10,8 +10,9 @@ kernel runs `--calls` times after compiling (no reference, no timing), e.g.:
 
 Kernels: scores, scores_fp8 (the indexer-scores kernel on the last `--queries` queries of the context), topk
 (its two kernels on `--queries` rows of the context's length, k = 2048),
-sparse (prefill forward), sparse_backward (its two backward kernels, behind one forward), decode (batch
-`--batch`). Inputs are random normal.
+sparse (prefill forward: the default kernel, Gluon's `_sparse_forward_kernel` on Hopper with triton installed),
+sparse_pallas (the Pallas forward, `sparse_mla`), sparse_backward (its two backward kernels, behind one forward),
+decode (batch `--batch`). Inputs are random normal.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_kernels import BF16, H, K, P, R, scores_inputs  # noqa: E402
 from pallas_kernels.indexer import indexer_scores_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import quantize_fp8  # noqa: E402
-from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
+from pallas_kernels.sparse_attention import Tiles, sparse_mla_decode_pallas, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.topk import topk_pallas  # noqa: E402
 
 
@@ -51,20 +52,22 @@ def kernel_call(name: str, s: int, queries: int, batch: int):
     q = jax.random.normal(ks[0], (1, queries, H, R + P), BF16)
     kv = jax.random.normal(ks[1], (1, s, R + P), BF16)
     idx = jnp.sort(jax.random.randint(ks[2], (1, queries, K), 0, s), axis=-1).astype(jnp.int32)
-    if name == "sparse":
-        return jax.jit(lambda a, b, c: sparse_mla_pallas(a, b, c, scale=0.07, value_dim=R)), (q, kv, idx)
+    if name in ("sparse", "sparse_pallas"):
+        tiles = Tiles(forward_kernel="pallas" if name == "sparse_pallas" else "auto")
+        return jax.jit(lambda a, b, c: sparse_mla_pallas(a, b, c, scale=0.07, value_dim=R, tiles=tiles)), (q, kv, idx)
     if name == "sparse_backward":
         d_out = jax.random.normal(ks[3], (1, queries, H, R), jnp.float32)
 
         def loss(a, b):
             return jnp.sum(sparse_mla_pallas(a, b, idx, scale=0.07, value_dim=R).astype(jnp.float32) * d_out)
         return jax.jit(jax.grad(loss, argnums=(0, 1))), (q, kv)
-    raise ValueError(f"unknown kernel {name!r}: scores, scores_fp8, topk, sparse, sparse_backward or decode")
+    raise ValueError(f"unknown kernel {name!r}: scores, scores_fp8, topk, sparse, sparse_pallas, sparse_backward "
+                     "or decode")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", choices=["scores", "scores_fp8", "topk", "sparse", "sparse_backward",
+    parser.add_argument("kernel", choices=["scores", "scores_fp8", "topk", "sparse", "sparse_pallas", "sparse_backward",
                                                      "decode"])
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--queries", type=int, default=1024)

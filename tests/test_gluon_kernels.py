@@ -1,0 +1,186 @@
+"""The Gluon sparse MLA forward (`pallas_kernels.sparse_attention_gluon`) and its dispatch.
+
+Gluon has no interpreter, so on CPU (and in CI) the kernel is compiled for sm_90 by Triton's own compiler, which
+needs no GPU. It must compile at the production shape and at small, padded and split shapes, fit in shared memory,
+not spill, and issue its dots at the shapes that make the two warpgroups split the work: the logits as m64n32
+(each warpgroup half of the 64 slots; a duplicated QK^T would show as m64n64) and the value dot as m64n(R/2).
+Its numbers are checked on a Hopper GPU against the float32 reference (tests marked gpu).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from pallas_kernels import _gluon
+from pallas_kernels.sparse_attention import (Tiles, _sparse_call, sparse_mla_decode_pallas, sparse_mla_pallas)
+from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
+
+SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use
+
+# (heads, latent R, rope P, slots K, splits, input dtype, output dtype): padded sizes, as the wrapper passes them
+COMPILE_CASES = [(128, 512, 64, 2048, 1, "bf16", "bf16"),  # DeepSeek-V3.2 prefill
+                 (128, 512, 64, 2048, 8, "bf16", "fp32"),  # its decode, split
+                 (64, 16, 16, 128, 1, "fp16", "fp16"),  # the smallest widths
+                 (64, 256, 32, 384, 3, "bf16", "fp32")]
+
+
+def _compile(heads, r, p, k, splits, dtype, out_dtype):
+    pytest.importorskip("triton.experimental.gluon")
+    from pallas_kernels import sparse_attention_gluon as gluon
+    constants = gluon.kernel_constants((1, 5, heads, r + p), 300, k, splits, r, 0.1)
+    compiled, _ = _gluon.compile_gluon(gluon._sparse_forward_kernel,
+                                       [f"*{dtype}", f"*{dtype}", "*i32", f"*{out_dtype}", "*fp32"],
+                                       num_warps=gluon.NUM_WARPS, capability=90, constexprs=constants)
+    return compiled
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_gluon_forward_compiles_for_hopper_splits_each_dot_over_the_warpgroups_and_does_not_spill(case, tmp_path,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")  # as jax-triton's import leaves it: compiling must not need it
+    heads, r, p = case[:3]
+    compiled = _compile(*case)
+    ptx = compiled.asm["ptx"]
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)
+    # one pass of the slot loop: (P + R) / 16 logits steps of m64n32, 64 / 16 value steps of m64n(R/2)
+    assert shapes.count("m64n32k16") == (p + r) // 16 and shapes.count(f"m64n{r // 2}k16") == 64 // 16
+    assert len(shapes) == (p + r) // 16 + 4, sorted(set(shapes))
+    from triton.backends.nvidia.compiler import get_ptxas
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(source), "-o",
+                          str(tmp_path / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    assert re.search(r"Used (\d+) registers", log) and int(re.search(r"Used (\d+) registers", log)[1]) <= 255
+    assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+
+
+def test_forward_kernel_choice_is_validated():
+    q = jnp.ones((1, 2, 4, 24), jnp.bfloat16)
+    kv = jnp.ones((1, 5, 24), jnp.bfloat16)
+    idx = jnp.zeros((1, 2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="forward_kernel must be one of"):
+        sparse_mla_pallas(q, kv, idx, scale=0.1, value_dim=16, tiles=Tiles(forward_kernel="triton"))
+    with pytest.raises(ValueError, match="forward_kernel='gluon' cannot run: .*float32"):
+        sparse_mla_pallas(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.1, value_dim=16,
+                          tiles=Tiles(forward_kernel="gluon"))
+    with pytest.raises(ValueError, match="forward_kernel='gluon' cannot run: it takes q and kv of one dtype"):
+        sparse_mla_pallas(q, kv.astype(jnp.float16), idx, scale=0.1, value_dim=16, tiles=Tiles(forward_kernel="gluon"))
+    with pytest.raises(ValueError, match="forward_kernel='gluon' cannot run: the Pallas interpreter"):
+        sparse_mla_pallas(q, kv, idx, scale=0.1, value_dim=16, interpret=True, tiles=Tiles(forward_kernel="gluon"))
+    if not _gluon.available():
+        with pytest.raises(ValueError, match="forward_kernel='gluon' cannot run"):
+            sparse_mla_pallas(q, kv, idx, scale=0.1, value_dim=16, tiles=Tiles(forward_kernel="gluon"))
+
+
+def test_gluon_forward_refuses_unpadded_or_unsupported_inputs_before_compiling():
+    pytest.importorskip("triton.experimental.gluon")
+    from pallas_kernels.sparse_attention_gluon import sparse_forward_gluon
+    q = jnp.ones((1, 2, 64, 48), jnp.bfloat16)
+    kv = jnp.ones((1, 9, 48), jnp.bfloat16)
+
+    def call(q_=q, kv_=kv, slots=128, splits=1):
+        return sparse_forward_gluon(q_, kv_, jnp.zeros((1, 2, slots), jnp.int32), scale=0.1, value_dim=32,
+                                    num_splits=splits, out_dtype=jnp.float32)
+    for bad in (dict(slots=64), dict(slots=192, splits=3), dict(slots=96), dict(q_=q[:, :, :32]),
+                dict(q_=q.astype(jnp.float32), kv_=kv.astype(jnp.float32)), dict(kv_=kv.astype(jnp.float16))):
+        with pytest.raises(ValueError, match="unpadded or unsupported input"):
+            call(**bad)
+
+
+@pytest.mark.parametrize("before", [None, "/some/cache"])
+def test_importing_jax_triton_leaves_the_triton_cache_setting_as_it_was(before, tmp_path, monkeypatch):
+    """jax_triton's import blanks TRITON_CACHE_DIR, which would break every other triton.compile in the process.
+    A stand-in module that does the same checks that the import helper puts the setting back."""
+    (tmp_path / "jax_triton").mkdir()
+    (tmp_path / "jax_triton" / "__init__.py").write_text('import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+    if before is None:
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_DIR", before)
+    module = _gluon._import_jax_triton()
+    assert module.__file__.startswith(str(tmp_path))
+    assert os.environ.get("TRITON_CACHE_DIR") == before
+
+
+# ---- on a Hopper GPU -----------------------------------------------------------------------------------------
+
+def _require_gluon():
+    if not _gluon.available():
+        pytest.skip(str(_gluon.unavailable_reason()))
+
+
+def _inputs(seed, b, t, s, h, r, p, k, dtype, holes=0.3):
+    """Random q, kv and sorted slot rows; query 0 of each row has no valid slot, the others a random share of -1
+    slots anywhere (some whole 64-slot blocks)."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, h, r + p)), dtype)
+    kv = jnp.asarray(rng.standard_normal((b, s, r + p)), dtype)
+    idx = np.sort(rng.integers(0, s, (b, t, k)), axis=-1).astype(np.int32)
+    idx[rng.random(idx.shape) < holes] = -1
+    idx[:, 0] = -1
+    if k > 128:
+        idx[:, 1 % t, 64:128] = -1
+    return q, kv, jnp.asarray(idx)
+
+
+GPU_SHAPES = [(2, 5, 30, 3, 8, 4, 7), (1, 4, 40, 20, 16, 16, 40), (1, 3, 50, 4, 160, 24, 20),
+              (1, 6, 3000, 128, 512, 64, 2048), (2, 3, 700, 96, 512, 64, 300)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 1.5e-2), (jnp.float16, 4e-3)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.gpu
+def test_gluon_prefill_and_decode_equal_reference(shape, dtype, tol):
+    _require_gluon()
+    q, kv, idx = _inputs(3, *shape, dtype)
+    value_dim = shape[4]
+    tiles = Tiles(forward_kernel="gluon")
+    with jax.default_matmul_precision("highest"):
+        want = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.3,
+                                    value_dim=value_dim)
+        want_decode = sparse_mla_decode_reference(q[:, 2].astype(jnp.float32), kv.astype(jnp.float32), idx[:, 2],
+                                                  scale=0.3, value_dim=value_dim)
+    got = sparse_mla_pallas(q, kv, idx, scale=0.3, value_dim=value_dim, tiles=tiles)
+    assert got.dtype == dtype and np.isfinite(np.asarray(got, np.float32)).all()
+    assert np.all(np.asarray(got[:, 0], np.float32) == 0)  # no valid slot: zeros, like the reference
+    assert rel_err(got[:, 1:], want[:, 1:]) < tol
+    for splits in (0, 1, 3):
+        got_decode = sparse_mla_decode_pallas(q[:, 2], kv, idx[:, 2], scale=0.3, value_dim=value_dim,
+                                              num_splits=splits, forward_kernel="gluon")
+        assert rel_err(got_decode, want_decode) < tol, splits
+
+
+@pytest.mark.gpu
+def test_gluon_and_pallas_forwards_agree_on_output_and_log_sum_exp():
+    """The backward kernels take the forward's log-sum-exp: the Gluon forward's must be the Pallas forward's."""
+    _require_gluon()
+    q, kv, idx = _inputs(4, 1, 9, 2000, 128, 512, 64, 1024, jnp.bfloat16)
+    results = {kernel: _sparse_call(q, kv, idx, scale=0.05, value_dim=512, num_splits=1, out_dtype=jnp.float32,
+                                    interpret=False, block_k=64, block_h=32, num_warps=4, forward_kernel=kernel)
+               for kernel in ("gluon", "pallas")}
+    (out_g, lse_g), (out_p, lse_p) = results["gluon"], results["pallas"]
+    assert rel_err(out_g[:, 1:], out_p[:, 1:]) < 2e-3
+    assert np.all(np.asarray(lse_g[:, 0]) == -np.inf) and np.all(np.asarray(lse_p[:, 0]) == -np.inf)
+    np.testing.assert_allclose(np.asarray(lse_g[:, 1:]), np.asarray(lse_p[:, 1:]), rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gluon_forward_with_more_tokens_than_a_grid_axis_holds():
+    """70000 tokens: more than the 65535 programs of a CUDA grid's second or third axis."""
+    _require_gluon()
+    q, kv, idx = _inputs(5, 1, 70000, 500, 3, 16, 16, 128, jnp.bfloat16, holes=0.1)
+    got = sparse_mla_pallas(q, kv, idx, scale=0.3, value_dim=16, tiles=Tiles(forward_kernel="gluon"))
+    rows = np.array([1, 2, 65535, 65536, 69999])
+    want = sparse_mla_reference(q[:, rows].astype(jnp.float32), kv.astype(jnp.float32), idx[:, rows], scale=0.3,
+                                value_dim=16)
+    assert rel_err(got[:, rows], want) < 1.5e-2
