@@ -10,7 +10,8 @@ front end, which jax-triton 0.3.1 does not call. So this module routes Gluon fun
 hands its PTX to the same custom call; plain Triton functions go through jax-triton unchanged.
 
 Everything here is imported lazily: the CPU install (and CI) has neither a CUDA jaxlib nor jax-triton.
-jax-triton's call has no batching rule: under `jax.vmap` use the Pallas kernels (e.g. `forward_kernel="pallas"`).
+jax-triton's call has no batching rule (and no JVP): `vmap_by_folding_into_batch` gives a kernel's wrapper one,
+by folding the mapped axes into the kernel's own batch axis.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 HOPPER = (9, 0)  # wgmma, which the Gluon kernels use, exists on sm_90 only
 
@@ -68,6 +70,29 @@ def gluon_call(*arrays, kernel, out_shape, grid, num_warps: int, **constexprs):
     _route_gluon_through_triton_compile()
     return jax_triton.triton_call(*arrays, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
                                   num_stages=1, **constexprs)
+
+
+def vmap_by_folding_into_batch(fn):
+    """fn(*arrays) -> pytree of arrays, where every input and output carries the batch on axis 0 and an output's
+    row b depends only on the inputs' rows b (a kernel's batch axis) -> the same function, which `jax.vmap` maps
+    by folding the mapped axis into axis 0: one launch of fn over axis_size x batch rows, not a loop. Inputs that
+    are not mapped are broadcast first (a copy: the kernel reads each row's own pointer range). Nested vmaps
+    fold one after another."""
+
+    @jax.custom_batching.custom_vmap
+    def mapped(*arrays):
+        return fn(*arrays)
+
+    @mapped.def_vmap
+    def fold(axis_size, in_batched, *arrays):
+        # custom_vmap hands mapped inputs with their mapped axis moved to the front
+        arrays = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                  for x, batched in zip(arrays, in_batched, strict=True)]
+        out = mapped(*[x.reshape((-1,) + x.shape[2:]) for x in arrays])
+        out = jax.tree.map(lambda y: y.reshape((axis_size, -1) + y.shape[1:]), out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return mapped
 
 
 def compile_gluon(fn, arg_dtypes, *, num_warps: int, capability: int, constexprs: dict):

@@ -128,9 +128,17 @@ def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_di
 
 
 def _gluon_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
-    """The Gluon forward with the same contract as `_sparse_call`: pads heads to its 64-head block and each
-    split's slots to a multiple of two 64-slot blocks (its double-buffered loop needs two; -1 slots cost a masked
-    block)."""
+    """The Gluon forward with the same contract as `_sparse_call`, under `jax.vmap` too (jax-triton's call has no
+    batching rule: the mapped axes fold into the batch axis, one launch)."""
+    from pallas_kernels import _gluon
+    unmapped = functools.partial(_gluon_call_unmapped, scale=scale, value_dim=value_dim, num_splits=num_splits,
+                                 out_dtype=out_dtype)
+    return _gluon.vmap_by_folding_into_batch(unmapped)(q, kv, indices)
+
+
+def _gluon_call_unmapped(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
+    """Pads heads to the kernel's 64-head block and each split's slots to a multiple of two 64-slot blocks (its
+    double-buffered loop needs two; -1 slots cost a masked block)."""
     from pallas_kernels import sparse_attention_gluon as gluon
     heads, slots = q.shape[2], indices.shape[-1]
     q, kv, r_p, _ = _pad_latent(q, kv, value_dim)

@@ -7,6 +7,7 @@ not spill, and issue its dots at the shapes that make the two warpgroups split t
 Its numbers are checked on a Hopper GPU against the float32 reference (tests marked gpu).
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -112,6 +113,81 @@ def test_importing_jax_triton_leaves_the_triton_cache_setting_as_it_was(before, 
     assert os.environ.get("TRITON_CACHE_DIR") == before
 
 
+# ---- vmap, on CPU: the real wrapper and validation around a stand-in for jax-triton's launch ------------------
+
+def _stand_in_launch(q, kv, indices, *, kernel, out_shape, grid, num_warps, **constants):
+    """`gluon_call` for `sparse_forward_gluon`, computed in numpy from the kernel's constants, behind a callback
+    that, like jax-triton's call, has no batching rule."""
+    del kernel, num_warps
+    splits, value_dim, scale = constants["SPLITS"], constants["VALUE_DIM"], constants["SCALE_LOG2"] / np.log2(np.e)
+    assert grid == (q.shape[1] * q.shape[2] // 64, q.shape[0] * splits)
+
+    def compute(q, kv, indices):
+        q, kv = np.asarray(q, np.float32), np.asarray(kv, np.float32)
+        outs, lses = [], []
+        for ids in np.split(np.asarray(indices), splits, axis=-1):  # [B, T, K/n]
+            rows = np.take_along_axis(kv[:, None], np.clip(ids, 0, kv.shape[1] - 1)[..., None], axis=2)
+            logits = np.where((ids >= 0)[:, :, None], np.einsum("bthl,btkl->bthk", q, rows) * scale, -np.inf)
+            top = np.max(logits, axis=-1, keepdims=True)
+            weights = np.exp(logits - np.where(np.isfinite(top), top, 0))
+            total = weights.sum(-1)
+            outs.append(np.einsum("bthk,btkr->bthr", weights, rows[..., :value_dim])
+                        / np.where(total > 0, total, 1)[..., None])
+            lses.append(np.where(total > 0, np.log(np.where(total > 0, total, 1)) + top[..., 0], -np.inf))
+        return (np.stack(outs, 2).astype(out_shape[0].dtype), np.stack(lses, 2).astype(np.float32))
+    return jax.pure_callback(compute, tuple(out_shape), q, kv, indices)
+
+
+@pytest.fixture
+def gluon_stand_in(monkeypatch):
+    gluon = pytest.importorskip("pallas_kernels.sparse_attention_gluon")  # needs triton, not a GPU
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(gluon, "gluon_call", _stand_in_launch)
+    return gluon
+
+
+def test_gluon_forward_maps_under_vmap_by_folding_into_its_batch(gluon_stand_in):
+    """jax.vmap (nested, any in_axes, shared inputs) over the Gluon prefill and decode equals a loop of the
+    reference; the launch itself cannot be vmapped, as jax-triton's cannot."""
+    q, kv, idx = _inputs(6, 2, 3, 40, 5, 16, 16, 100, jnp.bfloat16)
+    qs = jnp.stack([q, q[:, ::-1], -q])  # [V, B, T, H, L]
+    kvs = jnp.stack([kv, kv[:, ::-1]], axis=1)  # [B, V', S, L]
+    tiles = Tiles(forward_kernel="gluon")
+
+    def prefill(q_, kv_, idx_):
+        return sparse_mla_pallas(q_, kv_, idx_, scale=0.3, value_dim=16, tiles=tiles)
+
+    def reference(q_, kv_, idx_):
+        return sparse_mla_reference(q_.astype(jnp.float32), kv_.astype(jnp.float32), idx_, scale=0.3, value_dim=16)
+
+    got = jax.jit(jax.vmap(prefill, in_axes=(0, None, None)))(qs, kv, idx)
+    assert got.shape == (3, 2, 3, 5, 16)
+    for v in range(3):
+        assert rel_err(got[v], reference(qs[v], kv, idx)) < 1.5e-2
+    # differentiated (the forward of the custom VJP, which the backward's Pallas kernels would follow)
+    got_linearized = jax.vmap(lambda q_: jax.vjp(lambda x: prefill(x, kv, idx), q_)[0])(qs)
+    np.testing.assert_array_equal(np.asarray(got_linearized, np.float32), np.asarray(got, np.float32))
+    got = jax.vmap(jax.vmap(prefill, in_axes=(None, 1, None)), in_axes=(0, None, None))(qs, kvs, idx)
+    assert got.shape == (3, 2, 2, 3, 5, 16)
+    for v in range(3):
+        for w in range(2):
+            assert rel_err(got[v, w], reference(qs[v], kvs[:, w], idx)) < 1.5e-2
+    idxs = jnp.stack([idx[:, 2], jnp.where(idx[:, 2] % 3 == 0, -1, idx[:, 2])])  # [V, B, K]
+    got = jax.vmap(lambda q_, i_: sparse_mla_decode_pallas(q_, kv, i_, scale=0.3, value_dim=16, num_splits=2,
+                                                           forward_kernel="gluon"), in_axes=(None, 0))(q[:, 2], idxs)
+    for v in range(2):
+        want = sparse_mla_decode_reference(q[:, 2].astype(jnp.float32), kv.astype(jnp.float32), idxs[v],
+                                           scale=0.3, value_dim=16)
+        assert rel_err(got[v], want) < 1.5e-2
+    q_padded = jnp.pad(qs, ((0, 0), (0, 0), (0, 0), (0, 59), (0, 0)))  # 64 heads, 128 slots: as the wrapper pads
+    idx_padded = jnp.pad(idx, ((0, 0), (0, 0), (0, 28)), constant_values=-1)
+    launch = functools.partial(gluon_stand_in.sparse_forward_gluon, kv=kv, indices=idx_padded, scale=0.3,
+                               value_dim=16, num_splits=1, out_dtype=jnp.float32)
+    assert launch(q_padded[0])[0].shape == (2, 3, 1, 64, 16)
+    with pytest.raises(NotImplementedError, match="vmap"):
+        jax.vmap(launch)(q_padded)
+
+
 # ---- on a Hopper GPU -----------------------------------------------------------------------------------------
 
 def _require_gluon():
@@ -172,6 +248,23 @@ def test_gluon_and_pallas_forwards_agree_on_output_and_log_sum_exp():
     assert rel_err(out_g[:, 1:], out_p[:, 1:]) < 2e-3
     assert np.all(np.asarray(lse_g[:, 0]) == -np.inf) and np.all(np.asarray(lse_p[:, 0]) == -np.inf)
     np.testing.assert_allclose(np.asarray(lse_g[:, 1:]), np.asarray(lse_p[:, 1:]), rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gluon_forward_and_its_gradients_under_vmap_equal_the_pallas_kernels():
+    _require_gluon()
+    q, kv, idx = _inputs(7, 2, 5, 300, 20, 64, 32, 200, jnp.bfloat16)
+    qs = jnp.stack([q, -q, q[:, ::-1]])
+
+    def loss(forward_kernel):
+        def f(q_, kv_):
+            out = sparse_mla_pallas(q_, kv_, idx, scale=0.2, value_dim=64, tiles=Tiles(forward_kernel=forward_kernel))
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32)))
+        return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(0, None)))
+
+    (value_g, (dq_g, dkv_g)), (value_p, (dq_p, dkv_p)) = loss("gluon")(qs, kv), loss("pallas")(qs, kv)
+    np.testing.assert_allclose(np.asarray(value_g), np.asarray(value_p), rtol=2e-2)
+    assert rel_err(dq_g, dq_p) < 2e-2 and rel_err(dkv_g, dkv_p) < 2e-2
 
 
 @pytest.mark.gpu
