@@ -18,6 +18,9 @@ slot gets zeros and log-sum-exp -inf; slot ids past the cache are clipped, as in
 are those of `sparse_attention._sparse_kernel` (fp32 logits and softmax, probabilities rounded to the input dtype
 for the value dot), in base 2.
 
+A second schedule, FEW_BARRIERS (`few_barriers=True`), synchronises the CTA 5 times per slot block instead of 12;
+it compiles (CPU test) but has not yet run on a GPU, so nothing selects it but the bench and its GPU test.
+
 Gluon has no interpreter, so CPU tests compile this kernel for sm_90 (`tests/test_gluon_kernels.py`: it compiles,
 fits shared memory, does not spill, and issues each dot once); its numbers are checked on the GPU.
 """
@@ -75,7 +78,7 @@ def _gather_rows(kv_ptr, ids_ptr, values_dst, rope_dst, NUM_KEYS: gl.constexpr, 
 def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.constexpr, HEADS: gl.constexpr,
                            NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr, SPLITS: gl.constexpr,
                            VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, SCALE_LOG2: gl.constexpr,
-                           num_warps: gl.constexpr):
+                           FEW_BARRIERS: gl.constexpr, num_warps: gl.constexpr):
     # q [B, T, H, R+P], kv [B, S, R+P], idx [B, T, K], out [B, T, n, H, R], lse f32[B, T, n, H] (n = SPLITS).
     # Programs: axis 0 = token x head block, head blocks fastest (the programs of one token gather the same rows
     # and share them in L2), axis 1 = batch x split. (Tokens on an axis of their own would cap them at 65535.)
@@ -119,17 +122,36 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     async_copy.commit_group()
 
     row_max = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout))
-    row_sum = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, logits_layout))
+    # FEW_BARRIERS (compiled and checked on CPU, not yet run on a GPU; off by default): 5 CTA barriers per slot
+    # block instead of 12 (ncu: 35% of warp cycles stalled on them). The next block's gather starts after the one
+    # barrier that both lands this block and frees the other buffer; the row sums stay per column until after the
+    # loop; the probabilities go through an explicit shared-memory tile that the value dot reads, not through a
+    # layout conversion.
+    if FEW_BARRIERS:
+        sums = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
+        probs_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N],
+                                               gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
+    else:
+        sums = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, logits_layout))
     acc = gl.zeros([BLOCK_H, VALUE_DIM], gl.float32, layout=out_layout)
     for j in range(num_blocks):
         buf = j % 2
-        if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
-            _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf), kv_rope.index(1 - buf),
-                         NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
-        async_copy.commit_group()  # (empty in the last step, so that one wait count fits every step)
-        async_copy.wait_group(1)
-        gl.thread_barrier()  # every thread's copies of this block have landed
-        fence_async_shared()  # and are visible to wgmma, which reads through the async proxy
+        if FEW_BARRIERS:
+            async_copy.wait_group(0)
+            gl.thread_barrier()  # block j has landed, and every warp is done with block j - 1 (buffer and probs)
+            fence_async_shared()
+            if j + 1 < num_blocks:
+                _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf),
+                             kv_rope.index(1 - buf), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
+                async_copy.commit_group()
+        else:
+            if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
+                _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf),
+                             kv_rope.index(1 - buf), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
+            async_copy.commit_group()  # (empty in the last step, so that one wait count fits every step)
+            async_copy.wait_group(1)
+            gl.thread_barrier()  # every thread's copies of this block have landed
+            fence_async_shared()  # and are visible to wgmma, which reads through the async proxy
         values = kv_values.index(buf)
         logits = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
         logits = warpgroup_mma(q_rope, kv_rope.index(buf).permute((1, 0)), logits, use_acc=False)
@@ -140,12 +162,25 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
         safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)  # nothing valid yet: keep exp2() finite
         probs = gl.exp2(logits - safe_max[:, None])
         rescale = gl.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + gl.sum(probs, axis=1)
+        if FEW_BARRIERS:
+            sums = sums * rescale[:, None] + probs  # summed over slots once, after the loop
+        else:
+            sums = sums * rescale + gl.sum(probs, axis=1)
         row_max = new_max
         acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, out_layout))[:, None]
-        acc = warpgroup_mma(gl.convert_layout(probs.to(dtype), probs_layout), values, acc)
-        gl.thread_barrier()  # both warpgroups are done with this buffer before it is gathered into again
+        if FEW_BARRIERS:
+            probs_smem.store(probs.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # both warpgroups' halves of the probabilities are in shared memory
+            acc = warpgroup_mma(probs_smem, values, acc)
+        else:
+            acc = warpgroup_mma(gl.convert_layout(probs.to(dtype), probs_layout), values, acc)
+            gl.thread_barrier()  # both warpgroups are done with this buffer before it is gathered into again
 
+    if FEW_BARRIERS:
+        row_sum = gl.sum(sums, axis=1)
+    else:
+        row_sum = sums
     has_any = row_sum > 0
     inverse = gl.convert_layout(1.0 / gl.where(has_any, row_sum, 1.0), gl.SliceLayout(1, out_layout))
     out_row = (token * SPLITS + split) * HEADS + head_block * BLOCK_H
@@ -158,13 +193,17 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     gl.store(lse_ptr + out_row + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, logits_layout)), lse)
 
 
-def kernel_constants(q_shape, num_keys: int, slots: int, num_splits: int, value_dim: int, scale: float) -> dict:
-    """The kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test)."""
+def kernel_constants(q_shape, num_keys: int, slots: int, num_splits: int, value_dim: int, scale: float,
+                     few_barriers: bool = False) -> dict:
+    """The kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test).
+    few_barriers: the FEW_BARRIERS schedule (see the kernel), for measurement only until checked on a GPU."""
     return dict(NUM_Q=q_shape[1], HEADS=q_shape[2], NUM_KEYS=num_keys, SLOTS=slots, SPLITS=num_splits,
-                VALUE_DIM=value_dim, ROPE_DIM=q_shape[3] - value_dim, SCALE_LOG2=float(scale) * math.log2(math.e))
+                VALUE_DIM=value_dim, ROPE_DIM=q_shape[3] - value_dim, SCALE_LOG2=float(scale) * math.log2(math.e),
+                FEW_BARRIERS=few_barriers)
 
 
-def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_splits: int, out_dtype):
+def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_splits: int, out_dtype,
+                         few_barriers: bool = False):
     """q [B,T,H,R+P], kv [B,S,R+P], indices int32[B,T,K] -> (out [B,T,n,H,R], lse f32[B,T,n,H]), n = num_splits.
 
     Inputs already padded (`sparse_attention._gluon_call` pads): H a multiple of BLOCK_H; each split's slots a
@@ -181,4 +220,4 @@ def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_sp
                  jax.ShapeDtypeStruct((batch, num_q, num_splits, heads), jnp.float32)]
     return gluon_call(q, kv, indices, kernel=_sparse_forward_kernel, out_shape=out_shape,
                       grid=(num_q * (heads // BLOCK_H.value), batch * num_splits), num_warps=NUM_WARPS,
-                      **kernel_constants(q.shape, kv.shape[1], slots, num_splits, value_dim, scale))
+                      **kernel_constants(q.shape, kv.shape[1], slots, num_splits, value_dim, scale, few_barriers))
