@@ -22,7 +22,8 @@ from conftest import rel_err
 from pallas_kernels import _gluon
 from pallas_kernels.sparse_attention import (Tiles, _sparse_call, combine_splits, sparse_mla_decode_pallas,
                                              sparse_mla_pallas)
-from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
+from pallas_kernels.sparse_attention_reference import (_gather_rows, sparse_mla_decode_reference,
+                                                       sparse_mla_reference)
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use
 
@@ -126,26 +127,19 @@ def test_importing_jax_triton_leaves_the_triton_cache_setting_as_it_was(before, 
 # ---- vmap, on CPU: the real wrapper and validation around a stand-in for jax-triton's launch ------------------
 
 def _stand_in_launch(q, kv, indices, *, kernel, out_shape, grid, num_warps, **constants):
-    """`gluon_call` for `sparse_forward_gluon`, computed in numpy from the kernel's constants, behind a callback
-    that, like jax-triton's call, has no batching rule."""
+    """`gluon_call` for `sparse_forward_gluon`: the float32 reference per split, from the kernel's constants, handed
+    through a callback that, like jax-triton's call, has no batching rule."""
     del kernel, num_warps
     splits, value_dim, scale = constants["SPLITS"], constants["VALUE_DIM"], constants["SCALE_LOG2"] / np.log2(np.e)
     assert grid == (q.shape[1] * q.shape[2] // 64, q.shape[0] * splits)
-
-    def compute(q, kv, indices):
-        q, kv = np.asarray(q, np.float32), np.asarray(kv, np.float32)
-        outs, lses = [], []
-        for ids in np.split(np.asarray(indices), splits, axis=-1):  # [B, T, K/n]
-            rows = np.take_along_axis(kv[:, None], np.clip(ids, 0, kv.shape[1] - 1)[..., None], axis=2)
-            logits = np.where((ids >= 0)[:, :, None], np.einsum("bthl,btkl->bthk", q, rows) * scale, -np.inf)
-            top = np.max(logits, axis=-1, keepdims=True)
-            weights = np.exp(logits - np.where(np.isfinite(top), top, 0))
-            total = weights.sum(-1)
-            outs.append(np.einsum("bthk,btkr->bthr", weights, rows[..., :value_dim])
-                        / np.where(total > 0, total, 1)[..., None])
-            lses.append(np.where(total > 0, np.log(np.where(total > 0, total, 1)) + top[..., 0], -np.inf))
-        return (np.stack(outs, 2).astype(out_shape[0].dtype), np.stack(lses, 2).astype(np.float32))
-    return jax.pure_callback(compute, tuple(out_shape), q, kv, indices)
+    q, kv = q.astype(jnp.float32), kv.astype(jnp.float32)
+    outs, lses = [], []
+    for ids in jnp.split(indices, splits, axis=-1):  # [B, T, K/n]
+        outs.append(sparse_mla_reference(q, kv, ids, scale=scale, value_dim=value_dim))
+        logits = jnp.einsum("bthl,btkl->bthk", q, _gather_rows(kv, ids)) * scale
+        lses.append(jax.nn.logsumexp(jnp.where((ids >= 0)[:, :, None], logits, -jnp.inf), axis=-1))
+    results = (jnp.stack(outs, 2).astype(out_shape[0].dtype), jnp.stack(lses, 2))
+    return jax.pure_callback(lambda *arrays: arrays, tuple(out_shape), *results)
 
 
 @pytest.fixture
