@@ -4,11 +4,12 @@ Why not Pallas (or plain Triton): the output accumulator of 64 heads x 512 value
 than one warpgroup's registers, so it must be split over two warpgroups by value column. Triton then lays out the
 logits dot that feeds it with all warps along the head axis, and each warpgroup computes the whole 64 x 64 logits
 block, duplicating QK^T (53% of the FLOPs). Pallas's Triton backend keeps 32 heads per program on mma.sync instead
-(no wgmma); on an H100 it reached 259-267 TFLOP/s, plain Triton 282, this kernel 345-352 (docs/BENCHMARKS.md).
+(no wgmma); on an H100 it reached 259-267 TFLOP/s, plain Triton 282, this kernel 372-374 (docs/BENCHMARKS.md).
 Gluon names the layouts, so here:
   - the logits [64 heads, 64 slots] are split by slot column, 32 per warpgroup (wgmma m64n32, no duplication);
     the row max and sum combine the halves through shared memory;
-  - the probabilities are exchanged so that each warpgroup holds all 64 slots of its 64 heads, and it accumulates
+  - the probabilities are exchanged through shared memory so that each warpgroup reads all 64 slots of its 64
+    heads, and it accumulates
     its half of the value columns (wgmma m64n256, A from registers);
   - q (64 heads x 576) stays in shared memory, and the gathered latent rows are one [64, 576] buffer read by both
     dots (as K^T for the logits, as V for the output), double-buffered: the next block's rows are gathered by
@@ -17,9 +18,6 @@ Gluon names the layouts, so here:
 slot gets zeros and log-sum-exp -inf; slot ids past the cache are clipped, as in the Pallas kernel. The numerics
 are those of `sparse_attention._sparse_kernel` (fp32 logits and softmax, probabilities rounded to the input dtype
 for the value dot), in base 2.
-
-A second schedule, FEW_BARRIERS (`few_barriers=True`), synchronises the CTA 5 times per slot block instead of 12;
-it compiles (CPU test) but has not yet run on a GPU, so nothing selects it but the bench and its GPU test.
 
 Gluon has no interpreter, so CPU tests compile this kernel for sm_90 (`tests/test_gluon_kernels.py`: it compiles,
 fits shared memory, does not spill, and issues each dot once); its numbers are checked on the GPU.
@@ -78,7 +76,7 @@ def _gather_rows(kv_ptr, ids_ptr, values_dst, rope_dst, NUM_KEYS: gl.constexpr, 
 def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.constexpr, HEADS: gl.constexpr,
                            NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr, SPLITS: gl.constexpr,
                            VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, SCALE_LOG2: gl.constexpr,
-                           FEW_BARRIERS: gl.constexpr, num_warps: gl.constexpr):
+                           num_warps: gl.constexpr):
     # q [B, T, H, R+P], kv [B, S, R+P], idx [B, T, K], out [B, T, n, H, R], lse f32[B, T, n, H] (n = SPLITS).
     # Programs: axis 0 = token x head block, head blocks fastest (the programs of one token gather the same rows
     # and share them in L2), axis 1 = batch x split. (Tokens on an axis of their own would cap them at 65535.)
@@ -96,7 +94,6 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
                                                             instr_shape=[16, BLOCK_N // 2, 16])
     out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                          instr_shape=[16, VALUE_DIM // 2, 16])
-    probs_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=out_layout, k_width=2)
     value_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, VALUE_DIM], dtype)
     rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype)
     q_values = gl.allocate_shared_memory(dtype, [BLOCK_H, VALUE_DIM], value_smem)
@@ -122,36 +119,23 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     async_copy.commit_group()
 
     row_max = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout))
-    # FEW_BARRIERS (compiled and checked on CPU, not yet run on a GPU; off by default): 5 CTA barriers per slot
-    # block instead of 12 (ncu: 35% of warp cycles stalled on them). The next block's gather starts after the one
-    # barrier that both lands this block and frees the other buffer; the row sums stay per column until after the
-    # loop; the probabilities go through an explicit shared-memory tile that the value dot reads, not through a
-    # layout conversion.
-    if FEW_BARRIERS:
-        sums = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
-        probs_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N],
-                                               gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
-    else:
-        sums = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, logits_layout))
+    # 5 CTA barriers per slot block (an earlier schedule had 12, and ncu saw 35% of warp cycles stalled on them):
+    # the next block's gather starts after the one barrier that both lands this block and frees the other buffer;
+    # the row sums stay per column until after the loop (no cross-warpgroup sum per block); the probabilities go
+    # through an explicit shared-memory tile that the value dot reads, not through a layout conversion.
+    sums = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
+    probs_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
     acc = gl.zeros([BLOCK_H, VALUE_DIM], gl.float32, layout=out_layout)
     for j in range(num_blocks):
         buf = j % 2
-        if FEW_BARRIERS:
-            async_copy.wait_group(0)
-            gl.thread_barrier()  # block j has landed, and every warp is done with block j - 1 (buffer and probs)
-            fence_async_shared()
-            if j + 1 < num_blocks:
-                _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf),
-                             kv_rope.index(1 - buf), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
-                async_copy.commit_group()
-        else:
-            if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
-                _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf),
-                             kv_rope.index(1 - buf), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
-            async_copy.commit_group()  # (empty in the last step, so that one wait count fits every step)
-            async_copy.wait_group(1)
-            gl.thread_barrier()  # every thread's copies of this block have landed
-            fence_async_shared()  # and are visible to wgmma, which reads through the async proxy
+        async_copy.wait_group(0)
+        gl.thread_barrier()  # block j has landed, and every warp is done with block j - 1 (buffer and probs)
+        fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+        if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
+            _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf), kv_rope.index(1 - buf),
+                         NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
+            async_copy.commit_group()
         values = kv_values.index(buf)
         logits = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
         logits = warpgroup_mma(q_rope, kv_rope.index(buf).permute((1, 0)), logits, use_acc=False)
@@ -162,25 +146,15 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
         safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)  # nothing valid yet: keep exp2() finite
         probs = gl.exp2(logits - safe_max[:, None])
         rescale = gl.exp2(row_max - safe_max)
-        if FEW_BARRIERS:
-            sums = sums * rescale[:, None] + probs  # summed over slots once, after the loop
-        else:
-            sums = sums * rescale + gl.sum(probs, axis=1)
+        sums = sums * rescale[:, None] + probs  # summed over slots once, after the loop
         row_max = new_max
         acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, out_layout))[:, None]
-        if FEW_BARRIERS:
-            probs_smem.store(probs.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # both warpgroups' halves of the probabilities are in shared memory
-            acc = warpgroup_mma(probs_smem, values, acc)
-        else:
-            acc = warpgroup_mma(gl.convert_layout(probs.to(dtype), probs_layout), values, acc)
-            gl.thread_barrier()  # both warpgroups are done with this buffer before it is gathered into again
+        probs_smem.store(probs.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of the probabilities are in shared memory
+        acc = warpgroup_mma(probs_smem, values, acc)
 
-    if FEW_BARRIERS:
-        row_sum = gl.sum(sums, axis=1)
-    else:
-        row_sum = sums
+    row_sum = gl.sum(sums, axis=1)
     has_any = row_sum > 0
     inverse = gl.convert_layout(1.0 / gl.where(has_any, row_sum, 1.0), gl.SliceLayout(1, out_layout))
     out_row = (token * SPLITS + split) * HEADS + head_block * BLOCK_H
@@ -193,17 +167,13 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     gl.store(lse_ptr + out_row + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, logits_layout)), lse)
 
 
-def kernel_constants(q_shape, num_keys: int, slots: int, num_splits: int, value_dim: int, scale: float,
-                     few_barriers: bool = False) -> dict:
-    """The kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test).
-    few_barriers: the FEW_BARRIERS schedule (see the kernel), for measurement only until checked on a GPU."""
+def kernel_constants(q_shape, num_keys: int, slots: int, num_splits: int, value_dim: int, scale: float) -> dict:
+    """The kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test)."""
     return dict(NUM_Q=q_shape[1], HEADS=q_shape[2], NUM_KEYS=num_keys, SLOTS=slots, SPLITS=num_splits,
-                VALUE_DIM=value_dim, ROPE_DIM=q_shape[3] - value_dim, SCALE_LOG2=float(scale) * math.log2(math.e),
-                FEW_BARRIERS=few_barriers)
+                VALUE_DIM=value_dim, ROPE_DIM=q_shape[3] - value_dim, SCALE_LOG2=float(scale) * math.log2(math.e))
 
 
-def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_splits: int, out_dtype,
-                         few_barriers: bool = False):
+def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_splits: int, out_dtype):
     """q [B,T,H,R+P], kv [B,S,R+P], indices int32[B,T,K] -> (out [B,T,n,H,R], lse f32[B,T,n,H]), n = num_splits.
 
     Inputs already padded (`sparse_attention._gluon_call` pads): H a multiple of BLOCK_H; each split's slots a
@@ -220,4 +190,4 @@ def sparse_forward_gluon(q, kv, indices, *, scale: float, value_dim: int, num_sp
                  jax.ShapeDtypeStruct((batch, num_q, num_splits, heads), jnp.float32)]
     return gluon_call(q, kv, indices, kernel=_sparse_forward_kernel, out_shape=out_shape,
                       grid=(num_q * (heads // BLOCK_H.value), batch * num_splits), num_warps=NUM_WARPS,
-                      **kernel_constants(q.shape, kv.shape[1], slots, num_splits, value_dim, scale, few_barriers))
+                      **kernel_constants(q.shape, kv.shape[1], slots, num_splits, value_dim, scale))
