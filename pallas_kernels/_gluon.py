@@ -134,7 +134,9 @@ def _kernel(fn, arg_dtypes, num_warps: int, compute_capability: Optional[int], c
     if key not in _KERNELS:
         compiled, attrs = compile_gluon(fn, arg_dtypes, num_warps=num_warps, capability=capability,
                                         constexprs=constexprs)
-        kernel = gpu_triton.TritonKernel(compiled.metadata.name, num_warps, 1, compiled.metadata.shared,
+        # metadata.num_warps: all of them, where warp-specialised partitions add warps to the requested ones
+        kernel = gpu_triton.TritonKernel(compiled.metadata.name, compiled.metadata.num_warps, 1,
+                                         compiled.metadata.shared,
                                          compiled.asm["ptx"], compiled.asm.get("ttgir", ""), capability)
         _KERNELS[key] = (kernel, attrs)
     return _KERNELS[key]

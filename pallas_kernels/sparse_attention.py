@@ -144,8 +144,9 @@ def _gluon_call_unmapped(q, kv, indices, *, scale, value_dim, num_splits, out_dt
     q, kv, r_p, _ = _pad_latent(q, kv, value_dim)
     q = pad_axis(q, 2, round_up(heads, gluon.BLOCK_H.value))
     indices = pad_axis(indices.astype(jnp.int32), 2, round_up(slots, 2 * gluon.BLOCK_N.value * num_splits), -1)
+    schedule = gluon.schedule_for(r_p, q.shape[-1] - r_p, indices.shape[-1] // num_splits)
     out, lse = gluon.sparse_forward_gluon(q, kv, indices, scale=scale, value_dim=r_p, num_splits=num_splits,
-                                          out_dtype=out_dtype)
+                                          out_dtype=out_dtype, schedule=schedule)
     return out[..., :heads, :value_dim], lse[..., :heads]
 
 

@@ -11,8 +11,10 @@ bf16 inputs, fp32 accumulation. For each context S:
            fp8 (quantisation included);
   sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s, with the default
            forward kernel (Gluon on Hopper, else Pallas) and the Pallas one; and apart, the first 2048 queries of a
-           causal sequence, which see (and select) only t + 1 keys;
-  decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read (both kernels);
+           causal sequence, which see (and select) only t + 1 keys; with Gluon, also its split_slots schedule
+           (TFLOP/s and its relative error against the default);
+  decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read (both kernels;
+           with Gluon, the split_slots schedule at one split, in us);
   dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
   dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer;
            the prefill is the first 2048 queries as timed plus the rest at the per-query rate of full rows.
@@ -195,6 +197,14 @@ def scores_inputs(ks, s: int, chunk: int):
     return (q, w, k, pos), 2.0 * visible_pairs * G * I
 
 
+def split_slots_forward():
+    """The Gluon forward's split_slots schedule (the default before the seesaw), one split, on inputs that need no
+    padding (128 heads, 2048 slots, 512 + 64), jitted: -> (out [B, T, 1, H, R], lse)."""
+    from pallas_kernels.sparse_attention_gluon import sparse_forward_gluon
+    return jax.jit(lambda q_, kv_, i_: sparse_forward_gluon(q_, kv_, i_, scale=0.07, value_dim=R, num_splits=1,
+                                                            out_dtype=BF16, schedule="split_slots"))
+
+
 def bench_context(s: int, args, key) -> dict:
     out = {"context": s}
     ks = jax.random.split(key, 8)
@@ -245,6 +255,11 @@ def bench_context(s: int, args, key) -> dict:
     if out["sparse_kernel"] != "pallas":
         t = timed(sparse_fn("pallas"), qs, kv, idx, repeats=args.repeats)
         out["sparse_pallas_tflops"] = sparse_flops / t / 1e12
+    if out["sparse_kernel"] == "gluon":  # the other Gluon schedule, on the same (unpadded) shapes
+        other = split_slots_forward()
+        t = timed(other, qs, kv, idx, repeats=args.repeats)
+        out["sparse_split_slots_tflops"] = sparse_flops / t / 1e12
+        out["sparse_split_slots_rel_err"] = rel_err(other(qs, kv, idx)[0][:, :, 0], sparse(qs, kv, idx))
     # The first K queries of a causal sequence see t + 1 < K keys and select all of them (ids 0..t, then -1):
     # timed apart for the whole-layer estimate below, so that a kernel that skips -1 slot blocks gets the credit.
     head = min(K, s)
@@ -265,6 +280,9 @@ def bench_context(s: int, args, key) -> dict:
             q_, kv_, i_, scale=0.07, value_dim=R, forward_kernel=kernel))
         t = timed(decode, qd, kvd, idxd, repeats=args.repeats * 4)
         out[f"decode{suffix}_us"], out[f"decode{suffix}_gbs"] = t * 1e6, decode_bytes / t / 1e9
+    if out["sparse_kernel"] == "gluon":  # one split: what the default picks at B = 64 on an H100
+        t = timed(split_slots_forward(), qd[:, None], kvd, idxd[:, None], repeats=args.repeats * 4)
+        out["decode_split_slots_us"] = t * 1e6
     del kvd
     # -- dense cuDNN flash attention, whole context --
     qh = jax.random.normal(ks[4], (1, s, H, 128), BF16)
@@ -437,8 +455,8 @@ def main() -> None:
     cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("scores_fp8_tflops", "{:8.1f}"),
             ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"), ("topk_fallback_rows", "{:4d}"),
             ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"),
-            ("sparse_pallas_tflops", "{:8.1f}"), ("decode_gbs", "{:8.0f}"),
-            ("decode_pallas_gbs", "{:8.0f}"),
+            ("sparse_pallas_tflops", "{:8.1f}"), ("sparse_split_slots_tflops", "{:8.1f}"),
+            ("decode_us", "{:8.0f}"), ("decode_pallas_us", "{:8.0f}"), ("decode_split_slots_us", "{:8.0f}"),
             ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
     print(" ".join(f"{c:>18s}" for c, _ in cols))
     for r in results:

@@ -34,14 +34,22 @@ COMPILE_CASES = [(128, 512, 64, 2048, 1, "bf16", "bf16"),  # DeepSeek-V3.2 prefi
                  (64, 256, 32, 384, 3, "bf16", "fp32")]
 
 
-def _compile(heads, r, p, k, splits, dtype, out_dtype):
+def _compile(heads, r, p, k, splits, dtype, out_dtype, schedule="split_slots"):
     pytest.importorskip("triton.experimental.gluon")
     from pallas_kernels import sparse_attention_gluon as gluon
     constants = gluon.kernel_constants((1, 5, heads, r + p), 300, k, splits, r, 0.1)
-    compiled, _ = _gluon.compile_gluon(gluon._sparse_forward_kernel,
-                                       [f"*{dtype}", f"*{dtype}", "*i32", f"*{out_dtype}", "*fp32"],
-                                       num_warps=gluon.NUM_WARPS, capability=90, constexprs=constants)
+    kernel, num_warps = gluon.SCHEDULES[schedule]
+    compiled, _ = _gluon.compile_gluon(kernel, [f"*{dtype}", f"*{dtype}", "*i32", f"*{out_dtype}", "*fp32"],
+                                       num_warps=num_warps, capability=90, constexprs=constants)
     return compiled
+
+
+def _ptxas_log(ptx, tmp_path):
+    from triton.backends.nvidia.compiler import get_ptxas
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    return subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(source), "-o",
+                           str(tmp_path / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES)
@@ -56,13 +64,54 @@ def test_gluon_forward_compiles_for_hopper_splits_each_dot_over_the_warpgroups_a
     # one pass of the slot loop: (P + R) / 16 logits steps of m64n32, 64 / 16 value steps of m64n(R/2)
     assert shapes.count("m64n32k16") == (p + r) // 16 and shapes.count(f"m64n{r // 2}k16") == 64 // 16
     assert len(shapes) == (p + r) // 16 + 4, sorted(set(shapes))
-    from triton.backends.nvidia.compiler import get_ptxas
-    source = tmp_path / "kernel.ptx"
-    source.write_text(ptx)
-    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(source), "-o",
-                          str(tmp_path / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    log = _ptxas_log(ptx, tmp_path)
     assert re.search(r"Used (\d+) registers", log) and int(re.search(r"Used (\d+) registers", log)[1]) <= 255
     assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+
+
+# (heads, R, P, K, splits, dtype, out dtype) with at least two pairs of slot blocks per split
+SEESAW_CASES = [(128, 512, 64, 2048, 1, "bf16", "bf16"), (128, 512, 64, 2048, 8, "bf16", "fp32"),
+                (64, 256, 32, 768, 3, "bf16", "fp32"), (64, 64, 16, 256, 1, "fp16", "fp16"),
+                (192, 128, 128, 512, 2, "bf16", "bf16")]
+
+
+@pytest.mark.parametrize("case", SEESAW_CASES)
+def test_seesaw_schedule_compiles_gives_each_warpgroup_whole_logits_blocks_and_does_not_spill(case, tmp_path):
+    """Per warpgroup partition: one m64n64 logits block ((R + P) / 16 steps) and two value dots of its R/2 columns
+    (4 steps each); two partitions of 4 warps; shared memory within the estimate the dispatch checks."""
+    from collections import Counter
+
+    from pallas_kernels import sparse_attention_gluon as gluon
+    heads, r, p, k, splits = case[:5]
+    assert gluon.schedule_for(r, p, k // splits) == "seesaw"
+    compiled = _compile(*case, schedule="seesaw")
+    assert compiled.metadata.num_warps == 8
+    assert compiled.metadata.shared <= gluon.seesaw_smem_bytes(r, p) <= SMEM_LIMIT
+    ptx = compiled.asm["ptx"]
+    shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    assert shapes == Counter({"m64n64k16": 2 * (r + p) // 16}) + Counter({f"m64n{r // 2}k16": 2 * 2 * 4}), shapes
+    # buffers land by cp.async arrivals of every thread; probabilities and maxima by one arrival per warpgroup
+    assert len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)) >= 4
+    log = _ptxas_log(ptx, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
+    assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+
+
+def test_schedule_choice_follows_what_the_seesaw_supports():
+    gluon = pytest.importorskip("pallas_kernels.sparse_attention_gluon")
+    assert gluon.schedule_for(512, 64, 2048) == "seesaw"  # DeepSeek-V3.2
+    assert gluon.schedule_for(512, 64, 256) == "seesaw"
+    assert gluon.schedule_for(512, 64, 128) == "split_slots"  # one pair of blocks
+    assert gluon.schedule_for(512, 64, 320) == "split_slots"  # not whole pairs
+    assert gluon.schedule_for(32, 32, 2048) == "split_slots"  # value halves narrower than 64 bytes
+    assert gluon.schedule_for(512, 128, 2048) == "split_slots"  # shared memory
+    q = jnp.ones((1, 2, 64, 48), jnp.bfloat16)
+    kv = jnp.ones((1, 9, 48), jnp.bfloat16)
+    for schedule, match in (("seesaw", "unpadded or unsupported input.*schedule seesaw"),
+                            ("pingpong", "schedule must be one of")):
+        with pytest.raises(ValueError, match=match):
+            gluon.sparse_forward_gluon(q, kv, jnp.zeros((1, 2, 256), jnp.int32), scale=0.1, value_dim=32,
+                                       num_splits=1, out_dtype=jnp.float32, schedule=schedule)
 
 
 def test_gluon_forward_synchronises_its_cta_at_most_8_times():
@@ -212,8 +261,10 @@ def _inputs(seed, b, t, s, h, r, p, k, dtype, holes=0.3):
     return q, kv, jnp.asarray(idx)
 
 
+# the last four run the seesaw schedule (at least in prefill)
 GPU_SHAPES = [(2, 5, 30, 3, 8, 4, 7), (1, 4, 40, 20, 16, 16, 40), (1, 3, 50, 4, 160, 24, 20),
-              (1, 6, 3000, 128, 512, 64, 2048), (2, 3, 700, 96, 512, 64, 300)]
+              (1, 6, 3000, 128, 512, 64, 2048), (2, 3, 700, 96, 512, 64, 300), (2, 4, 500, 64, 64, 16, 600),
+              (1, 3, 900, 64, 256, 32, 1000)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 1.5e-2), (jnp.float16, 4e-3)])
@@ -270,17 +321,22 @@ def test_gluon_forward_and_its_gradients_under_vmap_equal_the_pallas_kernels():
     assert rel_err(dq_g, dq_p) < 2e-2 and rel_err(dkv_g, dkv_p) < 2e-2
 
 
-@pytest.mark.parametrize("shape,splits", [((1, 6, 3000, 128, 512, 64, 2048), 1), ((2, 3, 700, 64, 512, 64, 256), 2),
-                                          ((1, 4, 40, 64, 16, 16, 128), 1), ((2, 2, 500, 64, 256, 32, 384), 3)])
+@pytest.mark.parametrize("shape,splits,schedule", [
+    ((1, 6, 3000, 128, 512, 64, 2048), 1, "split_slots"), ((2, 3, 700, 64, 512, 64, 256), 2, "split_slots"),
+    ((1, 4, 40, 64, 16, 16, 128), 1, "split_slots"), ((2, 2, 500, 64, 256, 32, 384), 3, "split_slots"),
+    ((1, 6, 3000, 128, 512, 64, 2048), 1, "seesaw"), ((2, 3, 700, 64, 512, 64, 512), 2, "seesaw"),
+    ((2, 2, 500, 64, 256, 32, 768), 3, "seesaw"), ((1, 4, 300, 192, 128, 128, 512), 2, "seesaw"),
+    ((2, 3, 90, 64, 64, 16, 256), 1, "seesaw")])
 @pytest.mark.gpu
-def test_gluon_kernel_on_padded_split_inputs_equals_the_reference(shape, splits):
-    """The kernel itself (no dispatch padding) on inputs already padded, with its splits merged by their lse."""
+def test_gluon_kernel_on_padded_split_inputs_equals_the_reference(shape, splits, schedule):
+    """Each schedule of the kernel itself (no dispatch padding) on inputs already padded, with its splits merged
+    by their lse."""
     _require_gluon()
     from pallas_kernels.sparse_attention_gluon import sparse_forward_gluon
     q, kv, idx = _inputs(8, *shape, jnp.bfloat16)
     value_dim = shape[4]
     out, lse = sparse_forward_gluon(q, kv, idx, scale=0.3, value_dim=value_dim, num_splits=splits,
-                                    out_dtype=jnp.float32)
+                                    out_dtype=jnp.float32, schedule=schedule)
     assert np.all(np.asarray(lse[:, 0]) == -np.inf) and np.isfinite(np.asarray(lse[:, 1:])).all()
     merged = combine_splits(out, lse)
     with jax.default_matmul_precision("highest"):
