@@ -138,7 +138,7 @@ def _gluon_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
 
 def _gluon_call_unmapped(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
     """Pads heads to the kernel's 64-head block and each split's slots to a multiple of two 64-slot blocks (its
-    double-buffered loop needs two; -1 slots cost a masked block)."""
+    double-buffered loop needs two; -1 slots cost a masked block); `schedule_for` picks the kernel's schedule."""
     from pallas_kernels import sparse_attention_gluon as gluon
     heads, slots = q.shape[2], indices.shape[-1]
     q, kv, r_p, _ = _pad_latent(q, kv, value_dim)

@@ -95,6 +95,24 @@ def _load_q(q_ptr, q_values, q_rope, VALUE_DIM: gl.constexpr, ROPE_DIM: gl.const
 
 
 @gluon.jit
+def _store_normalised(out_ptr, lse_ptr, out_row, acc, row_max, row_sum, FIRST_COLUMN: gl.constexpr,
+                      VALUE_DIM: gl.constexpr, STORE_LSE: gl.constexpr):
+    """out[out_row + h, FIRST_COLUMN + c] = acc[h, c] / row_sum[h] (zeros where no slot was valid) and, when
+    STORE_LSE, lse[out_row + h] = row_max + log(row_sum) in natural log (-inf where none was)."""
+    out_layout: gl.constexpr = acc.type.layout
+    has_any = row_sum > 0
+    inverse = gl.convert_layout(1.0 / gl.where(has_any, row_sum, 1.0), gl.SliceLayout(1, out_layout))
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, out_layout))
+    columns = FIRST_COLUMN + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, out_layout))
+    gl.store(out_ptr + (out_row + heads).to(gl.int64)[:, None] * VALUE_DIM + columns[None, :],
+             (acc * inverse[:, None]).to(out_ptr.dtype.element_ty))
+    if STORE_LSE:
+        lse = gl.where(has_any, (row_max + gl.log2(gl.where(has_any, row_sum, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        gl.store(lse_ptr + out_row + gl.arange(0, BLOCK_H, layout=row_max.type.layout), lse)
+
+
+@gluon.jit
 def _program_coordinates(NUM_Q: gl.constexpr, HEADS: gl.constexpr, SPLITS: gl.constexpr):
     """(batch, token row in [B * T], split, head block) of this program. Axis 0 = token x head block, head blocks
     fastest (the programs of one token gather the same rows and share them in L2), axis 1 = batch x split.
@@ -172,17 +190,8 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
         gl.thread_barrier()  # both warpgroups' halves of the probabilities are in shared memory
         acc = warpgroup_mma(probs_smem, values, acc)
 
-    row_sum = gl.sum(sums, axis=1)
-    has_any = row_sum > 0
-    inverse = gl.convert_layout(1.0 / gl.where(has_any, row_sum, 1.0), gl.SliceLayout(1, out_layout))
-    out_row = (token * SPLITS + split) * HEADS + head_block * BLOCK_H
-    heads_o = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, out_layout))
-    columns_o = gl.arange(0, VALUE_DIM, layout=gl.SliceLayout(0, out_layout))
-    gl.store(out_ptr + (out_row + heads_o).to(gl.int64)[:, None] * VALUE_DIM + columns_o[None, :],
-             (acc * inverse[:, None]).to(out_ptr.dtype.element_ty))
-    lse = gl.where(has_any, (row_max + gl.log2(gl.where(has_any, row_sum, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    gl.store(lse_ptr + out_row + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, logits_layout)), lse)
+    _store_normalised(out_ptr, lse_ptr, (token * SPLITS + split) * HEADS + head_block * BLOCK_H, acc, row_max,
+                      gl.sum(sums, axis=1), 0, VALUE_DIM, True)
 
 
 # ---- the seesaw schedule: each warpgroup takes whole alternate slot blocks ----------------------------------------
@@ -249,9 +258,15 @@ def _opaque_zero(step):
 
 
 @gluon.jit
+def _finite(row_max):
+    """A running max with -inf (nothing valid yet) as 0, so that exp2(x - max) stays finite (0 for x = -inf)."""
+    return gl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@gluon.jit
 def _rescale(old_max, new_max):
     """2^(old - new) for running maxima, 0 while nothing is valid (both -inf)."""
-    return gl.exp2(old_max - gl.where(new_max == float("-inf"), 0.0, new_max))
+    return gl.exp2(old_max - _finite(new_max))
 
 
 @gluon.jit
@@ -298,7 +313,7 @@ def _seesaw_warpgroup(q_values, q_rope, kv_values, kv_rope, probs, maxes, sums, 
             mbarrier.wait(bars.index(2), phase)
             start_max = maxes.slice(0, BLOCK_H).load(rows)  # warpgroup 0's max after its block
         new_max = gl.maximum(start_max, gl.max(logits, axis=1))
-        p = gl.exp2(logits - gl.where(new_max == float("-inf"), 0.0, new_max)[:, None])
+        p = gl.exp2(logits - _finite(new_max)[:, None])
         row_sum = row_sum * _rescale(row_max, new_max) + gl.sum(p, axis=1)
         p = p.to(dtype)
         maxes.slice(WARPGROUP * BLOCK_H, BLOCK_H).store(new_max)
@@ -347,17 +362,9 @@ def _seesaw_warpgroup(q_values, q_rope, kv_values, kv_rope, probs, maxes, sums, 
     gl.thread_barrier()
     mbarrier.arrive(bars.index(4))
     mbarrier.wait(bars.index(4), 0)
-    total = row_sum + sums.slice((1 - WARPGROUP) * BLOCK_H, BLOCK_H).load(rows)
-    has_any = total > 0
-    inverse = gl.convert_layout(1.0 / gl.where(has_any, total, 1.0), out_rows)
-    heads_o = gl.arange(0, BLOCK_H, layout=out_rows)
-    columns_o = WARPGROUP * half + gl.arange(0, half, layout=gl.SliceLayout(0, out_layout))
-    gl.store(out_ptr + (out_row + heads_o).to(gl.int64)[:, None] * VALUE_DIM + columns_o[None, :],
-             (acc * inverse[:, None]).to(out_ptr.dtype.element_ty))
-    if WARPGROUP == 0:
-        lse = gl.where(has_any, (row_max + gl.log2(gl.where(has_any, total, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        gl.store(lse_ptr + out_row + gl.arange(0, BLOCK_H, layout=rows), lse)
+    _store_normalised(out_ptr, lse_ptr, out_row, acc, row_max,
+                      row_sum + sums.slice((1 - WARPGROUP) * BLOCK_H, BLOCK_H).load(rows), WARPGROUP * half,
+                      VALUE_DIM, WARPGROUP == 0)
 
 
 @gluon.jit

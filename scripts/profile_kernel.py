@@ -10,7 +10,7 @@ kernel runs `--calls` times after compiling (no reference, no timing), e.g.:
 
 Kernels: scores, scores_fp8 (the indexer-scores kernel on the last `--queries` queries of the context), topk
 (its two kernels on `--queries` rows of the context's length, k = 2048),
-sparse (prefill forward: the default kernel, Gluon's `_sparse_forward_kernel` on Hopper with triton installed),
+sparse (prefill forward: the default kernel, Gluon's seesaw schedule on Hopper with triton installed),
 sparse_pallas (the Pallas forward, `sparse_mla`), sparse_backward (its two backward kernels, behind one forward),
 decode (batch `--batch`). Inputs are random normal.
 """
