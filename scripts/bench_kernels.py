@@ -8,18 +8,25 @@ bf16 inputs, fp32 accumulation. For each context S:
   top-k    the selection kernels on `--topk-rows` random rows (all S long) against `lax.top_k`, GB/s over the bytes
            read once, and how many rows fell back to the whole-row select;
   indexer  scores + top-k for every query of the context (the dispatch's chunked path), causal TFLOP/s; bf16 and
-           fp8 (quantisation included);
+           fp8 (quantisation included); for fp8 also the same path with the top-k replaced by a one-column read
+           (`indexer_fp8_scores_ms`), so that the top-k's share is measured, not estimated;
   sparse   sparse MLA prefill for `--sparse-queries` queries, each over 2048 slots, TFLOP/s, with the default
            forward kernel (Gluon on Hopper, else Pallas) and the Pallas one; and apart, the first 2048 queries of a
            causal sequence, which see (and select) only t + 1 keys; with Gluon, also its split_slots schedule
            (TFLOP/s and its relative error against the default);
   decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read (both kernels;
-           with Gluon, the split_slots schedule at one split, in us);
+           with Gluon, the split_slots schedule at one split, in us), after `--settle` seconds idle;
   dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
   dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer;
            the prefill is the first 2048 queries as timed plus the rest at the per-query rate of full rows.
 Median of `--repeats` samples after a warm-up, each sample the mean of calls dispatched back to back over about
 20 ms (see `timed`); inputs are random normal, never zeros.
+
+Clocks: an H100 at its 700 W cap lowers its SM clock (1.5-1.7 GHz under the fp8 indexer, 1.98 GHz idle; read
+with nvidia-smi, docs/BENCHMARKS.md), and the short decode kernel (~0.1 ms) read 103-139 us across runs for the
+same inputs, for reasons not established. So decode is timed after `--settle` seconds idle, not in whatever state
+the prefill left, and every section records the SM clock and power nvidia-smi reads right after it (`clock_*`
+fields; None without nvidia-smi).
 
     python scripts/bench_kernels.py --check                       # correctness on the GPU only
     python scripts/bench_kernels.py --contexts 8192 32768 65536 131072
@@ -34,14 +41,17 @@ import datetime
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pallas_kernels import indexer as indexer_module  # noqa: E402
 from pallas_kernels.indexer import head_sum_ablation, indexer_scores_pallas, indexer_topk_pallas  # noqa: E402
 from pallas_kernels.indexer_reference import (indexer_scores_reference, quantize_fp8,  # noqa: E402
                                               quantize_fp8_keys)
@@ -75,6 +85,15 @@ def timed(fn, *args, repeats: int = 5, min_seconds: float = 0.02) -> float:
         jax.block_until_ready(result)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
+
+
+def gpu_clock() -> Optional[str]:
+    """The SM clock and power draw as nvidia-smi reads them now ("1980 MHz, 130.2 W"), None where it cannot."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def rel_err(a, b) -> float:
@@ -205,6 +224,21 @@ def split_slots_forward():
                                                             out_dtype=BF16, schedule="split_slots"))
 
 
+def scores_only_indexer():
+    """`indexer_topk_pallas` with fp8, its top-k replaced by a read of one column per row (the scores must still
+    be computed, the selection costs ~nothing): the whole-context indexer minus this is the top-k's share."""
+    def no_topk(scores, topk, lengths=None, *, interpret=False):
+        return jnp.broadcast_to(scores[..., :1].astype(jnp.int32), scores.shape[:-1] + (topk,))
+
+    def run(q_, w_, k_, p_):
+        real, indexer_module.topk_pallas = indexer_module.topk_pallas, no_topk
+        try:  # swapped only while tracing: the jitted function keeps what it traced
+            return indexer_topk_pallas(q_, w_, k_, p_, topk=K, fp8=True)
+        finally:
+            indexer_module.topk_pallas = real
+    return jax.jit(run)
+
+
 def bench_context(s: int, args, key) -> dict:
     out = {"context": s}
     ks = jax.random.split(key, 8)
@@ -236,6 +270,9 @@ def bench_context(s: int, args, key) -> dict:
     indexer8 = jax.jit(lambda q_, w_, k_, p_: indexer_topk_pallas(q_, w_, k_, p_, topk=K, fp8=True))
     t_index8 = timed(indexer8, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
     out["indexer_fp8_ms"] = t_index8 * 1e3
+    scores_only = timed(scores_only_indexer(), qf, wf, k, posf, repeats=max(1, args.repeats // 2))
+    out["indexer_fp8_scores_ms"] = scores_only * 1e3
+    out["clock_indexer"] = gpu_clock()
     del qf, wf
     # -- sparse prefill: `sparse_queries` queries x K slots --
     nq = min(args.sparse_queries, s)
@@ -268,7 +305,9 @@ def bench_context(s: int, args, key) -> dict:
     qs_head = jax.random.normal(ks[5], (1, head, H, R + P), BF16)
     out["sparse_head_ms"] = timed(sparse, qs_head, kv, idx_head, repeats=args.repeats) * 1e3
     del qs_head
+    out["clock_sparse"] = gpu_clock()
     # -- sparse decode --
+    time.sleep(args.settle)
     bd = args.decode_batch
     kvd = jax.random.normal(ks[1], (bd, s, R + P), BF16)
     qd = jax.random.normal(ks[2], (bd, H, R + P), BF16)
@@ -283,6 +322,7 @@ def bench_context(s: int, args, key) -> dict:
     if out["sparse_kernel"] == "gluon":  # one split: what the default picks at B = 64 on an H100
         t = timed(split_slots_forward(), qd[:, None], kvd, idxd[:, None], repeats=args.repeats * 4)
         out["decode_split_slots_us"] = t * 1e6
+    out["clock_decode"] = gpu_clock()
     del kvd
     # -- dense cuDNN flash attention, whole context --
     qh = jax.random.normal(ks[4], (1, s, H, 128), BF16)
@@ -290,6 +330,7 @@ def bench_context(s: int, args, key) -> dict:
     try:
         t_dense = timed(dense, qh, repeats=args.repeats)
         out["dense_ms"] = t_dense * 1e3
+        out["clock_dense"] = gpu_clock()
     except Exception as err:  # noqa: BLE001 (report, do not hide: the table says why it is missing)
         out["dense_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     del qh
@@ -430,6 +471,8 @@ def main() -> None:
     parser.add_argument("--sparse-queries", type=int, default=4096)
     parser.add_argument("--decode-batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds idle before timing decode (not in the prefill's power state)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     print(f"{datetime.date.today()} jax {jax.__version__} device {jax.devices()[0].device_kind}")
@@ -454,7 +497,8 @@ def main() -> None:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("scores_fp8_tflops", "{:8.1f}"),
             ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"), ("topk_fallback_rows", "{:4d}"),
-            ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("sparse_tflops", "{:8.1f}"),
+            ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("indexer_fp8_scores_ms", "{:9.1f}"),
+            ("sparse_tflops", "{:8.1f}"),
             ("sparse_pallas_tflops", "{:8.1f}"), ("sparse_split_slots_tflops", "{:8.1f}"),
             ("decode_us", "{:8.0f}"), ("decode_pallas_us", "{:8.0f}"), ("decode_split_slots_us", "{:8.0f}"),
             ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]
