@@ -59,6 +59,7 @@ def test_topk_kernel_equals_reference(rows, keys, data):
     # Small candidate buffers and samples send rows down every path: all visible keys, sampled floor, fallback.
     capacity = data.draw(st.sampled_from([0, 32, 128]))
     sample = data.draw(st.sampled_from([16, 64, 2048]))
+    resident = data.draw(st.sampled_from([None, False]))  # candidates held in registers (None here) or streamed
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31 - 1)))
     # Few distinct values (many ties at the cut), both signs, signed zeros, invisible keys, ragged lengths.
     scores = (rng.integers(-4, 5, (rows, keys)) * rng.choice([1.0, 0.25, -0.0], (rows, keys))).astype(np.float32)
@@ -66,8 +67,25 @@ def test_topk_kernel_equals_reference(rows, keys, data):
     lengths = rng.integers(0, keys + 1, rows)
     visible = np.where(np.arange(keys)[None] < lengths[:, None], scores, -np.inf)
     got = topk_pallas(jnp.asarray(scores), k, jnp.asarray(lengths), interpret=True, block=block, capacity=capacity,
-                      sample=sample)
+                      sample=sample, resident=resident)
     np.testing.assert_array_equal(got, topk_reference(jnp.asarray(visible), k))
+
+
+def test_resident_select_on_each_buffer_half_and_on_fallback_rows():
+    # W = 128 candidate slots: rows whose candidates fit the first 64 search those alone, the others all 128, and
+    # fallback rows the whole row; every kind must occur here and every row must equal the reference.
+    rng = np.random.default_rng(3)
+    rows, keys, k = 24, 700, 24
+    scores = rng.normal(size=(rows, keys)).astype(np.float32)
+    scores[::2] = np.round(scores[::2] * 2) / 2  # ties at the floor inflate the candidate counts
+    lengths = jnp.asarray(rng.integers(1, keys + 1, rows))
+    options = dict(interpret=True, capacity=128, block=64, sample=64)
+    counts = np.asarray(candidate_counts(jnp.asarray(scores), k, lengths, **options))
+    assert (counts == FALLBACK).any() and ((counts >= 0) & (counts <= 64)).any() and (counts > 64).any()
+    visible = np.where(np.arange(keys)[None] < np.asarray(lengths)[:, None], scores, -np.inf)
+    want = topk_reference(jnp.asarray(visible), k)
+    np.testing.assert_array_equal(topk_pallas(jnp.asarray(scores), k, lengths, resident=True, **options), want)
+    np.testing.assert_array_equal(topk_pallas(jnp.asarray(scores), k, lengths, resident=False, **options), want)
 
 
 def _candidate_counts(scores, k, *, capacity, sample, block):
