@@ -276,7 +276,35 @@ def _call_params(interpret, num_warps, num_stages):
                 compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
 
 
-def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps, num_stages, capacity, sample):
+CANDIDATES_KERNELS = ("auto", "gluon", "pallas")
+GLUON_WARPS = 4  # the Gluon candidates kernel's warps (here so that checking its tiles needs no triton)
+
+
+def resolve_candidates_kernel(candidates_kernel: str, interpret: bool, block: int, sample: int,
+                              num_warps: int) -> str:
+    """The candidates kernel that runs: "gluon" (`topk_gluon`, Hopper) or "pallas" (`_candidates_kernel`).
+    "auto" takes the Gluon kernel where it runs (a Hopper GPU with triton and jax-triton; 4 warps and blocks and
+    samples of at least 128 keys, one per thread) and Pallas elsewhere; "gluon" insists (an error says why it
+    cannot run); "pallas" always is. Interpret mode is Pallas. Both give the same candidates."""
+    if candidates_kernel not in CANDIDATES_KERNELS:
+        raise ValueError(f"candidates_kernel must be one of {list(CANDIDATES_KERNELS)}, got {candidates_kernel!r}")
+    if candidates_kernel == "pallas" or (interpret and candidates_kernel == "auto"):
+        return "pallas"
+    if interpret:
+        reason = "the Pallas interpreter runs Pallas kernels only"
+    elif num_warps != GLUON_WARPS or min(block, sample) < 32 * GLUON_WARPS:
+        reason = (f"it runs {GLUON_WARPS} warps over blocks and samples of at least {32 * GLUON_WARPS} keys, got "
+                  f"{num_warps} warps, block {block}, sample {sample}")
+    else:
+        from pallas_kernels import _gluon
+        reason = _gluon.unavailable_reason()
+    if reason is not None and candidates_kernel == "gluon":
+        raise ValueError(f"candidates_kernel='gluon' cannot run: {reason}")
+    return "pallas" if reason else "gluon"
+
+
+def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps, num_stages, capacity, sample,
+                candidates_kernel="auto"):
     """Kernel 1 with its inputs prepared: scores f32[..., S] -> (lead shape, rows f32[R, S_pad], lengths int32[R],
     select_block, ids int32[R, W], keys int32[R, W], count int32[R]); count = FALLBACK where the candidates might
     miss part of the top-k. Options as in `topk_pallas`."""
@@ -293,36 +321,47 @@ def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps
         lengths = jnp.full(rows.shape[:1], num_keys, jnp.int32)
     lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(-1), 0, num_keys)
     num_rows = rows.shape[0]
+    num_warps = num_warps or default_warps
+    sample = round_up(sample, block)
+    if resolve_candidates_kernel(candidates_kernel, interpret, block, sample, num_warps) == "gluon":
+        from pallas_kernels._gluon import vmap_by_folding_into_batch
+        from pallas_kernels.topk_gluon import candidates_gluon
+        gluon_pass = functools.partial(candidates_gluon, k=k, width=width, block=block, sample=sample,
+                                       margin=SAMPLE_MARGIN)
+        ids, keys, count = vmap_by_folding_into_batch(gluon_pass)(rows, lengths)
+        return lead, rows, lengths, select_block, ids, keys, count
     ids, keys, count = pl.pallas_call(
-        functools.partial(_candidates_kernel, k=k, block=block, sample=round_up(sample, block)),
+        functools.partial(_candidates_kernel, k=k, block=block, sample=sample),
         grid=(num_rows,),
         in_specs=[_one_spec(), _row_spec(rows.shape[1])],
         out_specs=[_row_spec(width), _row_spec(width), _one_spec()],
         out_shape=[jax.ShapeDtypeStruct((num_rows, width), jnp.int32)] * 2
         + [jax.ShapeDtypeStruct((num_rows,), jnp.int32)],
-        name="topk_candidates", **_call_params(interpret, num_warps or default_warps, num_stages),
+        name="topk_candidates", **_call_params(interpret, num_warps, num_stages),
     )(lengths, rows)
     return lead, rows, lengths, select_block, ids, keys, count
 
 
-_OPTIONS = ("k", "interpret", "block", "select_block", "num_warps", "num_stages", "capacity", "sample")
+_OPTIONS = ("k", "interpret", "block", "select_block", "num_warps", "num_stages", "capacity", "sample",
+            "candidates_kernel")
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS)
 def candidate_counts(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
                      block: int = 0, select_block: int = 0, num_warps: int = 0, num_stages: int = 3,
-                     capacity: int = 0, sample: int = 1024):
+                     capacity: int = 0, sample: int = 1024, candidates_kernel: str = "auto"):
     """Kernel 1 alone (for tests and benchmarks): int32[...] candidates per row, FALLBACK (-1) for rows that
     `topk_pallas` sends to the whole-row select. Arguments as in `topk_pallas`."""
     lead, *_, count = _candidates(scores, k, lengths, interpret=interpret, block=block, select_block=select_block,
-                                  num_warps=num_warps, num_stages=num_stages, capacity=capacity, sample=sample)
+                                  num_warps=num_warps, num_stages=num_stages, capacity=capacity, sample=sample,
+                                  candidates_kernel=candidates_kernel)
     return count.reshape(lead)
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS + ("resident",))
 def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
                 block: int = 0, select_block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0,
-                sample: int = 1024, resident: Optional[bool] = None):
+                sample: int = 1024, resident: Optional[bool] = None, candidates_kernel: str = "auto"):
     """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
     -> int32[..., k] in the top-k convention of `topk_reference` (ascending ids, then -1).
 
@@ -330,11 +369,12 @@ def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpre
     strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step of the
     candidates kernel and warps per row (0 = by row length, `_default_tiles`); select_block: keys per step of the
     select kernel (0 = SELECT_BLOCK; at most the capacity) where it streams the candidates; resident: hold all W
-    candidates in registers through the select instead (None = when W <= RESIDENT_SLOTS)."""
+    candidates in registers through the select instead (None = when W <= RESIDENT_SLOTS); candidates_kernel:
+    "auto" | "gluon" | "pallas" (`resolve_candidates_kernel`)."""
     num_warps = num_warps or _default_tiles(scores.shape[-1])[1]
     lead, rows, lengths, select_block, ids, keys, count = _candidates(
         scores, k, lengths, interpret=interpret, block=block, select_block=select_block, num_warps=num_warps,
-        num_stages=num_stages, capacity=capacity, sample=sample)
+        num_stages=num_stages, capacity=capacity, sample=sample, candidates_kernel=candidates_kernel)
     k_pad = next_pow2(k + 1)  # one spare slot past k (see _masked_slots)
     resident = ids.shape[1] <= RESIDENT_SLOTS if resident is None else resident
     out = pl.pallas_call(
