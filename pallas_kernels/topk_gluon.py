@@ -11,7 +11,7 @@ compacted.
 
 Same results as the Pallas kernel: the floor is the same sample key (the exact rank-th largest), the candidates are
 the same keys in the same ascending order, and the count follows the same rule (`topk` module docstring). Gluon has
-no interpreter: CPU tests compile it for sm_90 (`tests/test_gluon_kernels.py`); its output is checked against the
+no interpreter: CPU tests compile it for sm_90 (`tests/test_topk_gluon.py`); its output is checked against the
 Pallas kernel on the GPU.
 Shapes as in `topk`: R rows, S_pad keys per row (a multiple of BLOCK), W candidate slots.
 """
@@ -23,12 +23,13 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from pallas_kernels import topk
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels.topk import GLUON_WARPS as NUM_WARPS
 
-INT_MIN = gl.constexpr(-(2 ** 31))
-LOWEST_VISIBLE = gl.constexpr(-(2 ** 31) + 1)
-FALLBACK = gl.constexpr(-1)
+NUM_WARPS = topk.GLUON_WARPS
+INT_MIN = gl.constexpr(topk.INT_MIN)
+LOWEST_VISIBLE = gl.constexpr(topk.LOWEST_VISIBLE)
+FALLBACK = gl.constexpr(topk.FALLBACK)
 
 
 @gluon.constexpr_function
