@@ -17,16 +17,20 @@ bf16 inputs, fp32 accumulation. For each context S:
   decode   sparse MLA decode, batch `--decode-batch`, GB/s over the gathered rows it must read (both kernels;
            with Gluon, the split_slots schedule at one split, in us), after `--settle` seconds idle;
   dense    cuDNN causal flash attention over the whole context, 128 heads, d = 128 (the bar to beat);
-  dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer;
-           the prefill is the first 2048 queries as timed plus the rest at the per-query rate of full rows.
+  layer    the sparse prefill of a whole causal layer, measured in one call: all S queries, query t over K
+           random ids from [0, t] (ids 0..t then -1 while t < K); with `--no-layer`, estimated instead from the
+           first 2048 queries as timed plus the rest at the per-query rate of full rows (both are recorded when
+           measured: `sparse_layer_ms`, `sparse_layer_extrapolated_ms`). Needs ~37.6 GB at S = 128K;
+  dsa      indexer + sparse prefill for the whole context, one layer (compare with dense); bf16 and fp8 indexer.
 Median of `--repeats` samples after a warm-up, each sample the mean of calls dispatched back to back over about
 20 ms (see `timed`); inputs are random normal, never zeros.
 
 Clocks: an H100 at its 700 W cap lowers its SM clock (1.5-1.7 GHz under the fp8 indexer, 1.98 GHz idle; read
-with nvidia-smi, docs/BENCHMARKS.md), and the short decode kernel (~0.1 ms) read 103-139 us across runs for the
+with nvidia-smi, docs/BENCHMARKS.md), and the short decode kernel (~0.1 ms) read 103-152 us across runs for the
 same inputs, for reasons not established. So decode is timed after `--settle` seconds idle, not in whatever state
 the prefill left, and every section records the SM clock and power nvidia-smi reads right after it (`clock_*`
-fields; None without nvidia-smi).
+fields; None without nvidia-smi). The long whole-context sections (fp8 indexer, sparse layer, dense) also sample
+them every 100 ms while they are timed, after compiling (`power_*`: median and lowest SM clock, median power).
 
     python scripts/bench_kernels.py --check                       # correctness on the GPU only
     python scripts/bench_kernels.py --contexts 8192 32768 65536 131072
@@ -94,6 +98,47 @@ def gpu_clock() -> Optional[str]:
                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+class PowerSampler:
+    """nvidia-smi sampling the SM clock and power every 100 ms while a `with` block runs; `summary` is then "SM
+    clock median 1185 MHz (lowest 1140), power median 651 W, 9 samples", or None without nvidia-smi."""
+
+    def __enter__(self):
+        try:
+            self._process = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
+                                              "--format=csv,noheader,nounits", "-lms", "100"],
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self._process = None
+        self.summary = None
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._process is None:
+            return
+        self._process.terminate()
+        text, _ = self._process.communicate(timeout=10)
+        samples = []
+        for line in text.splitlines():
+            try:
+                clock, power = (float(v) for v in line.split(","))
+            except ValueError:  # a partial last line, or "[N/A]"
+                continue
+            samples.append((clock, power))
+        if samples:
+            clocks, powers = zip(*samples, strict=True)
+            self.summary = (f"SM clock median {statistics.median(clocks):.0f} MHz (lowest {min(clocks):.0f}), "
+                            f"power median {statistics.median(powers):.0f} W, {len(samples)} samples")
+
+
+def causal_slot_ids(key, s: int, k: int):
+    """int32 [1, s, k]: query t's ids, k random keys from [0, t] sorted (repeats allowed, as in the per-query
+    sample), or while t < k all of 0..t then -1 (what a causal top-k selects there)."""
+    pos = jnp.arange(s, dtype=jnp.int32)[:, None]
+    slots = jnp.arange(k, dtype=jnp.int32)[None, :]
+    drawn = jnp.sort(jax.random.randint(key, (s, k), 0, pos + 1), axis=-1)
+    return jnp.where(pos < k, jnp.where(slots <= pos, slots, -1), drawn).astype(jnp.int32)[None]
 
 
 def rel_err(a, b) -> float:
@@ -268,7 +313,10 @@ def bench_context(s: int, args, key) -> dict:
     causal_flops = 2.0 * (s * (s + 1) / 2) * G * I
     out["indexer_ms"], out["indexer_tflops"] = t_index * 1e3, causal_flops / t_index / 1e12
     indexer8 = jax.jit(lambda q_, w_, k_, p_: indexer_topk_pallas(q_, w_, k_, p_, topk=K, fp8=True))
-    t_index8 = timed(indexer8, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
+    jax.block_until_ready(indexer8(qf, wf, k, posf))  # compiled before sampling: the samples are of the runs
+    with PowerSampler() as power:
+        t_index8 = timed(indexer8, qf, wf, k, posf, repeats=max(1, args.repeats // 2))
+    out["power_indexer_fp8"] = power.summary
     out["indexer_fp8_ms"] = t_index8 * 1e3
     scores_only = timed(scores_only_indexer(), qf, wf, k, posf, repeats=max(1, args.repeats // 2))
     out["indexer_fp8_scores_ms"] = scores_only * 1e3
@@ -306,6 +354,7 @@ def bench_context(s: int, args, key) -> dict:
     out["sparse_head_ms"] = timed(sparse, qs_head, kv, idx_head, repeats=args.repeats) * 1e3
     del qs_head
     out["clock_sparse"] = gpu_clock()
+    out["sparse_layer_extrapolated_ms"] = out["sparse_head_ms"] + out["sparse_ms_per_query"] * (s - head)
     # -- sparse decode --
     time.sleep(args.settle)
     bd = args.decode_batch
@@ -328,15 +377,30 @@ def bench_context(s: int, args, key) -> dict:
     qh = jax.random.normal(ks[4], (1, s, H, 128), BF16)
     dense = jax.jit(lambda q_: jax.nn.dot_product_attention(q_, q_, q_, is_causal=True, implementation="cudnn"))
     try:
-        t_dense = timed(dense, qh, repeats=args.repeats)
+        jax.block_until_ready(dense(qh))
+        with PowerSampler() as power:
+            t_dense = timed(dense, qh, repeats=args.repeats)
+        out["power_dense"] = power.summary
         out["dense_ms"] = t_dense * 1e3
         out["clock_dense"] = gpu_clock()
     except Exception as err:  # noqa: BLE001 (report, do not hide: the table says why it is missing)
         out["dense_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     del qh
-    # -- one DSA layer over the whole context = indexer + sparse prefill for all s queries (the first K timed
-    # with their causal slot counts, the other s - K at the per-query rate of full rows) --
-    sparse_layer_ms = out["sparse_head_ms"] + out["sparse_ms_per_query"] * (s - head)
+    # -- the whole causal layer's sparse prefill in one call (q repeats the timed queries: values do not matter),
+    # last: its ~38 GB at 128K are not allocated and freed before the decode and dense timings --
+    if not args.no_layer:
+        qs_layer = jnp.tile(qs, (1, -(-s // nq), 1, 1))[:, :s]
+        idx_layer = causal_slot_ids(ks[5], s, K)
+        jax.block_until_ready(sparse(qs_layer, kv, idx_layer))
+        with PowerSampler() as power:
+            out["sparse_layer_ms"] = timed(sparse, qs_layer, kv, idx_layer, repeats=max(1, args.repeats // 2),
+                                           min_seconds=0.0) * 1e3
+        out["power_sparse_layer"] = power.summary
+        del qs_layer, idx_layer
+    # -- one DSA layer over the whole context = indexer + sparse prefill for all s queries (measured, or with
+    # --no-layer estimated: the first K timed with their causal slot counts, the other s - K at the per-query
+    # rate of full rows) --
+    sparse_layer_ms = out.get("sparse_layer_ms", out["sparse_layer_extrapolated_ms"])
     out["dsa_ms"] = t_index * 1e3 + sparse_layer_ms
     out["dsa_fp8_ms"] = t_index8 * 1e3 + sparse_layer_ms
     return out
@@ -473,6 +537,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds idle before timing decode (not in the prefill's power state)")
+    parser.add_argument("--no-layer", action="store_true",
+                        help="estimate the whole layer's sparse prefill from --sparse-queries instead of timing "
+                             "all S queries (which needs ~37.6 GB at S = 128K)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     print(f"{datetime.date.today()} jax {jax.__version__} device {jax.devices()[0].device_kind}")
@@ -498,7 +565,7 @@ def main() -> None:
     cols = [("context", "{:>7d}"), ("scores_tflops", "{:8.1f}"), ("scores_fp8_tflops", "{:8.1f}"),
             ("topk_ms", "{:8.2f}"), ("topk_xla_ms", "{:8.2f}"), ("topk_fallback_rows", "{:4d}"),
             ("indexer_ms", "{:9.1f}"), ("indexer_fp8_ms", "{:9.1f}"), ("indexer_fp8_scores_ms", "{:9.1f}"),
-            ("sparse_tflops", "{:8.1f}"),
+            ("sparse_tflops", "{:8.1f}"), ("sparse_layer_ms", "{:9.1f}"), ("sparse_layer_extrapolated_ms", "{:9.1f}"),
             ("sparse_pallas_tflops", "{:8.1f}"), ("sparse_split_slots_tflops", "{:8.1f}"),
             ("decode_us", "{:8.0f}"), ("decode_pallas_us", "{:8.0f}"), ("decode_split_slots_us", "{:8.0f}"),
             ("dsa_ms", "{:9.1f}"), ("dsa_fp8_ms", "{:9.1f}"), ("dense_ms", "{:9.1f}")]

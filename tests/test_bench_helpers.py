@@ -1,0 +1,49 @@
+"""Helpers of `scripts/bench_kernels.py` whose output goes into docs/BENCHMARKS.md: the causal slot ids of the
+measured whole-layer sparse prefill, and the nvidia-smi power sampler's summary."""
+
+import importlib.util
+import os
+import stat
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_causal_slot_ids_select_only_visible_keys_and_all_of_them_while_fewer_than_k(bench):
+    s, k = 40, 8
+    ids = np.asarray(bench.causal_slot_ids(jax.random.key(3), s, k))
+    assert ids.shape == (1, s, k) and ids.dtype == np.int32
+    for t, row in enumerate(ids[0]):
+        if t < k:  # a causal top-k sees t + 1 keys and takes them all
+            np.testing.assert_array_equal(row, np.where(np.arange(k) <= t, np.arange(k), -1))
+        else:
+            assert (row >= 0).all() and (row <= t).all() and (np.diff(row) >= 0).all(), (t, row)
+    late = ids[0, k:]
+    # random, not a fixed pattern: the late rows draw over their whole visible range
+    assert len(np.unique(late)) > s // 2 and late.max() > s * 3 // 4
+
+
+def test_power_sampler_summarises_what_nvidia_smi_prints_and_is_none_without_it(bench, tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '1980, 150.5\\n1530, 690.0\\n1600, 650.0\\n[N/A], [N/A]\\n'\nexec sleep 30\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with bench.PowerSampler() as power:
+        import time
+        time.sleep(0.5)  # let the fake print before it is stopped
+    assert power.summary == "SM clock median 1600 MHz (lowest 1530), power median 650 W, 3 samples"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with bench.PowerSampler() as power:
+        pass
+    assert power.summary is None
