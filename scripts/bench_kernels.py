@@ -118,7 +118,11 @@ class PowerSampler:
         if self._process is None:
             return
         self._process.terminate()
-        text, _ = self._process.communicate(timeout=10)
+        try:
+            text, _ = self._process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a sampler that does not stop must not stop the bench
+            self._process.kill()
+            text, _ = self._process.communicate()
         samples = []
         for line in text.splitlines():
             try:
