@@ -102,7 +102,8 @@ def gpu_clock() -> Optional[str]:
 
 class PowerSampler:
     """nvidia-smi sampling the SM clock and power every 100 ms while a `with` block runs; `summary` is then "SM
-    clock median 1185 MHz (lowest 1140), power median 651 W, 9 samples", or None without nvidia-smi."""
+    clock median 1185 MHz (lowest 1140), power median 651 W, 9 samples", or None without nvidia-smi. (The clock
+    is read at each sample; `power.draw` is averaged over nvidia-smi's own window, so sections of ~1 s read low.)"""
 
     def __enter__(self):
         try:

@@ -4,6 +4,7 @@ measured whole-layer sparse prefill, and the nvidia-smi power sampler's summary.
 import importlib.util
 import os
 import stat
+import time
 
 import jax
 import numpy as np
@@ -40,7 +41,6 @@ def test_power_sampler_summarises_what_nvidia_smi_prints_and_is_none_without_it(
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with bench.PowerSampler() as power:
-        import time
         time.sleep(0.5)  # let the fake print before it is stopped
     assert power.summary == "SM clock median 1600 MHz (lowest 1530), power median 650 W, 3 samples"
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
