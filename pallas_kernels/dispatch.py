@@ -4,7 +4,8 @@ impl:
   "reference"  plain-jnp kernels (`*_reference.py`): the CPU/TPU fallback and the ground truth;
   "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
                forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
-               jax-triton are installed (bf16/fp16 inputs);
+               jax-triton are installed (bf16/fp16 inputs), as do the fp8 indexer scores (`indexer_gluon.py`)
+               and the top-k's candidates pass (`topk_gluon.py`);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
                logic;
   None         the platform default: "pallas" on a CUDA GPU, "reference" elsewhere.
@@ -41,18 +42,22 @@ def resolve_impl(impl: Optional[str]) -> str:
     return impl
 
 
-def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None, fp8: bool = False, k_scale=None):
+def indexer_topk(q, w, k, q_positions, *, topk: int, impl: Optional[str] = None, fp8: bool = False, k_scale=None,
+                 fp8_head_sum: str = "bf16"):
     """Indexer scores + top-k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].
     fp8: score with fp8-quantised inputs (`indexer_reference.quantize_fp8`), in every implementation; k_scale
-    f32[B,S]: the keys are already fp8 (an fp8 key cache) and only the queries are quantised."""
+    f32[B,S]: the keys are already fp8 (an fp8 key cache) and only the queries are quantised. fp8_head_sum: "bf16"
+    (the default; on Hopper the head sum runs on the tensor cores, `indexer_gluon`) or "fp32" (`indexer_reference`
+    says what each rounds)."""
     impl = resolve_impl(impl)
     if impl != "reference":
         return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret", fp8=fp8,
-                                   k_scale=k_scale)
+                                   k_scale=k_scale, fp8_head_sum=fp8_head_sum)
     if q.shape[1] == 1:
         return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk, fp8=fp8,
-                                             k_scale=k_scale)[:, None]
-    return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8, k_scale=k_scale)
+                                             k_scale=k_scale, fp8_head_sum=fp8_head_sum)[:, None]
+    return indexer_topk_reference(q, w, k, q_positions, topk=topk, fp8=fp8, k_scale=k_scale,
+                                  fp8_head_sum=fp8_head_sum)
 
 
 def indexer_scores(q, w, k, q_positions, *, impl: Optional[str] = None):

@@ -31,12 +31,21 @@ from pallas_kernels._pallas import (PROGRAMS_TO_FILL_GPU, compiler_params, dot_s
                                     round_up)
 from pallas_kernels._triton_ops import fp8_dot_nt
 from pallas_kernels.indexer_backward import indexer_scores_backward_call
-from pallas_kernels.indexer_reference import scored_inputs
+from pallas_kernels.indexer_reference import check_fp8_head_sum, round_to_bf16, scored_inputs
 from pallas_kernels.topk import topk_pallas
 
 
+def _to_bf16_and_back(x, interpret: bool):
+    """x f32 rounded to bf16 (nearest, ties to even), in f32: the same rounding either way. Triton lowers the astype
+    pair to cvt.rn.bf16x2.f32 and back; XLA, which runs the interpreter, may drop such a pair as excess precision,
+    so there the bits are rounded (`round_to_bf16`; in Triton that ran at 472 TFLOP/s on an H100, the pair at
+    596-600 on an H200). Either way this kernel with the bf16 head sum is slower than with the fp32 one (~900): on
+    Hopper the fp8 default is the Gluon kernel (`indexer_gluon`); this one serves decode and other GPUs."""
+    return round_to_bf16(x) if interpret else x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
 def _score_tile(head_group_of, groups: int, keys, key_scales, positions, first_key, *, block_q: int,
-                block_k: int, heads_per_step: int, precision, epilogue: str):
+                block_k: int, heads_per_step: int, precision, epilogue: str, interpret: bool):
     """Scores of the tile's block_q queries against keys [block_k, I] (first id first_key) -> f32 [block_q,
     block_k], -inf where a key is past a query's position. head_group_of(g) -> (q [block_q*hg, I], w
     [block_q*hg]): head group g of the `groups`."""
@@ -49,7 +58,10 @@ def _score_tile(head_group_of, groups: int, keys, key_scales, positions, first_k
         else:
             logits = lax.dot_general(keys, q_group, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                      precision=precision)
-        weighted = jnp.maximum(logits, 0.0) * w_group.astype(jnp.float32)[None, :]
+        relu, weights = jnp.maximum(logits, 0.0), w_group.astype(jnp.float32)
+        if epilogue == "bf16_head_sum":  # the fp8 indexer's rounding (indexer_reference, indexer_gluon)
+            relu, weights = _to_bf16_and_back(relu, interpret), _to_bf16_and_back(weights, interpret)
+        weighted = relu * weights[None, :]
         if epilogue == "sum":  # profiling ablation only (head_sum_ablation)
             weighted = logits
         return acc + jnp.sum(weighted.reshape(block_k, block_q, heads_per_step), axis=2)
@@ -62,7 +74,7 @@ def _score_tile(head_group_of, groups: int, keys, key_scales, positions, first_k
 
 
 def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
-                   precision, epilogue: str, write_hidden: bool):
+                   precision, epilogue: str, write_hidden: bool, interpret: bool):
     # One [block_q, block_k] tile per program. q_ref [n, block_q*hg, I] and w_ref [n, block_q*hg]: the tile's
     # queries x heads in n = G/hg head groups (rows query-major within a group); k_ref [block_k, I], pos_ref
     # [block_q], (fp8: k_scale_ref [block_k]), out_ref [block_q, block_k]
@@ -81,11 +93,12 @@ def _scores_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: i
         out_ref[...] = _score_tile(lambda g: (q_ref[g], w_ref[g]), q_ref.shape[0], k_ref[...],
                                    k_scale_ref[0][...] if k_scale_ref else None, positions, first_key,
                                    block_q=block_q, block_k=block_k,
-                                   heads_per_step=heads_per_step, precision=precision, epilogue=epilogue)
+                                   heads_per_step=heads_per_step, precision=precision, epilogue=epilogue,
+                                   interpret=interpret)
 
 
 def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block_k: int, heads_per_step: int,
-                        precision, epilogue: str, write_hidden: bool):
+                        precision, epilogue: str, write_hidden: bool, interpret: bool):
     # One program per block_q queries, walking every key tile with the same query tile.
     # q_ref / w_ref as in _scores_kernel, k_ref [S', I] (the row's keys), pos_ref [block_q], (fp8: k_scale_ref
     # [S']), out_ref [block_q, S']
@@ -109,7 +122,7 @@ def _scores_rows_kernel(q_ref, w_ref, k_ref, pos_ref, *refs, block_q: int, block
         out_ref[:, keys] = _score_tile(head_group_of, groups, k_ref[keys, :],
                                        k_scale_ref[0][keys] if k_scale_ref else None, positions, j * block_k,
                                        block_q=block_q, block_k=block_k, heads_per_step=heads_per_step,
-                                       precision=precision, epilogue=epilogue)
+                                       precision=precision, epilogue=epilogue, interpret=interpret)
         return carry
 
     def hidden(j, carry):  # wholly above the causal diagonal: no arithmetic
@@ -171,13 +184,53 @@ _PER_TILE_TILES = (128, 128, 4, 4)
 MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88) from the Triton backend on an H100
 
 
+SCORES_KERNELS = ("auto", "pallas", "gluon")
+
+
+def resolve_scores_kernel(scores_kernel: str, *, fp8: bool, fp8_head_sum: str, interpret: bool, heads: int,
+                          width: int, programs: int, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
+    """"pallas" or "gluon" (`indexer_gluon`, Hopper) for `indexer_scores_pallas`. "auto" takes Gluon where it runs
+    and the Pallas kernel would walk the keys (programs = B x T/2 query pairs >= PROGRAMS_TO_FILL_GPU, or walk_keys),
+    unless a Pallas tiling option is given; an explicit "gluon" that cannot run is an error that says why."""
+    if scores_kernel not in SCORES_KERNELS:
+        raise ValueError(f"scores_kernel must be one of {list(SCORES_KERNELS)}, got {scores_kernel!r}")
+    if scores_kernel == "pallas":
+        return "pallas"
+    reason = None
+    if interpret:
+        reason = "the Pallas interpreter runs Pallas kernels only"
+    elif not fp8:
+        reason = "it scores fp8 inputs only (pass k_scale)"
+    elif fp8_head_sum != "bf16":
+        reason = f"it sums heads in bf16 on the tensor cores, got fp8_head_sum={fp8_head_sum!r}"
+    else:
+        from pallas_kernels import _gluon
+        reason = _gluon.unavailable_reason()
+        if reason is None:
+            from pallas_kernels.indexer_gluon import unsupported_reason
+            reason = unsupported_reason(heads, width)
+    if scores_kernel == "gluon":
+        if reason is not None:
+            raise ValueError(f"scores_kernel='gluon' cannot run: {reason}")
+        return "gluon"
+    walks = walk_keys if walk_keys is not None else programs >= PROGRAMS_TO_FILL_GPU
+    return "gluon" if reason is None and walks and not pallas_tiling else "pallas"
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
-                                             "num_warps", "num_stages", "walk_keys", "fill_hidden"))
+                                             "num_warps", "num_stages", "walk_keys", "fill_hidden", "fp8_head_sum",
+                                             "scores_kernel"))
 def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool = False, block_k: int = 0,
                           rows_per_tile: int = 0, heads_per_step: int = 0, num_warps: int = 0,
-                          num_stages: int = 0, walk_keys: Optional[bool] = None, fill_hidden: bool = True):
+                          num_stages: int = 0, walk_keys: Optional[bool] = None, fill_hidden: bool = True,
+                          fp8_head_sum: str = "bf16", scores_kernel: str = "auto"):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> scores f32[B,T,S] (-inf where s > pos).
-    fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`).
+    fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`); fp8_head_sum: "bf16"
+    (default) or "fp32", as in `indexer_reference.indexer_scores_reference`.
+
+    scores_kernel: "pallas" (this module), "gluon" (`indexer_gluon`: fp8 with the bf16 head sum on Hopper; at
+    DeepSeek-V3.2 shapes on an H100 1088-1116 TFLOP/s against this kernel's 898-921) or "auto"
+    (`resolve_scores_kernel`). The options below tile the Pallas kernel; giving any of them selects it under "auto".
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
@@ -191,9 +244,27 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     fill_hidden=False leaves the key tiles wholly past a query tile's last position unwritten (undefined values,
     not -inf): for callers that stop each row at its causal length, such as `indexer_topk_pallas`, it saves
     writing the hidden half of a causal [T, S] block."""
-    return _scores(q, w, k, q_positions, k_scale, epilogue="relu_weighted_sum", interpret=interpret,
+    check_fp8_head_sum(fp8_head_sum)
+    fp8 = k_scale is not None
+    kernel = resolve_scores_kernel(
+        scores_kernel, fp8=fp8, fp8_head_sum=fp8_head_sum, interpret=interpret, heads=q.shape[2], width=q.shape[3],
+        programs=q.shape[0] * -(-q.shape[1] // 2), walk_keys=walk_keys,
+        pallas_tiling=any((block_k, rows_per_tile, heads_per_step, num_warps, num_stages)))
+    if kernel == "gluon":
+        _check_fp8_inputs(q, k)
+        from pallas_kernels._gluon import vmap_by_folding_into_batch
+        from pallas_kernels.indexer_gluon import fp8_scores_gluon
+        gluon_scores = functools.partial(fp8_scores_gluon, fill_hidden=fill_hidden)
+        return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions, k_scale)
+    epilogue = "bf16_head_sum" if fp8 and fp8_head_sum == "bf16" else "fp32_head_sum"
+    return _scores(q, w, k, q_positions, k_scale, epilogue=epilogue, interpret=interpret,
                    block_k=block_k, rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,
                    num_warps=num_warps, num_stages=num_stages, walk_keys=walk_keys, fill_hidden=fill_hidden)
+
+
+def _check_fp8_inputs(q, k):
+    if not (q.dtype == k.dtype == jnp.float8_e4m3fn):
+        raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
 
 
 def head_sum_ablation(q, w, k, q_positions, k_scale=None, **options):
@@ -206,8 +277,8 @@ def _scores(q, w, k, q_positions, k_scale, *, epilogue: str, interpret: bool = F
             rows_per_tile: int = 0, heads_per_step: int = 0, num_warps: int = 0, num_stages: int = 0,
             walk_keys: Optional[bool] = None, fill_hidden: bool = True):
     fp8 = k_scale is not None
-    if fp8 and not (q.dtype == k.dtype == jnp.float8_e4m3fn):
-        raise ValueError(f"k_scale means fp8 inputs: q and k must be float8_e4m3fn, got {q.dtype} and {k.dtype}")
+    if fp8:
+        _check_fp8_inputs(q, k)
     if rows_per_tile > MAX_ROWS_PER_TILE:
         raise ValueError(f"rows_per_tile must be at most {MAX_ROWS_PER_TILE} (larger tiles computed wrong scores "
                          f"on an H100), got {rows_per_tile}")
@@ -228,7 +299,7 @@ def _scores(q, w, k, q_positions, k_scale, *, epilogue: str, interpret: bool = F
     q, w, k, positions = tiles.pad(q, w, k, q_positions)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     common = dict(block_q=block_q, block_k=block_k, heads_per_step=tiles.step, precision=precision,
-                  epilogue=epilogue, write_hidden=fill_hidden)
+                  epilogue=epilogue, write_hidden=fill_hidden, interpret=interpret)
     q_spec = (None, None, groups, tiles.rows, k.shape[2])
     w_spec = (None, None, groups, tiles.rows)
     k_scales = [pad_axis(k_scale.astype(jnp.float32), 1, k.shape[1])] if fp8 else []
@@ -299,10 +370,12 @@ indexer_scores_trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
 def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False, fp8: bool = False,
-                        k_scale=None, chunk_bytes: int = 1 << 30):
+                        k_scale=None, chunk_bytes: int = 1 << 30, fp8_head_sum: str = "bf16",
+                        scores_kernel: str = "auto"):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk] (the top-k convention).
     fp8: quantise the inputs (`indexer_reference.quantize_fp8`) and score on fp8 tensor cores; k_scale f32[B,S]:
     k is already fp8 (an fp8 key cache) and only the queries are quantised (`indexer_reference.scored_inputs`).
+    fp8_head_sum, scores_kernel: as in `indexer_scores_pallas`.
 
     Queries go in chunks whose fp32 scores take at most chunk_bytes ([B, chunk, S])."""
     q, w, k, k_scale = scored_inputs(q, w, k, fp8=fp8, k_scale=k_scale)
@@ -313,7 +386,8 @@ def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = Fa
 
     def one_chunk(q_c, w_c, pos_c):
         # Each row's top-k stops at its causal length, so the tiles past it need not be written.
-        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret, fill_hidden=False)
+        scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret, fill_hidden=False,
+                                       fp8_head_sum=fp8_head_sum, scores_kernel=scores_kernel)
         return topk_pallas(scores, topk, pos_c + 1, interpret=interpret)
 
     if chunk >= num_q:

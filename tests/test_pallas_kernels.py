@@ -214,7 +214,8 @@ def test_indexer_scores_backward_kernels_equal_reference_gradients(impl, dtype, 
         scores, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos, impl == "interpret"),
                               q, w, k)
         got = vjp(d_scores)
-    assert np.isfinite(np.asarray(scores)).sum() == np.isfinite(np.asarray(indexer_scores_reference(q, w, k, pos))).sum()
+    visible = np.isfinite(np.asarray(indexer_scores_reference(q, w, k, pos))).sum()
+    assert np.isfinite(np.asarray(scores)).sum() == visible
     for name, g, ref, dt in zip(("d_q", "d_w", "d_k"), got, want, (dtype, jnp.float32, dtype), strict=True):
         assert g.dtype == dt, name
         bound = max(tol, 2e-3) if impl == "pallas" else tol
@@ -237,20 +238,24 @@ def test_indexer_topk_chunked_selects_the_best_keys(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 13, 29, 4, 16), (1, 40, 70, 8, 32)])
-def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, shape):
+@pytest.mark.parametrize("head_sum", ["bf16", "fp32"])
+def test_fp8_indexer_scores_equal_the_fp8_reference_and_stay_near_exact(impl, shape, head_sum):
     q, w, k, pos = _indexer_inputs(2, *shape, jnp.float32)
     q8, w8, k8, k_scale = quantize_fp8(q, w, k)
     assert q8.dtype == k8.dtype == jnp.float8_e4m3fn and k_scale.shape == k.shape[:2]
-    want = np.asarray(indexer_scores_reference(q8, w8, k8, pos, k_scale))
+    want = np.asarray(indexer_scores_reference(q8, w8, k8, pos, k_scale, fp8_head_sum=head_sum))
     finite = np.isfinite(want)
     for walk_keys, block_k in ((False, 128), (True, 16)):
         got = np.asarray(indexer_scores_pallas(q8, w8, k8, pos, k_scale, walk_keys=walk_keys, block_k=block_k,
-                                               **_flags(impl)))
+                                               fp8_head_sum=head_sum, **_flags(impl)))
         assert (np.isfinite(got) == finite).all()
-        # Products of e4m3 values are exact in fp32, so interpret mode differs only in summation order. The GPU's
-        # fp8 tensor cores sum each 128-product chain in an accumulator narrower than fp32 (_triton_ops): 4.4e-5
-        # measured on an H100 at this test's shapes.
-        assert rel_err(got[finite], want[finite]) < (3e-4 if impl == "pallas" else 1e-5)
+        # Products of e4m3 values are exact in fp32, so interpret mode differs only in summation order (which can
+        # still move a logit across a bf16 rounding boundary, rarely). The GPU's fp8 tensor cores sum each
+        # 128-product chain in an accumulator narrower than fp32 (_triton_ops): 4.4e-5 measured on an H100 at this
+        # test's shapes with the fp32 head sum; with the bf16 one such a shift can cross a boundary, moving that
+        # term by one bf16 step (2^-8).
+        bound = {"pallas": {"fp32": 3e-4, "bf16": 2e-3}, "interpret": {"fp32": 1e-5, "bf16": 1e-4}}[impl][head_sum]
+        assert rel_err(got[finite], want[finite]) < bound
     # Against unquantised fp32 scores: e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per input);
     # independent roundings average out to ~3.5% of the scores' norm on random data.
     exact = np.asarray(indexer_scores_reference(q, w, k, pos))
