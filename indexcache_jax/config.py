@@ -127,7 +127,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: DType = "float32"  # compute dtype of matmuls; norms, softmax and indexer scores stay in float32
     # Select with indexer scores computed from fp8 (e4m3) queries and keys with per-row scales, as DeepSeek-V3.2
-    # serves; the indexer's training loss (log_probs) stays in the compute dtype.
+    # serves, summed over heads from bf16-rounded terms (pallas_kernels.indexer_reference: fp8_head_sum); the
+    # indexer's training loss (log_probs) stays in the compute dtype.
     indexer_fp8: bool = False
     param_dtype: DType = "float32"
     # Layers whose checkpoint carries no indexer weights (GLM-5 drops them from its Shared layers). They hold zero
