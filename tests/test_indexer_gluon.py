@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from test_pallas_kernels import _indexer_inputs
 from pallas_kernels import _gluon, dispatch
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas, resolve_scores_kernel
 from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_topk_reference, quantize_fp8,
@@ -114,12 +115,9 @@ def test_scores_kernel_choice_is_validated():
 
 
 def _inputs(seed, b, t, s, g, i):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (b, t, g, i), jnp.bfloat16)
-    w = jax.random.normal(ks[1], (b, t, g), jnp.float32)
-    k = jax.random.normal(ks[2], (b, s, i), jnp.bfloat16)
-    pos = jnp.sort(jax.random.randint(ks[3], (b, t), -1, s), axis=1)  # padded queries sit at -1
-    return (*quantize_fp8(q, w, k), pos.astype(jnp.int32))
+    """fp8-quantised indexer inputs (q8, w * q_scale, k8, k_scale) and positions, some -1 (padded queries)."""
+    q, w, k, pos = _indexer_inputs(seed, b, t, s, g, i, jnp.bfloat16)
+    return (*quantize_fp8(q, w, k), pos)
 
 
 # ---- the wrapper, on CPU: padding, slicing and vmap around a stand-in for jax-triton's launch ------------------
