@@ -76,7 +76,8 @@ class DSABlock(nnx.Module):
                 indices, distill = carry
                 q, w = self.indexer.queries(q_in, x_in, ctx.rope)
                 indices = select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl,
-                                       fp8=self.indexer.config.indexer_fp8, key_scales=key_scales)
+                                       fp8=self.indexer.config.indexer_fp8, key_scales=key_scales,
+                                       fp8_head_sum=self.indexer.config.indexer_fp8_head_sum)
                 if distill is not None:
                     distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices))
                 return indices, distill

@@ -51,7 +51,8 @@ class LightningIndexer(nnx.Module):
         """Top-k earlier tokens per query. q_resid [B,T,Q], x [B,T,D], keys [B,S,I], q_positions int[B,T] ->
         int32[B,T,topk] in the top-k convention of `pallas_kernels.topk_reference`."""
         q, w = self.queries(q_resid, x, rope)
-        return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl, fp8=self.config.indexer_fp8)
+        return select_top_k(q, w, keys, q_positions, topk=topk, impl=impl, fp8=self.config.indexer_fp8,
+                            fp8_head_sum=self.config.indexer_fp8_head_sum)
 
     @staticmethod
     def log_probs(q, w, keys, q_positions, indices=None, *, impl=None):
@@ -71,12 +72,15 @@ class LightningIndexer(nnx.Module):
         return masked_log_softmax(scores, indices >= 0)
 
 
-def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None, fp8: bool = False, key_scales=None):
+def select_top_k(q, w, keys, q_positions, *, topk: int, impl=None, fp8: bool = False, key_scales=None,
+                 fp8_head_sum: str = "bf16"):
     """Top-k of the indexer scores of q [B,T,G,I], w [B,T,G], keys [B,S,I] -> int32[B,T,topk] (fp8: scored with
-    fp8-quantised inputs, see `ModelConfig.indexer_fp8`; key_scales f32[B,S]: keys already fp8, from the cache)."""
+    fp8-quantised inputs, see `ModelConfig.indexer_fp8`; key_scales f32[B,S]: keys already fp8, from the cache;
+    fp8_head_sum: `ModelConfig.indexer_fp8_head_sum`)."""
     # The selection is piecewise constant in its inputs (its gradient is zero) and the fused kernels define no
     # JVP: cut the graph here so that differentiating the model never tries to differentiate them.
     if key_scales is None:
         keys = keys.astype(q.dtype)
     q, w, keys = jax.lax.stop_gradient((q, w, keys))
-    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl, fp8=fp8, k_scale=key_scales)
+    return pallas_kernels.indexer_topk(q, w, keys, q_positions, topk=topk, impl=impl, fp8=fp8, k_scale=key_scales,
+                                       fp8_head_sum=fp8_head_sum)

@@ -42,6 +42,7 @@ def test_round_trip_through_yaml(tmp_path):
     (lambda d: d["model"].update(hiden_size=3), "model", "unknown key(s) ['hiden_size']"),
     (lambda d: d["model"].pop("vocab_size"), "model.vocab_size", "required key is missing"),
     (lambda d: d["model"].update(indexer_rope_layout="zigzag"), "model.indexer_rope_layout", "must be one of"),
+    (lambda d: d["model"].update(indexer_fp8_head_sum="fp16"), "model.indexer_fp8_head_sum", "must be one of"),
     (lambda d: d["model"].update(qk_rope_head_dim=7), "model.qk_rope_head_dim", "must be even"),
     (lambda d: d["model"]["moe"].update(n_group=3), "model.moe.n_group", "must divide n_routed_experts=8"),
     (lambda d: d["model"]["moe"].update(first_k_dense_replace=9), "model.moe.first_k_dense_replace", "<= num_layers"),

@@ -129,3 +129,32 @@ def test_overflow_inside_jit_gives_nan_and_keeps_the_length(small_config, small_
     logits, cache = _decode_step(small_params, jnp.array([1, 2]), cache, flags, config=small_config, impl=None)
     assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
     np.testing.assert_array_equal(cache.lengths, [5, 5])
+
+
+def test_the_configured_fp8_head_sum_reaches_every_selection(small_config, small_params, sequences, monkeypatch):
+    """`model.indexer_fp8_head_sum` is what forward, prefill, decode and the per-layer `Indexer.select` hand the
+    indexer kernels."""
+    import pallas_kernels
+    from test_model import loop_forward
+    seen = []
+    original = pallas_kernels.indexer_topk
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("fp8"), kwargs.get("fp8_head_sum")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_kernels, "indexer_topk", spy)
+    config = dataclasses.replace(small_config, indexer_fp8=True, indexer_fp8_head_sum="fp32")
+    state = {"cache": init_cache(config, 2, 8)}  # prefill and decode donate the cache they are given
+
+    def step(fn, *args):
+        state["cache"] = fn(small_params, *args, state["cache"], "FSFS", config=config)[1]
+
+    phases = {"forward": lambda: forward(small_params, sequences, "FSFS", config=config),
+              "prefill": lambda: step(prefill, sequences[:, :6]),
+              "decode": lambda: step(decode_step, sequences[:, 6]),
+              "Indexer.select": lambda: loop_forward(config, small_params, sequences, lambda layer: layer)}
+    for phase, run in phases.items():
+        seen.clear()
+        run()
+        assert seen and set(seen) == {(True, "fp32")}, (phase, seen)
