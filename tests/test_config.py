@@ -1,13 +1,16 @@
 """Configs load from YAML into typed dataclasses, and every bad value is reported with its field."""
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
 
 from conftest import REPO, SMALL
 from indexcache_jax import ConfigError, IndexCachePattern, load_config
+from indexcache_jax.config import Fp8HeadSum
 from indexcache_jax.configlib import to_mapping
+from pallas_kernels.indexer_reference import FP8_HEAD_SUMS
 
 
 def _write(tmp_path, data):
@@ -75,3 +78,8 @@ def test_derived_values_are_computed():
     assert SMALL.softmax_scale == pytest.approx(16 ** -0.5)
     assert SMALL.topk_for(100) == 4 and SMALL.topk_for(3) == 3
     assert dataclasses.replace(SMALL, moe=None).layer_segments == ((0, 4, "dense"),)
+
+
+def test_the_config_offers_exactly_the_head_sums_the_kernels_take():
+    # the config's Literal and the kernels' tuple are two lists of one vocabulary: they must not drift apart
+    assert typing.get_args(Fp8HeadSum) == FP8_HEAD_SUMS
