@@ -187,11 +187,26 @@ MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88
 SCORES_KERNELS = ("auto", "pallas", "gluon")
 
 
+def _walks_keys(q_shape, tiles: _Tiling, itemsize: int) -> bool:
+    # 4-byte inputs only when asked: fp32 key tiles leave few pipeline stages
+    return itemsize <= 2 and q_shape[0] * (tiles.num_q_p // tiles.block_q) >= PROGRAMS_TO_FILL_GPU
+
+
+def walks_keys_by_default(q_shape, num_keys: int, itemsize: int) -> bool:
+    """Whether the Pallas scores kernel, at its default tiling, walks the keys for q [B,T,G,I] of `itemsize`-byte
+    inputs: at least PROGRAMS_TO_FILL_GPU programs of block_q queries (block_q = rows per tile / padded heads, so
+    1 query for 128 fp8 heads, 2 for 64, 4 for 32)."""
+    rows, block, _, _ = _WALKING_TILES[itemsize]
+    tiles = _Tiling.of(q_shape, num_keys, rows_per_tile=rows, heads_per_step=0, block_k=block)
+    return _walks_keys(q_shape, tiles, itemsize)
+
+
 def resolve_scores_kernel(scores_kernel: str, *, fp8: bool, fp8_head_sum: str, interpret: bool, heads: int,
-                          width: int, programs: int, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
+                          width: int, walks_by_default: bool, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
     """"pallas" or "gluon" (`indexer_gluon`, Hopper) for `indexer_scores_pallas`. "auto" takes Gluon where it runs
-    and the Pallas kernel would walk the keys (programs = B x T/2 query pairs >= PROGRAMS_TO_FILL_GPU, or walk_keys),
-    unless a Pallas tiling option is given; an explicit "gluon" that cannot run is an error that says why."""
+    and the Pallas kernel would walk the keys (walk_keys, or when None its default: `walks_keys_by_default`, given
+    as `walks_by_default`), unless a Pallas tiling option is given; an explicit "gluon" that cannot run is an error
+    that says why."""
     if scores_kernel not in SCORES_KERNELS:
         raise ValueError(f"scores_kernel must be one of {list(SCORES_KERNELS)}, got {scores_kernel!r}")
     if scores_kernel == "pallas":
@@ -213,7 +228,7 @@ def resolve_scores_kernel(scores_kernel: str, *, fp8: bool, fp8_head_sum: str, i
         if reason is not None:
             raise ValueError(f"scores_kernel='gluon' cannot run: {reason}")
         return "gluon"
-    walks = walk_keys if walk_keys is not None else programs >= PROGRAMS_TO_FILL_GPU
+    walks = walk_keys if walk_keys is not None else walks_by_default
     return "gluon" if reason is None and walks and not pallas_tiling else "pallas"
 
 
@@ -248,7 +263,7 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     fp8 = k_scale is not None
     kernel = resolve_scores_kernel(
         scores_kernel, fp8=fp8, fp8_head_sum=fp8_head_sum, interpret=interpret, heads=q.shape[2], width=q.shape[3],
-        programs=q.shape[0] * -(-q.shape[1] // 2), walk_keys=walk_keys,
+        walks_by_default=walks_keys_by_default(q.shape, k.shape[1], q.dtype.itemsize), walk_keys=walk_keys,
         pallas_tiling=any((block_k, rows_per_tile, heads_per_step, num_warps, num_stages)))
     if kernel == "gluon":
         _check_fp8_inputs(q, k)
@@ -289,8 +304,8 @@ def _scores(q, w, k, q_positions, k_scale, *, epilogue: str, interpret: bool = F
                            heads_per_step=heads_per_step, block_k=block_k or block), warps, stages)
 
     tiles, warps, stages = tiling(_WALKING_TILES[q.dtype.itemsize])
-    if walk_keys is None:  # 4-byte inputs only when asked: fp32 key tiles leave few pipeline stages
-        walk_keys = q.dtype.itemsize <= 2 and q.shape[0] * (tiles.num_q_p // tiles.block_q) >= PROGRAMS_TO_FILL_GPU
+    if walk_keys is None:
+        walk_keys = _walks_keys(q.shape, tiles, q.dtype.itemsize)
     if not walk_keys:
         tiles, warps, stages = tiling(_PER_TILE_TILES)
     num_warps, num_stages = num_warps or warps, num_stages or stages

@@ -37,13 +37,34 @@ def test_causal_slot_ids_select_only_visible_keys_and_all_of_them_while_fewer_th
 
 def test_power_sampler_summarises_what_nvidia_smi_prints_and_is_none_without_it(bench, tmp_path, monkeypatch):
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\nprintf '1980, 150.5\\n1530, 690.0\\n1600, 650.0\\n[N/A], [N/A]\\n'\nexec sleep 30\n")
+    fake.write_text("#!/bin/sh\nprintf '1980, 150.5, Not Active\\n1530, 690.0, Active\\n1600, 650.0, Active\\n"
+                    "[N/A], [N/A], [N/A]\\n'\nexec sleep 30\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with bench.PowerSampler() as power:
         time.sleep(0.5)  # let the fake print before it is stopped
-    assert power.summary == "SM clock median 1600 MHz (lowest 1530), power median 650 W, 3 samples"
+    assert power.summary == ("SM clock median 1600 MHz (lowest 1530), power median 650 W, power cap 2 of 3 "
+                             "samples")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with bench.PowerSampler() as power:
         pass
     assert power.summary is None
+
+
+def test_timed_steady_runs_for_its_warm_up_before_timing_and_times_the_calls(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi: the summary is None
+    starts = []
+
+    def call(x):
+        starts.append(time.perf_counter())
+        time.sleep(0.004)
+        return x + 1
+
+    begin = time.perf_counter()
+    seconds, summary = bench.timed_steady(call, np.float32(2.0), seconds=0.3)
+    warm_end = begin + 0.3
+    timed_calls = [t for t in starts if t >= warm_end]
+    assert summary is None
+    # warmed for the full 0.3 s, then timed over about as long again, each timed call ~4 ms
+    assert len(starts) - len(timed_calls) >= 0.3 / 0.006 and len(timed_calls) >= 5
+    assert 0.004 <= seconds < 0.02

@@ -10,6 +10,7 @@ the reference; the kernel's own scores are checked on a Hopper GPU (tests marked
 """
 
 import collections
+import functools
 import re
 import subprocess
 
@@ -21,7 +22,7 @@ import pytest
 
 from conftest import rel_err
 from test_pallas_kernels import _indexer_inputs
-from pallas_kernels import _gluon, dispatch
+from pallas_kernels import _gluon, dispatch, indexer
 from pallas_kernels.indexer import indexer_scores_pallas, indexer_topk_pallas, resolve_scores_kernel
 from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_topk_reference, quantize_fp8,
                                               round_to_bf16)
@@ -93,7 +94,7 @@ def test_fp8_head_sums_differ_by_bf16_rounding_only():
 
 
 def test_scores_kernel_choice_is_validated():
-    common = dict(fp8=True, fp8_head_sum="bf16", interpret=False, heads=64, width=128, programs=10000,
+    common = dict(fp8=True, fp8_head_sum="bf16", interpret=False, heads=64, width=128, walks_by_default=True,
                   walk_keys=None, pallas_tiling=False)
     with pytest.raises(ValueError, match="scores_kernel must be one of .* got 'cuda'"):
         resolve_scores_kernel("cuda", **common)
@@ -109,9 +110,30 @@ def test_scores_kernel_choice_is_validated():
             resolve_scores_kernel("gluon", **{**common, "heads": 300})
     else:
         assert resolve_scores_kernel("auto", **common) == "pallas"
-    # the Pallas kernel's own tiling options, few query pairs (decode) or walk_keys=False keep it under "auto"
-    for change in (dict(pallas_tiling=True), dict(programs=100), dict(walk_keys=False)):
+    # the Pallas kernel's own tiling options, few query tiles (decode) or walk_keys=False keep it under "auto"
+    for change in (dict(pallas_tiling=True), dict(walks_by_default=False), dict(walk_keys=False)):
         assert resolve_scores_kernel("auto", **{**common, **change}) == "pallas"
+
+
+@pytest.mark.parametrize("heads, queries, itemsize, walks", [
+    (128, 300, 1, True), (64, 300, 1, False), (64, 600, 1, True), (32, 600, 1, False), (32, 1100, 1, True),
+    (64, 1000, 2, False), (64, 1100, 2, True), (64, 100000, 4, False)])
+def test_the_kernel_choice_counts_the_query_tiles_the_pallas_kernel_walks(heads, queries, itemsize, walks,
+                                                                          monkeypatch):
+    # The Pallas kernel walks from PROGRAMS_TO_FILL_GPU (264) query tiles of 128 // heads fp8 queries (256 // heads
+    # bf16); fp32 inputs never walk by default. Counting query pairs whatever the heads misjudged 32 and 128 heads.
+    assert indexer.walks_keys_by_default((1, queries, heads, 128), 4096, itemsize) is walks
+    seen = []
+    real = indexer.resolve_scores_kernel
+    monkeypatch.setattr(indexer, "resolve_scores_kernel",
+                        lambda *a, **kw: seen.append(kw["walks_by_default"]) or real(*a, **kw))
+    dtype = {1: jnp.float8_e4m3fn, 2: jnp.bfloat16, 4: jnp.float32}[itemsize]
+    shaped = jax.ShapeDtypeStruct  # traced only: no kernel runs
+    jax.eval_shape(functools.partial(indexer.indexer_scores_pallas, interpret=True),
+                   shaped((1, queries, heads, 128), dtype), shaped((1, queries, heads), jnp.float32),
+                   shaped((1, 64, 128), dtype), shaped((1, queries), jnp.int32),
+                   shaped((1, 64), jnp.float32) if itemsize == 1 else None)
+    assert seen == [walks]
 
 
 def _inputs(seed, b, t, s, g, i):
