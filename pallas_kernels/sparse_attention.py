@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, compiler_params, dot_size, pad_axis, round_up
-from pallas_kernels.sparse_attention_backward import sparse_backward_call
+from pallas_kernels.sparse_attention_backward import sparse_backward_call, sparse_d_q_call
 
 
 def _sparse_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale: float, value_dim: int, rope_dim: int,
@@ -112,19 +112,57 @@ def _gluon_unavailable(dtype, value_dim: int, kv_dtype=None) -> Optional[str]:
     return _gluon.unavailable_reason()
 
 
+def _resolve(which: str, choice: str, interpret: bool, reason) -> str:
+    """"gluon" or "pallas" for a kernel choice: "auto" takes Gluon where reason() is None, "gluon" insists (an error
+    says why it cannot run), "pallas" always is; interpret mode is Pallas."""
+    if choice not in FORWARD_KERNELS:
+        raise ValueError(f"{which} must be one of {list(FORWARD_KERNELS)}, got {choice!r}")
+    if choice == "pallas" or (interpret and choice == "auto"):
+        return "pallas"
+    why = "the Pallas interpreter runs Pallas kernels only" if interpret else reason()
+    if why is not None and choice == "gluon":
+        raise ValueError(f"{which}='gluon' cannot run: {why}")
+    return "pallas" if why else "gluon"
+
+
 def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_dim: int, kv_dtype=None) -> str:
     """The forward kernel that runs: "gluon" or "pallas". forward_kernel "auto" takes the Gluon kernel where it runs
     (a Hopper GPU with triton and jax-triton, 2-byte inputs) and Pallas elsewhere; "gluon" insists (an error says
     why it cannot run); "pallas" always is. Interpret mode is Pallas."""
-    if forward_kernel not in FORWARD_KERNELS:
-        raise ValueError(f"forward_kernel must be one of {list(FORWARD_KERNELS)}, got {forward_kernel!r}")
-    if forward_kernel == "pallas" or (interpret and forward_kernel == "auto"):
-        return "pallas"
-    reason = ("the Pallas interpreter runs Pallas kernels only" if interpret
-              else _gluon_unavailable(dtype, value_dim, kv_dtype))
-    if reason is not None and forward_kernel == "gluon":
-        raise ValueError(f"forward_kernel='gluon' cannot run: {reason}")
-    return "pallas" if reason else "gluon"
+    return _resolve("forward_kernel", forward_kernel, interpret,
+                    lambda: _gluon_unavailable(dtype, value_dim, kv_dtype))
+
+
+# The Gluon d_kv kernel's limits (`sparse_attention_backward_gluon`), here so that checking them needs no triton:
+# 64 heads x (R + P) of q, 64 x R of dO, one block of 64 gathered rows and 16 KB of scratch for the scatter's
+# layout conversion in shared memory, R in pieces of 128.
+GLUON_SMEM_BYTES = 232448  # shared memory one program may use on an H100
+GLUON_D_KV_PIECE = 128
+
+
+def gluon_d_kv_smem_bytes(value_dim: int, rope_dim: int, itemsize: int = 2) -> int:
+    """Shared memory of the Gluon d_kv kernel for padded widths: q, dO, one gathered block, the scatter's 16 KB
+    layout-conversion scratch (Triton's, the same for every width) and 1 KB for alignment."""
+    return (2 * 64 * (value_dim + rope_dim) + 64 * value_dim) * itemsize + 16384 + 1024
+
+
+def gluon_d_kv_width_reason(value_dim: int, rope_dim: int) -> Optional[str]:
+    """None when the Gluon d_kv kernel takes padded widths R and P, else why not."""
+    if (value_dim % GLUON_D_KV_PIECE or not 16 <= rope_dim <= 256
+            or gluon_d_kv_smem_bytes(value_dim, rope_dim) > GLUON_SMEM_BYTES):
+        return (f"it takes value widths that pad to a multiple of {GLUON_D_KV_PIECE} and rope widths that pad to "
+                f"[16, 256], within {GLUON_SMEM_BYTES} bytes of shared memory; got {value_dim} + {rope_dim} padded")
+    return None
+
+
+def resolve_backward_kernel(backward_kernel: str, interpret: bool, dtype, value_dim: int, rope_dim: int,
+                            kv_dtype=None) -> str:
+    """The kernel that computes d_kv in the backward: "gluon" (`sparse_attention_backward_gluon`; d_q stays on
+    the Pallas kernel) or "pallas" (both Pallas kernels), chosen as `resolve_forward_kernel` chooses."""
+    def reason():
+        return (gluon_d_kv_width_reason(dot_size(value_dim), dot_size(rope_dim))
+                or _gluon_unavailable(dtype, value_dim, kv_dtype))
+    return _resolve("backward_kernel", backward_kernel, interpret, reason)
 
 
 def _gluon_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
@@ -193,7 +231,8 @@ def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, int
 
 class Tiles(NamedTuple):
     """Slots per step, heads per program and warps, for the forward and the backward kernels (0 = by dtype), and
-    which forward kernel runs (FORWARD_KERNELS; the tiles are the Pallas kernels', the Gluon kernel's are fixed)."""
+    which forward kernel and which d_kv kernel run (FORWARD_KERNELS each; the tiles are the Pallas kernels', the
+    Gluon kernels' are fixed)."""
     block_k: int = 0
     block_h: int = 0
     num_warps: int = 4
@@ -201,6 +240,7 @@ class Tiles(NamedTuple):
     backward_block_h: int = 0
     backward_num_warps: int = 4
     forward_kernel: str = "auto"
+    backward_kernel: str = "auto"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -226,13 +266,40 @@ def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, d_out):
     d_out_p = pad_axis(pad_axis(d_out.astype(q.dtype), 3, r_p), 2, heads_p)
     lse_p = pad_axis(lse, 2, heads_p, jnp.inf)  # padded heads: p = 0
     delta_p = pad_axis(delta, 2, heads_p)
-    d_q, d_kv = sparse_backward_call(q_p, kv_p, idx_p, d_out_p, lse_p, delta_p, scale=scale, value_dim=r_p,
-                                     rope_dim=p_p, block_k=block_k, block_h=block_h,
-                                     num_warps=tiles.backward_num_warps, interpret=interpret)
+    kernels = dict(scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k, block_h=block_h,
+                   num_warps=tiles.backward_num_warps, interpret=interpret)
+    if resolve_backward_kernel(tiles.backward_kernel, interpret, q.dtype, value_dim, rope_dim, kv.dtype) == "gluon":
+        d_q = sparse_d_q_call(q_p, kv_p, idx_p, d_out_p, lse_p, delta_p, **kernels)
+        d_kv = _gluon_d_kv(q, kv, indices, d_out.astype(q.dtype), lse, delta, scale=scale, value_dim=value_dim)
+    else:
+        d_q, d_kv = sparse_backward_call(q_p, kv_p, idx_p, d_out_p, lse_p, delta_p, **kernels)
 
     def unpad(x):  # [..., R' + P'] -> [..., R + P]
         return jnp.concatenate([x[..., :value_dim], x[..., r_p:r_p + rope_dim]], axis=-1)
     return unpad(d_q[:, :, :heads]), unpad(d_kv).astype(kv.dtype), None  # integer indices have no cotangent
+
+
+def _gluon_d_kv(q, kv, indices, d_out, lse, delta, *, scale, value_dim):
+    """d_kv f32[B,S,R'+P'] (widths padded as `_pad_latent`) by the Gluon kernel, under `jax.vmap` too (as
+    `_gluon_call`)."""
+    from pallas_kernels import _gluon
+    unmapped = functools.partial(_gluon_d_kv_unmapped, scale=scale, value_dim=value_dim)
+    return _gluon.vmap_by_folding_into_batch(unmapped)(q, kv, indices, d_out, lse, delta)
+
+
+def _gluon_d_kv_unmapped(q, kv, indices, d_out, lse, delta, *, scale, value_dim):
+    """Pads heads to the kernel's 64-head block (padded heads: lse = +inf, p = 0) and slots to whole 64-slot
+    blocks, at least two (-1; Triton 3.6 fails to lower the kernel's loop with one pass), widths as
+    `_pad_latent`."""
+    from pallas_kernels import sparse_attention_backward_gluon as gluon
+    q, kv, r_p, _ = _pad_latent(q, kv, value_dim)
+    heads = round_up(q.shape[2], gluon.BLOCK_H.value)
+    q = pad_axis(q, 2, heads)
+    d_out = pad_axis(pad_axis(d_out, 3, r_p), 2, heads)
+    indices = pad_axis(indices.astype(jnp.int32), 2, round_up(max(indices.shape[-1], 2 * gluon.BLOCK_N.value),
+                                                               gluon.BLOCK_N.value), -1)
+    return gluon.sparse_d_kv_gluon(q, kv, indices, d_out, pad_axis(lse, 2, heads, jnp.inf),
+                                   pad_axis(delta, 2, heads), scale=scale, value_dim=r_p)
 
 
 _sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)

@@ -116,20 +116,21 @@ def _d_kv_kernel(q_ref, kv_ref, idx_ref, d_out_ref, lse_ref, delta_ref, _d_kv_ze
     lax.fori_loop(0, slots.num_blocks, slot_block, 0)
 
 
-def sparse_backward_call(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int, rope_dim: int,
-                         block_k: int, block_h: int, num_warps: int, interpret: bool):
-    """Padded operands (as `sparse_attention._prepare` makes them): q [B,T,Hp,L], kv [B,S,L], indices int32[B,T,Kp]
-    (-1 padded to a multiple of block_k), d_out [B,T,Hp,R], lse/delta f32[B,T,Hp] (padded heads: lse = +inf) ->
-    d_q [B,T,Hp,L] (dtype of q), d_kv f32[B,S,L]."""
+def _common(q, kv, scale: float, value_dim: int, rope_dim: int, block_k: int) -> dict:
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    return dict(scale=scale, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k, num_keys=kv.shape[1],
+                precision=precision)
+
+
+def sparse_d_q_call(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int, rope_dim: int,
+                    block_k: int, block_h: int, num_warps: int, interpret: bool):
+    """Padded operands as `sparse_backward_call` -> d_q [B,T,Hp,L] (dtype of q)."""
     batch, num_q, heads, width = q.shape
     num_keys, slots = kv.shape[1], indices.shape[-1]
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    common = dict(scale=scale, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k, num_keys=num_keys,
-                  precision=precision)
     params = None if interpret else compiler_params(num_warps, num_stages=2)
-    # d_q: one program per (head block, token), head blocks fastest (measured faster than tokens fastest at 128K).
-    d_q = pl.pallas_call(
-        functools.partial(_d_q_kernel, **common),
+    # one program per (head block, token), head blocks fastest (measured faster than tokens fastest at 128K)
+    return pl.pallas_call(
+        functools.partial(_d_q_kernel, **_common(q, kv, scale, value_dim, rope_dim, block_k)),
         grid=(heads // block_h, num_q, batch),
         in_specs=[pl.BlockSpec((None, None, block_h, width), lambda h, t, b: (b, t, h, 0)),
                   pl.BlockSpec((None, num_keys, width), lambda h, t, b: (b, 0, 0)),
@@ -141,10 +142,18 @@ def sparse_backward_call(q, kv, indices, d_out, lse, delta, *, scale: float, val
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret, compiler_params=params, name="sparse_mla_backward_q",
     )(q, kv, indices, d_out, lse, delta)
-    # d_kv: one program per token sums every head's contribution to a slot block before one (relaxed) atomic add,
-    # so the atomics are per token, not per head block.
+
+
+def sparse_d_kv_call(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int, rope_dim: int,
+                     block_k: int, block_h: int, num_warps: int, interpret: bool):
+    """Padded operands as `sparse_backward_call` -> d_kv f32[B,S,L]."""
+    batch, num_q, heads, width = q.shape
+    num_keys, slots = kv.shape[1], indices.shape[-1]
+    params = None if interpret else compiler_params(num_warps, num_stages=2)
+    # one program per token sums every head's contribution to a slot block before one (relaxed) atomic add, so
+    # the atomics are per token, not per head block
     d_kv = pl.pallas_call(
-        functools.partial(_d_kv_kernel, block_h=block_h, **common),
+        functools.partial(_d_kv_kernel, block_h=block_h, **_common(q, kv, scale, value_dim, rope_dim, block_k)),
         grid=(num_q, batch),
         in_specs=[pl.BlockSpec((None, None, heads, width), lambda t, b: (b, t, 0, 0)),
                   pl.BlockSpec((None, num_keys, width), lambda t, b: (b, 0, 0)),
@@ -158,4 +167,13 @@ def sparse_backward_call(q, kv, indices, d_out, lse, delta, *, scale: float, val
         input_output_aliases={6: 0},
         interpret=interpret, compiler_params=params, name="sparse_mla_backward_kv",
     )(q, kv, indices, d_out, lse, delta, jnp.zeros((batch, num_keys + 1, width), jnp.float32))
-    return d_q, d_kv[:, :num_keys]
+    return d_kv[:, :num_keys]
+
+
+def sparse_backward_call(q, kv, indices, d_out, lse, delta, **kwargs):
+    """Padded operands (as `sparse_attention._prepare` makes them): q [B,T,Hp,L], kv [B,S,L], indices int32[B,T,Kp]
+    (-1 padded to a multiple of block_k), d_out [B,T,Hp,R], lse/delta f32[B,T,Hp] (padded heads: lse = +inf) ->
+    d_q [B,T,Hp,L] (dtype of q), d_kv f32[B,S,L]. Keywords: scale, value_dim, rope_dim, block_k, block_h,
+    num_warps, interpret."""
+    return (sparse_d_q_call(q, kv, indices, d_out, lse, delta, **kwargs),
+            sparse_d_kv_call(q, kv, indices, d_out, lse, delta, **kwargs))

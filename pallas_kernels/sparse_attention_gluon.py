@@ -40,12 +40,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels.sparse_attention import GLUON_DTYPES, GLUON_MAX_VALUE_DIM
+from pallas_kernels.sparse_attention import GLUON_DTYPES, GLUON_MAX_VALUE_DIM, GLUON_SMEM_BYTES
 
 BLOCK_H = gl.constexpr(64)  # heads per program: one wgmma row block
 BLOCK_N = gl.constexpr(64)  # slots per step
 NUM_WARPS = 8  # two warpgroups
-SMEM_BYTES = 232448  # shared memory one program may use on an H100
+SMEM_BYTES = GLUON_SMEM_BYTES
 
 
 @gluon.constexpr_function
