@@ -10,8 +10,8 @@ lse and delta as in `sparse_attention_backward`):
 
 Why Gluon, and why transposed: the Pallas d_kv kernel (`sparse_attention_backward._d_kv_kernel`) computes [heads,
 slots] tiles on mma.sync and transposes them for the scatter's dot; at 16 heads x 32 slots per step it ran at
-101-112 TFLOP/s on an H100 and took 70% of the backward's time. Here the logits dot is computed transposed, slots on the
-wgmma's M axis (m64n64: A = the gathered rows, B = q^T), so S^T, dP^T and then dS^T and P^T sit in registers in
+101-112 TFLOP/s on an H100 and took 70% of the backward's time. Here the logits dot is computed transposed, slots
+on the wgmma's M axis (m64n64: A = the gathered rows, B = q^T), so S^T, dP^T and then dS^T and P^T sit in registers in
 the accumulator layout, which is also the register layout of a wgmma's A operand: the scatter's dot
 d_kv[64 slots, C] = dS^T [64, 64 heads] . q[64 heads, C] reads them without a trip through shared memory.
 
@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pallas_kernels._gluon import gluon_call
 from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_d_kv_width_reason
-from pallas_kernels.sparse_attention_gluon import BLOCK_H, BLOCK_N, _gather_rows, _load_q, _opaque_zero
+from pallas_kernels.sparse_attention_gluon import BLOCK_H, BLOCK_N, _gather_rows, _load_q, _opaque_zero, _row_layout
 
 PIECE = gl.constexpr(GLUON_D_KV_PIECE)  # d_kv value columns per scatter dot and atomic add
 NUM_WARPS = 4  # one warpgroup
@@ -50,8 +50,7 @@ NUM_WARPS = 4  # one warpgroup
 @gluon.jit
 def _load_rows(src, dst, ROWS: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
     """Start the cp.async copy of ROWS contiguous rows of WIDTH elements at src into dst [ROWS, WIDTH]."""
-    across: gl.constexpr = 8 if WIDTH // 8 >= 8 else WIDTH // 8
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // across, across], [num_warps, 1], [1, 0])
+    layout: gl.constexpr = _row_layout(WIDTH, num_warps)
     rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     columns = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
     async_copy.async_copy_global_to_shared(dst, src + rows[:, None] * WIDTH + columns[None, :])
@@ -123,8 +122,6 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, d_kv_zer
     lse_log2 = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no valid slot: p = 0
     delta = gl.load(delta_ptr + heads)
     scale_log2: gl.constexpr = SCALE * 1.4426950408889634
-    scatter_rows: gl.constexpr = gl.SliceLayout(1, piece_layout)
-    rope_rows: gl.constexpr = gl.SliceLayout(1, rope_layout)
     for j in range(num_blocks):
         async_copy.wait_group(0)
         gl.thread_barrier()  # block j (and, the first time, q and dO) landed for every thread
@@ -162,27 +159,25 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, d_kv_zer
         rope_acc = gl.zeros([BLOCK_N, ROPE_DIM], gl.float32, layout=rope_layout)
         rope_acc = warpgroup_mma(gl.convert_layout(d_logits, rope_operand), q_rope, rope_acc, use_acc=False,
                                  is_async=True)
-        piece_rows, piece_valid = gl.convert_layout(rows, scatter_rows), gl.convert_layout(valid, scatter_rows)
-        _scatter_add(d_kv_base, piece_rows, piece_valid, acc, 0, width)
+        _scatter_add(d_kv_base, rows, valid, acc, 0, width)
         rope_acc = warpgroup_mma_wait(0, deps=[rope_acc])
-        rope_scatter_rows, rope_valid = gl.convert_layout(rows, rope_rows), gl.convert_layout(valid, rope_rows)
         if VALUE_DIM == PIECE:
-            _scatter_add(d_kv_base, rope_scatter_rows, rope_valid, rope_acc, VALUE_DIM, width)
+            _scatter_add(d_kv_base, rows, valid, rope_acc, VALUE_DIM, width)
         else:
             acc = gl.zeros([BLOCK_N, PIECE], gl.float32, layout=piece_layout)
             acc = warpgroup_mma(d_logits_op, q_values.slice(PIECE, PIECE, dim=1), acc, use_acc=False,
                                 is_async=True)
             acc = warpgroup_mma(probs_op, d_out.slice(PIECE, PIECE, dim=1), acc, is_async=True)
-            _scatter_add(d_kv_base, rope_scatter_rows, rope_valid, rope_acc, VALUE_DIM, width)
+            _scatter_add(d_kv_base, rows, valid, rope_acc, VALUE_DIM, width)
             acc = warpgroup_mma_wait(0, deps=[acc])
             for c in gl.static_range(2, VALUE_DIM // PIECE):
                 nxt = gl.zeros([BLOCK_N, PIECE], gl.float32, layout=piece_layout)
                 nxt = warpgroup_mma(d_logits_op, q_values.slice(c * PIECE, PIECE, dim=1), nxt, use_acc=False,
                                     is_async=True)
                 nxt = warpgroup_mma(probs_op, d_out.slice(c * PIECE, PIECE, dim=1), nxt, is_async=True)
-                _scatter_add(d_kv_base, piece_rows, piece_valid, acc, (c - 1) * PIECE, width)
+                _scatter_add(d_kv_base, rows, valid, acc, (c - 1) * PIECE, width)
                 acc = warpgroup_mma_wait(0, deps=[nxt])
-            _scatter_add(d_kv_base, piece_rows, piece_valid, acc, VALUE_DIM - PIECE, width)
+            _scatter_add(d_kv_base, rows, valid, acc, VALUE_DIM - PIECE, width)
     async_copy.wait_group(0)
 
 
