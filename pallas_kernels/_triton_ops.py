@@ -93,15 +93,20 @@ def _make_relaxed_add():
     primitive = jax_core.Primitive("atomic_add_relaxed")
     primitive.def_effectful_abstract_eval(swap_abstract_eval)
 
-    def discharge(in_avals, out_avals, *args_flat, args_tree):
+    # jax 0.11 calls a discharge rule as rule(ctx, *args) with ctx.in_avals; jax 0.10 as rule(in_avals,
+    # out_avals, *args). Unflattening the wrong count of leading arguments fails with "Too few leaves".
+    leading = 1 if hasattr(state_discharge, "DischargeContext") else 2
+
+    def discharge(*leading_and_args, args_tree):
         # Pallas's own rule applies an indexed add as one gather-then-set, so of two lanes that name the same
         # element only one add survives; a GPU's atomics apply both. A scatter-add does too.
+        context, args_flat = leading_and_args[:leading], leading_and_args[leading:]
         ref, transforms, val, mask = args_tree.unflatten(args_flat)
         if mask is not None or len(transforms) != 1 or not isinstance(transforms[0], indexing.NDIndexer) or any(
                 isinstance(i, indexing.Slice) for i in transforms[0].indices):
-            return pallas_discharge(in_avals, out_avals, *args_flat, args_tree=args_tree)
+            return pallas_discharge(*context, *args_flat, args_tree=args_tree)
         where = tuple(transforms[0].indices)
-        return (ref.at[where].add(val),) + (None,) * (len(in_avals) - 1), ref[where]
+        return (ref.at[where].add(val),) + (None,) * (len(args_flat) - 1), ref[where]
 
     state_discharge.register_discharge_rule(primitive)(discharge)
 

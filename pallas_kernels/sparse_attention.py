@@ -11,9 +11,11 @@ widths are zero-padded (zeros change no dot product).
 Decode has one query per sequence, too little work for a GPU: its slots are split across `num_splits` programs
 that each return a partial result and its log-sum-exp, combined afterwards (the split-K "flash decoding" scheme).
 
-Gradients (`jax.custom_vjp`): the forward saves its output and each head's log-sum-exp; the two kernels of
-`sparse_attention_backward` recompute the logits and turn them into probabilities with the saved log-sum-exp (no
-second online softmax). Shapes as in `sparse_attention_reference`.
+Gradients (`jax.custom_vjp`): the forward saves its output and each head's log-sum-exp; the backward's kernels
+recompute the logits and turn them into probabilities with the saved log-sum-exp (no second online softmax). On
+Hopper (`Tiles.backward_kernel` "auto" or "gluon") the Gluon d_kv kernel also stores dS, and d_q is a gathered
+matmul of it (`sparse_attention_backward_gluon`); elsewhere, and in interpret mode, the two Pallas kernels of
+`sparse_attention_backward` each recompute them. Shapes as in `sparse_attention_reference`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, compiler_params, dot_size, pad_axis, round_up
-from pallas_kernels.sparse_attention_backward import sparse_backward_call, sparse_d_q_call
+from pallas_kernels.sparse_attention_backward import sparse_backward_call
 
 
 def _sparse_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale: float, value_dim: int, rope_dim: int,
@@ -133,11 +135,14 @@ def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_di
                     lambda: _gluon_unavailable(dtype, value_dim, kv_dtype))
 
 
-# The Gluon d_kv kernel's limits (`sparse_attention_backward_gluon`), here so that checking them needs no triton:
-# 64 heads x (R + P) of q, 64 x R of dO, one block of 64 gathered rows and 16 KB of scratch for the scatter's
-# layout conversion in shared memory, R in pieces of 128.
+# The Gluon backward's limits (`sparse_attention_backward_gluon`), here so that checking them needs no triton. The
+# d_kv kernel holds 64 heads x (R + P) of q, 64 x R of dO, one block of 64 gathered rows and 16 KB of scratch for
+# the scatter's layout conversion in shared memory, R in pieces of 128. The d_q kernel splits d_q's columns into
+# parts of at most GLUON_D_Q_MAX_PART (R / parts value columns and P / parts rope columns each, one wgmma apiece).
 GLUON_SMEM_BYTES = 232448  # shared memory one program may use on an H100
 GLUON_D_KV_PIECE = 128
+GLUON_D_Q_MAX_PART = 288  # with 128 heads per program, 144 fp32 accumulator registers per thread
+GLUON_D_S_BYTES = 1 << 30  # the most the backward's dS buffer takes by default (Tiles.backward_d_s_bytes)
 
 
 def gluon_d_kv_smem_bytes(value_dim: int, rope_dim: int, itemsize: int = 2) -> int:
@@ -146,21 +151,33 @@ def gluon_d_kv_smem_bytes(value_dim: int, rope_dim: int, itemsize: int = 2) -> i
     return (2 * 64 * (value_dim + rope_dim) + 64 * value_dim) * itemsize + 16384 + 1024
 
 
-def gluon_d_kv_width_reason(value_dim: int, rope_dim: int) -> Optional[str]:
-    """None when the Gluon d_kv kernel takes padded widths R and P, else why not."""
+def gluon_d_q_parts(value_dim: int, rope_dim: int) -> int:
+    """Column parts of the Gluon d_q kernel for padded widths R and P (powers of two): the fewest, a power of two,
+    with at most GLUON_D_Q_MAX_PART columns each. DeepSeek-V3.2's 512 + 64: 2 parts of 256 + 32."""
+    parts = 1
+    while (value_dim + rope_dim) // parts > GLUON_D_Q_MAX_PART:
+        parts *= 2
+    return parts
+
+
+def gluon_backward_width_reason(value_dim: int, rope_dim: int) -> Optional[str]:
+    """None when the Gluon backward's kernels take padded widths R and P, else why not."""
     if (value_dim % GLUON_D_KV_PIECE or not 16 <= rope_dim <= 256
             or gluon_d_kv_smem_bytes(value_dim, rope_dim) > GLUON_SMEM_BYTES):
         return (f"it takes value widths that pad to a multiple of {GLUON_D_KV_PIECE} and rope widths that pad to "
                 f"[16, 256], within {GLUON_SMEM_BYTES} bytes of shared memory; got {value_dim} + {rope_dim} padded")
+    if rope_dim // gluon_d_q_parts(value_dim, rope_dim) < 16:
+        return (f"its d_q kernel splits {value_dim} + {rope_dim} columns into {gluon_d_q_parts(value_dim, rope_dim)}"
+                " parts, and each part's rope columns must be at least 16")
     return None
 
 
 def resolve_backward_kernel(backward_kernel: str, interpret: bool, dtype, value_dim: int, rope_dim: int,
                             kv_dtype=None) -> str:
-    """The kernel that computes d_kv in the backward: "gluon" (`sparse_attention_backward_gluon`; d_q stays on
-    the Pallas kernel) or "pallas" (both Pallas kernels), chosen as `resolve_forward_kernel` chooses."""
+    """The backward's kernels: "gluon" (`sparse_attention_backward_gluon`: d_kv, which also stores dS, then d_q
+    from it) or "pallas" (`sparse_attention_backward`), chosen as `resolve_forward_kernel` chooses."""
     def reason():
-        return (gluon_d_kv_width_reason(dot_size(value_dim), dot_size(rope_dim))
+        return (gluon_backward_width_reason(dot_size(value_dim), dot_size(rope_dim))
                 or _gluon_unavailable(dtype, value_dim, kv_dtype))
     return _resolve("backward_kernel", backward_kernel, interpret, reason)
 
@@ -231,8 +248,9 @@ def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, int
 
 class Tiles(NamedTuple):
     """Slots per step, heads per program and warps, for the forward and the backward kernels (0 = by dtype), and
-    which forward kernel and which d_kv kernel run (FORWARD_KERNELS each; the tiles are the Pallas kernels', the
-    Gluon kernels' are fixed)."""
+    which forward kernel and which backward kernels run (FORWARD_KERNELS each; the tiles are the Pallas kernels',
+    the Gluon kernels' are fixed). backward_d_s_bytes: the most memory the Gluon backward's dS buffer may take,
+    which sets how many tokens each of its launches covers (0 = GLUON_D_S_BYTES)."""
     block_k: int = 0
     block_h: int = 0
     num_warps: int = 4
@@ -241,6 +259,7 @@ class Tiles(NamedTuple):
     backward_num_warps: int = 4
     forward_kernel: str = "auto"
     backward_kernel: str = "auto"
+    backward_d_s_bytes: int = 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -260,35 +279,35 @@ def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, d_out):
     q, kv, indices, out, lse = residuals
     heads, rope_dim = q.shape[2], q.shape[3] - value_dim
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,T,H]
-    q_p, kv_p, idx_p, r_p, p_p, block_k, block_h = _prepare(
-        q, kv, indices, value_dim=value_dim, block_k=tiles.backward_block_k, block_h=tiles.backward_block_h)
-    heads_p = q_p.shape[2]
-    d_out_p = pad_axis(pad_axis(d_out.astype(q.dtype), 3, r_p), 2, heads_p)
-    lse_p = pad_axis(lse, 2, heads_p, jnp.inf)  # padded heads: p = 0
-    delta_p = pad_axis(delta, 2, heads_p)
-    kernels = dict(scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k, block_h=block_h,
-                   num_warps=tiles.backward_num_warps, interpret=interpret)
     if resolve_backward_kernel(tiles.backward_kernel, interpret, q.dtype, value_dim, rope_dim, kv.dtype) == "gluon":
-        d_q = sparse_d_q_call(q_p, kv_p, idx_p, d_out_p, lse_p, delta_p, **kernels)
-        d_kv = _gluon_d_kv(q, kv, indices, d_out.astype(q.dtype), lse, delta, scale=scale, value_dim=value_dim)
+        d_q, d_kv = _gluon_backward(q, kv, indices, d_out.astype(q.dtype), lse, delta, scale=scale,
+                                    value_dim=value_dim, d_s_bytes=tiles.backward_d_s_bytes or GLUON_D_S_BYTES)
     else:
-        d_q, d_kv = sparse_backward_call(q_p, kv_p, idx_p, d_out_p, lse_p, delta_p, **kernels)
+        q_p, kv_p, idx_p, r_p, p_p, block_k, block_h = _prepare(
+            q, kv, indices, value_dim=value_dim, block_k=tiles.backward_block_k, block_h=tiles.backward_block_h)
+        heads_p = q_p.shape[2]
+        d_out_p = pad_axis(pad_axis(d_out.astype(q.dtype), 3, r_p), 2, heads_p)
+        lse_p = pad_axis(lse, 2, heads_p, jnp.inf)  # padded heads: p = 0
+        d_q, d_kv = sparse_backward_call(q_p, kv_p, idx_p, d_out_p, lse_p, pad_axis(delta, 2, heads_p),
+                                         scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,
+                                         block_h=block_h, num_warps=tiles.backward_num_warps, interpret=interpret)
+    r_p = dot_size(value_dim)
 
     def unpad(x):  # [..., R' + P'] -> [..., R + P]
         return jnp.concatenate([x[..., :value_dim], x[..., r_p:r_p + rope_dim]], axis=-1)
     return unpad(d_q[:, :, :heads]), unpad(d_kv).astype(kv.dtype), None  # integer indices have no cotangent
 
 
-def _gluon_d_kv(q, kv, indices, d_out, lse, delta, *, scale, value_dim):
-    """d_kv f32[B,S,R'+P'] (widths padded as `_pad_latent`) by the Gluon kernel, under `jax.vmap` too (as
-    `_gluon_call`)."""
+def _gluon_backward(q, kv, indices, d_out, lse, delta, *, scale, value_dim, d_s_bytes):
+    """(d_q [B,T,H',R'+P'] (dtype of q), d_kv f32[B,S,R'+P']) by the Gluon kernels (heads padded to 64, widths
+    as `_pad_latent`), under `jax.vmap` too (as `_gluon_call`)."""
     from pallas_kernels import _gluon
-    unmapped = functools.partial(_gluon_d_kv_unmapped, scale=scale, value_dim=value_dim)
+    unmapped = functools.partial(_gluon_backward_unmapped, scale=scale, value_dim=value_dim, d_s_bytes=d_s_bytes)
     return _gluon.vmap_by_folding_into_batch(unmapped)(q, kv, indices, d_out, lse, delta)
 
 
-def _gluon_d_kv_unmapped(q, kv, indices, d_out, lse, delta, *, scale, value_dim):
-    """Pads heads to the kernel's 64-head block (padded heads: lse = +inf, p = 0) and slots to whole 64-slot
+def _gluon_backward_unmapped(q, kv, indices, d_out, lse, delta, *, scale, value_dim, d_s_bytes):
+    """Pads heads to the kernels' 64-head block (padded heads: lse = +inf, p = 0) and slots to whole 64-slot
     blocks, at least two (-1; Triton 3.6 fails to lower the kernel's loop with one pass), widths as
     `_pad_latent`."""
     from pallas_kernels import sparse_attention_backward_gluon as gluon
@@ -298,8 +317,8 @@ def _gluon_d_kv_unmapped(q, kv, indices, d_out, lse, delta, *, scale, value_dim)
     d_out = pad_axis(pad_axis(d_out, 3, r_p), 2, heads)
     indices = pad_axis(indices.astype(jnp.int32), 2, round_up(max(indices.shape[-1], 2 * gluon.BLOCK_N.value),
                                                                gluon.BLOCK_N.value), -1)
-    return gluon.sparse_d_kv_gluon(q, kv, indices, d_out, pad_axis(lse, 2, heads, jnp.inf),
-                                   pad_axis(delta, 2, heads), scale=scale, value_dim=r_p)
+    return gluon.sparse_backward_gluon(q, kv, indices, d_out, pad_axis(lse, 2, heads, jnp.inf),
+                                       pad_axis(delta, 2, heads), scale=scale, value_dim=r_p, d_s_bytes=d_s_bytes)
 
 
 _sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)

@@ -1,5 +1,5 @@
-"""d_kv of sparse MLA attention on Hopper, in Gluon: slots on the wgmma rows, so the scatter's operand stays in
-registers.
+"""The sparse MLA backward on Hopper, in Gluon: d_kv with slots on the wgmma rows (the scatter's operand stays in
+registers), which also stores dS; then d_q as a gathered matmul of dS with the latent rows.
 
 For one token, a block of 64 heads and a block of 64 of its slots (shapes as in `sparse_attention_reference`;
 lse and delta as in `sparse_attention_backward`):
@@ -7,27 +7,44 @@ lse and delta as in `sparse_attention_backward`):
     S^T[j,h]   = kv[idx_j] . q[h]                  P^T[j,h] = exp(scale * S^T[j,h] - lse[h])
     dP^T[j,h]  = kv[idx_j, :R] . dO[h]             dS^T[j,h] = scale * P^T[j,h] * (dP^T[j,h] - delta[h])
     d_kv[idx_j] += sum_h dS^T[j,h] q[h]  +  [sum_h P^T[j,h] dO[h], 0]
+    d_q[h]      = sum_j dS[h,j] kv[idx_j]
 
-Why Gluon, and why transposed: the Pallas d_kv kernel (`sparse_attention_backward._d_kv_kernel`) computes [heads,
-slots] tiles on mma.sync and transposes them for the scatter's dot; at 16 heads x 32 slots per step it ran at
-101-112 TFLOP/s on an H100 and took 70% of the backward's time. Here the logits dot is computed transposed, slots
-on the wgmma's M axis (m64n64: A = the gathered rows, B = q^T), so S^T, dP^T and then dS^T and P^T sit in registers in
-the accumulator layout, which is also the register layout of a wgmma's A operand: the scatter's dot
-d_kv[64 slots, C] = dS^T [64, 64 heads] . q[64 heads, C] reads them without a trip through shared memory.
+**d_kv** (`_d_kv_kernel`). Why Gluon, and why transposed: the Pallas d_kv kernel
+(`sparse_attention_backward._d_kv_kernel`) computes [heads, slots] tiles on mma.sync and transposes them for the
+scatter's dot; at 16 heads x 32 slots per step it ran at 101-112 TFLOP/s on an H100 and took 70% of the
+backward's time. Here the logits dot is computed transposed, slots on the wgmma's M axis (m64n64: A = the gathered
+rows, B = q^T), so S^T, dP^T and then dS^T and P^T sit in registers in the accumulator layout, which is also the
+register layout of a wgmma's A operand: the scatter's dot d_kv[64 slots, C] = dS^T [64, 64 heads] . q[64 heads, C]
+reads them without a trip through shared memory.
 
 One program = one warpgroup = (token, 64 heads). Shared memory holds q (64 x (R+P)), dO (64 x R), one block of
-gathered rows (64 x (R+P)) and Triton's 16 KB scratch for the scatter's layout conversion: 224 KB at
-DeepSeek-V3.2's widths, so one program per SM and one gather buffer. The next block's gather is issued once both
-dots that read the rows (S^T, dP^T) have finished, while the first scatter dot runs, and lands while the rest of
-the scatter runs. d_kv goes out in pieces (PIECE value columns, then the rope columns; an fp32 accumulator each),
-each added into the fp32 d_kv with relaxed 16-byte atomic adds (`_scatter_add`) while the next piece's dots run.
-On an H100 (1024 tokens x 2048 slots, 128 heads, 512 + 64): 3.85-3.94 ms, 297-303 TFLOP/s, against 10.5-11.5 ms
-for the Pallas kernel (docs/BENCHMARKS.md, session 25). The atomics are per 64-head block, twice per token at
-128 heads; the Pallas kernel sums all heads first, but 128 heads of q and dO do not fit in shared memory.
+gathered rows (64 x (R+P)) and Triton's 16 KB scratch for the layout conversions: 224 KB at DeepSeek-V3.2's
+widths, so one program per SM and one gather buffer. The next block's gather is issued once both dots that read
+the rows (S^T, dP^T) have finished, while the first scatter dot runs, and lands while the rest of the scatter runs.
+d_kv goes out in pieces (PIECE value columns, then the rope columns; an fp32 accumulator each), each added into the
+fp32 d_kv with relaxed 16-byte atomic adds (`_scatter_add`) while the next piece's dots run. The atomics are per
+64-head block, twice per token at 128 heads; the Pallas kernel sums all heads first, but 128 heads of q and dO do
+not fit in shared memory. While the first scatter dot runs, the block's dS (already rounded to the input dtype for
+the scatter) is stored too, [heads, slots] per token, in 16-byte pieces (`_store_d_logits`).
 
-Gluon has no interpreter: the CPU tests compile this kernel for sm_90 and check its dot shapes, shared memory,
-spills and vector atomics, and run its wrapper around a stand-in launch (`tests/test_gluon_backward.py`); its
-gradients are checked against the reference's on the GPU.
+**d_q** (`_d_q_kernel`). The Pallas d_q kernel recomputed S and dP to rebuild dS, 1664 units of work per slot and
+head against the 576 of the product dS . rows itself (4.6 ms of an 8.9 ms backward on an H100 at DeepSeek-V3.2
+shapes). With dS stored, d_q is a matmul whose B operand is gathered: one program = a token's 128 heads (two
+warpgroups; 64 where the heads are not a multiple of 128) x one column part (`gluon_d_q_parts`: 256 value + 32
+rope columns at 512 + 64), A = the dS tile and B = the rows' columns, both from a 4-deep ring of cp.async copies.
+
+Memory: dS takes 2 bytes per token, head and slot (512 KB per token at 128 heads x 2048 slots), so both kernels run
+over chunks of tokens that keep the chunk's dS within a budget (Tiles.backward_d_s_bytes, 1 GiB by default; 512
+tokens per chunk cost 2% over one launch on an H100). The chunk's first token is a runtime argument: one compiled
+kernel of each for all chunks, in a `fori_loop`.
+
+On an H100 (1024 tokens x 2048 slots, 128 heads, 512 + 64): d_kv with the dS store 3.9-4.2 ms (277-297 TFLOP/s),
+d_q 0.88-0.90 ms (345-353 TFLOP/s), the backward 5.1-5.3 ms against 15.4-16.7 ms for the Pallas kernels
+(docs/BENCHMARKS.md, session 26).
+
+Gluon has no interpreter: the CPU tests compile both kernels for sm_90 and check their dot shapes, shared memory,
+spills, vector stores and atomics, and run the wrapper (padding, chunks, vmap) around stand-in launches
+(`tests/test_gluon_backward.py`); the gradients are checked against the reference's on the GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_d_kv_width_reason
+from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_backward_width_reason, gluon_d_q_parts
 from pallas_kernels.sparse_attention_gluon import BLOCK_H, BLOCK_N, _gather_rows, _load_q, _opaque_zero, _row_layout
 
 PIECE = gl.constexpr(GLUON_D_KV_PIECE)  # d_kv value columns per scatter dot and atomic add
@@ -72,19 +89,46 @@ def _scatter_add(d_kv_ptr, rows, valid, acc, FIRST: gl.constexpr, WIDTH: gl.cons
 
 
 @gluon.jit
-def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, d_kv_zeros_ptr, d_kv_ptr,
-                 NUM_Q: gl.constexpr, HEADS: gl.constexpr, NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr,
-                 VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, SCALE: gl.constexpr, num_warps: gl.constexpr):
+def _chunk_token(first_ptr, local, NUM_Q: gl.constexpr):
+    """(token in [0, T), whether it exists) of the chunk's local-th token; the chunk starts at first_ptr[0]."""
+    token = gl.load(first_ptr) + local
+    return token, token < NUM_Q
+
+
+@gluon.jit
+def _store_d_logits(d_s_ptr, d_logits, SLOTS: gl.constexpr, num_warps: gl.constexpr):
+    """d_s[h, j] = d_logits[j, h] for a [BLOCK_N slots, BLOCK_H heads] tile; d_s_ptr at (head 0, slot 0) of a
+    [heads, SLOTS] matrix. Converted first to 8 consecutive slots per thread: 16-byte stores, 8 threads per
+    128-byte row segment (the accumulator layout would give 2-byte stores strided by a row)."""
+    layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+    tile = gl.convert_layout(d_logits, layout)
+    slots = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, layout))
+    gl.store(d_s_ptr + heads[None, :] * SLOTS + slots[:, None], tile)
+
+
+@gluon.jit
+def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, first_ptr, d_kv_in_ptr, d_kv_ptr, d_s_ptr,
+                 NUM_Q: gl.constexpr, CHUNK: gl.constexpr, HEADS: gl.constexpr, NUM_KEYS: gl.constexpr,
+                 SLOTS: gl.constexpr, VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, SCALE: gl.constexpr,
+                 num_warps: gl.constexpr):
     # q [B, T, H, R+P], kv [B, S, R+P], idx i32[B, T, K], d_out [B, T, H, R], lse/delta f32[B, T, H] (lse in
-    # natural log; +inf for padded heads and heads with no valid slot), d_kv f32[B, S, R+P], zero on entry
-    # (aliased with d_kv_zeros). Grid (T * H / 64, B), head blocks fastest.
+    # natural log; +inf for padded heads and heads with no valid slot), first i32[1]: the chunk's first token;
+    # d_kv f32[B, S, R+P], added to (aliased with d_kv_in); d_s [B, CHUNK, H, K] (dtype of q): dS of the chunk's
+    # tokens, scaled, for the d_q kernel. Grid (CHUNK * H / 64, B), head blocks fastest.
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
     num_blocks: gl.constexpr = SLOTS // BLOCK_N
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     head_blocks: gl.constexpr = HEADS // BLOCK_H
     batch = gl.program_id(1)
-    token = batch * NUM_Q + gl.program_id(0) // head_blocks  # row in [B * T]
-    first_head = token * HEADS + (gl.program_id(0) % head_blocks) * BLOCK_H  # row in [B * T * H]
+    local = gl.program_id(0) // head_blocks
+    t, exists = _chunk_token(first_ptr, local, NUM_Q)
+    if not exists:  # the last chunk's tail
+        return
+    token = batch * NUM_Q + t  # row in [B * T]
+    head_block = gl.program_id(0) % head_blocks
+    first_head = token * HEADS + head_block * BLOCK_H  # row in [B * T * H]
+    d_s_base = d_s_ptr + ((batch * CHUNK + local) * HEADS + head_block * BLOCK_H).to(gl.int64) * SLOTS
 
     logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                             instr_shape=[16, BLOCK_H, 16])
@@ -150,6 +194,7 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, d_kv_zer
         acc = gl.zeros([BLOCK_N, PIECE], gl.float32, layout=piece_layout)
         acc = warpgroup_mma(d_logits_op, q_values.slice(0, PIECE, dim=1), acc, use_acc=False, is_async=True)
         acc = warpgroup_mma(probs_op, d_out.slice(0, PIECE, dim=1), acc, is_async=True)
+        _store_d_logits(d_s_base + j * BLOCK_N, d_logits, SLOTS, num_warps)
         gl.thread_barrier()  # every warp's logits dots are done with the rows: gather the next block over them
         if j + 1 < num_blocks:
             _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values, kv_rope, NUM_KEYS, VALUE_DIM, ROPE_DIM,
@@ -181,25 +226,177 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, d_kv_zer
     async_copy.wait_group(0)
 
 
-def kernel_constants(q_shape, num_keys: int, slots: int, value_dim: int, scale: float) -> dict:
-    """The kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test)."""
-    return dict(NUM_Q=q_shape[1], HEADS=q_shape[2], NUM_KEYS=num_keys, SLOTS=slots, VALUE_DIM=value_dim,
-                ROPE_DIM=q_shape[3] - value_dim, SCALE=float(scale))
+@gluon.jit
+def _gather_part(kv_base, ids, dst, FIRST: gl.constexpr, COLUMNS: gl.constexpr, WIDTH: gl.constexpr,
+                 NUM_KEYS: gl.constexpr, num_warps: gl.constexpr):
+    """Start the cp.async copies of columns [FIRST, FIRST + COLUMNS) of the latent rows `ids` selects into dst
+    (-1 slots copy nothing: cp.async zero-fills their rows)."""
+    layout: gl.constexpr = _row_layout(COLUMNS, num_warps)
+    ids = gl.convert_layout(ids, gl.SliceLayout(1, layout))
+    columns = FIRST + gl.arange(0, COLUMNS, layout=gl.SliceLayout(0, layout))
+    offsets = (gl.minimum(ids, NUM_KEYS - 1).to(gl.int64) * WIDTH)[:, None] + columns[None, :]
+    async_copy.async_copy_global_to_shared(dst, kv_base + offsets, mask=(ids >= 0)[:, None])
 
 
-def sparse_d_kv_gluon(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int):
+@gluon.jit
+def _load_block(kv_base, ids_ptr, d_s_ptr, values_dst, rope_dst, d_s_dst, part, VALUE_DIM: gl.constexpr,
+                ROPE_DIM: gl.constexpr, PARTS: gl.constexpr, NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr,
+                BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+    """Start the cp.async copies of a slot block's operands for column part `part`: its share of the value and
+    of the rope columns of the block's BLOCK_N latent rows, and the block's [BLOCK_M, BLOCK_N] tile of dS
+    (d_s_ptr at its first element, rows SLOTS apart)."""
+    width: gl.constexpr = VALUE_DIM + ROPE_DIM
+    values: gl.constexpr = VALUE_DIM // PARTS
+    rope: gl.constexpr = ROPE_DIM // PARTS
+    tile_layout: gl.constexpr = _row_layout(BLOCK_N, num_warps)
+    ids = gl.load(ids_ptr + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, tile_layout)))
+    _gather_part(kv_base + part * values, ids, values_dst, 0, values, width, NUM_KEYS, num_warps)
+    _gather_part(kv_base + part * rope, ids, rope_dst, VALUE_DIM, rope, width, NUM_KEYS, num_warps)
+    heads = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, tile_layout))
+    slots = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, tile_layout))
+    async_copy.async_copy_global_to_shared(d_s_dst, d_s_ptr + heads[:, None] * SLOTS + slots[None, :])
+
+
+@gluon.jit
+def _store_part(d_q_ptr, first_row, acc, FIRST: gl.constexpr, WIDTH: gl.constexpr):
+    """d_q[first_row + h, FIRST + c] = acc[h, c], in d_q's dtype."""
+    layout: gl.constexpr = acc.type.layout
+    heads = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    columns = FIRST + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    gl.store(d_q_ptr + (first_row + heads).to(gl.int64)[:, None] * WIDTH + columns[None, :],
+             acc.to(d_q_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _d_q_kernel(kv_ptr, idx_ptr, d_s_ptr, first_ptr, d_q_in_ptr, d_q_ptr, NUM_Q: gl.constexpr,
+                CHUNK: gl.constexpr, HEADS: gl.constexpr, NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr,
+                VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr,
+                num_warps: gl.constexpr):
+    # kv [B, S, R+P], idx i32[B, T, K], d_s [B, CHUNK, H, K] (the d_kv kernel's), first i32[1]; d_q [B, T, H,
+    # R+P] (dtype of kv; aliased with d_q_in: the chunk's rows are written, the others kept). One program = a
+    # token's BLOCK_M heads (64 per warpgroup) x one of PARTS column parts (R / PARTS value columns and P / PARTS
+    # rope columns): d_q = dS . rows, a gathered matmul with no softmax, its operands in a STAGES-deep ring of
+    # cp.async copies, loaded STAGES - 2 blocks ahead so that one dot stays in flight. Grid (CHUNK * H / BLOCK_M
+    # * PARTS, B), parts fastest (they read the same dS tiles), then head blocks.
+    BLOCK_M: gl.constexpr = 16 * num_warps
+    width: gl.constexpr = VALUE_DIM + ROPE_DIM
+    values: gl.constexpr = VALUE_DIM // PARTS
+    rope: gl.constexpr = ROPE_DIM // PARTS
+    head_blocks: gl.constexpr = HEADS // BLOCK_M
+    num_blocks: gl.constexpr = SLOTS // BLOCK_N
+    dtype: gl.constexpr = kv_ptr.dtype.element_ty
+    batch = gl.program_id(1)
+    part = gl.program_id(0) % PARTS
+    head_block = (gl.program_id(0) // PARTS) % head_blocks
+    local = gl.program_id(0) // (PARTS * head_blocks)
+    t, exists = _chunk_token(first_ptr, local, NUM_Q)
+    if not exists:  # the last chunk's tail
+        return
+    kv_base = kv_ptr + batch.to(gl.int64) * NUM_KEYS * width
+    ids_base = idx_ptr + (batch * NUM_Q + t).to(gl.int64) * SLOTS
+    d_s_base = d_s_ptr + ((batch * CHUNK + local) * HEADS + head_block * BLOCK_M).to(gl.int64) * SLOTS
+
+    values_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, values, 16])
+    rope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                          instr_shape=[16, rope, 16])
+    values_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, values],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, values], dtype))
+    rope_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, rope],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, rope], dtype))
+    d_s_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_N],
+                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    for s in gl.static_range(STAGES - 2):
+        _load_block(kv_base, ids_base + s * BLOCK_N, d_s_base + s * BLOCK_N, values_smem.index(s),
+                    rope_smem.index(s), d_s_smem.index(s), part, VALUE_DIM, ROPE_DIM, PARTS, NUM_KEYS, SLOTS,
+                    BLOCK_M, num_warps)
+        async_copy.commit_group()
+    acc = gl.zeros([BLOCK_M, values], gl.float32, layout=values_layout)
+    rope_acc = gl.zeros([BLOCK_M, rope], gl.float32, layout=rope_layout)
+    for j in range(num_blocks):
+        async_copy.wait_group(STAGES - 3)  # block j's copies (this thread's) have landed
+        gl.thread_barrier()  # ... every thread's, and every warp has waited for block j - 2's dots
+        fence_async_shared()  # the landed copies are visible to wgmma, which reads through the async proxy
+        ahead = j + STAGES - 2
+        if ahead < num_blocks:  # into the buffers block j - 2 used
+            buf = ahead % STAGES
+            _load_block(kv_base, ids_base + ahead * BLOCK_N, d_s_base + ahead * BLOCK_N, values_smem.index(buf),
+                        rope_smem.index(buf), d_s_smem.index(buf), part, VALUE_DIM, ROPE_DIM, PARTS, NUM_KEYS,
+                        SLOTS, BLOCK_M, num_warps)
+        async_copy.commit_group()  # (empty past the end: the wait above counts groups)
+        buf = j % STAGES
+        acc = warpgroup_mma(d_s_smem.index(buf), values_smem.index(buf), acc, is_async=True)
+        rope_acc = warpgroup_mma(d_s_smem.index(buf), rope_smem.index(buf), rope_acc, is_async=True)
+        acc, rope_acc = warpgroup_mma_wait(2, deps=[acc, rope_acc])  # block j - 1's dots are done
+    acc, rope_acc = warpgroup_mma_wait(0, deps=[acc, rope_acc])
+    async_copy.wait_group(0)
+    first_row = (batch * NUM_Q + t) * HEADS + head_block * BLOCK_M
+    _store_part(d_q_ptr, first_row, acc, part * values, width)
+    _store_part(d_q_ptr, first_row, rope_acc, VALUE_DIM + part * rope, width)
+
+
+D_Q_STAGES = 4  # a ring of 4 blocks, loaded 2 ahead
+
+
+def d_q_warps(heads: int) -> int:
+    """8 warps (two warpgroups, 128 heads per program) where the padded heads allow, else 4."""
+    return 8 if heads % 128 == 0 else 4
+
+
+def kernel_constants(q_shape, num_keys: int, slots: int, value_dim: int, scale: float, chunk: int = 0) -> dict:
+    """The d_kv kernel's compile-time constants for padded q [B, T, H, R+P] (also used by the CPU compile test);
+    chunk: tokens per launch (0: all T)."""
+    return dict(NUM_Q=q_shape[1], CHUNK=chunk or q_shape[1], HEADS=q_shape[2], NUM_KEYS=num_keys, SLOTS=slots,
+                VALUE_DIM=value_dim, ROPE_DIM=q_shape[3] - value_dim, SCALE=float(scale))
+
+
+def d_q_kernel_constants(q_shape, num_keys: int, slots: int, value_dim: int, chunk: int = 0) -> dict:
+    """The d_q kernel's compile-time constants (num_warps: `d_q_warps`)."""
+    rope_dim = q_shape[3] - value_dim
+    return dict(NUM_Q=q_shape[1], CHUNK=chunk or q_shape[1], HEADS=q_shape[2], NUM_KEYS=num_keys, SLOTS=slots,
+                VALUE_DIM=value_dim, ROPE_DIM=rope_dim, PARTS=gluon_d_q_parts(value_dim, rope_dim), STAGES=D_Q_STAGES)
+
+
+def chunk_tokens(batch: int, num_q: int, heads: int, slots: int, budget_bytes: int) -> int:
+    """Tokens per launch so that the chunk's dS (2 bytes per head and slot) stays within budget_bytes."""
+    return max(1, min(num_q, budget_bytes // (2 * batch * heads * slots)))
+
+
+def sparse_backward_gluon(q, kv, indices, d_out, lse, delta, *, scale: float, value_dim: int, d_s_bytes: int):
     """Padded operands: q [B,T,H,R+P] and kv [B,S,R+P] of one 2-byte dtype with H a multiple of 64, indices
     int32[B,T,K] with K a multiple of 64 and at least 128 (with one block, Triton 3.6 fails to lower the loop),
-    d_out [B,T,H,R] (dtype of q), lse and delta f32[B,T,H] (padded heads: lse = +inf) -> d_kv f32[B,S,R+P]."""
+    d_out [B,T,H,R] (dtype of q), lse and delta f32[B,T,H] (padded heads: lse = +inf) -> (d_q [B,T,H,R+P] (dtype
+    of q), d_kv f32[B,S,R+P]).
+
+    The d_kv kernel also stores dS (scaled, in the input dtype) for the d_q kernel, which then needs no second
+    pass over the logits; both run over chunks of tokens so that one chunk's dS stays within d_s_bytes."""
     batch, num_q, heads, width = q.shape
     num_keys, slots = kv.shape[1], indices.shape[-1]
     if (heads % BLOCK_H.value or slots % BLOCK_N.value or slots < 2 * BLOCK_N.value
-            or gluon_d_kv_width_reason(value_dim, width - value_dim)):
-        raise ValueError(f"sparse_d_kv_gluon: unpadded or unsupported input: q {q.shape}, {slots} slots, "
+            or gluon_backward_width_reason(value_dim, width - value_dim)):
+        raise ValueError(f"sparse_backward_gluon: unpadded or unsupported input: q {q.shape}, {slots} slots, "
                          f"value_dim {value_dim}")
-    zeros = jnp.zeros((batch, num_keys, width), jnp.float32)
-    return gluon_call(q, kv, indices, d_out, lse, delta, zeros, kernel=_d_kv_kernel,
-                      out_shape=jax.ShapeDtypeStruct((batch, num_keys, width), jnp.float32),
-                      grid=(num_q * (heads // BLOCK_H.value), batch), num_warps=NUM_WARPS,
-                      input_output_aliases={6: 0},
-                      **kernel_constants(q.shape, num_keys, slots, value_dim, scale))
+    chunk = chunk_tokens(batch, num_q, heads, slots, d_s_bytes)
+    num_chunks = -(-num_q // chunk)
+    d_q_warps_ = d_q_warps(heads)
+    d_q_constants = d_q_kernel_constants(q.shape, num_keys, slots, value_dim, chunk)
+    d_q_programs = chunk * heads // (16 * d_q_warps_) * d_q_constants["PARTS"]
+
+    def one_chunk(c, carry):
+        d_q, d_kv = carry
+        first = jnp.full((1,), c * chunk, jnp.int32)
+        d_kv, d_s = gluon_call(q, kv, indices, d_out, lse, delta, first, d_kv, kernel=_d_kv_kernel,
+                               out_shape=[jax.ShapeDtypeStruct(d_kv.shape, jnp.float32),
+                                          jax.ShapeDtypeStruct((batch, chunk, heads, slots), q.dtype)],
+                               grid=(chunk * (heads // BLOCK_H.value), batch), num_warps=NUM_WARPS,
+                               input_output_aliases={7: 0},
+                               **kernel_constants(q.shape, num_keys, slots, value_dim, scale, chunk))
+        d_q = gluon_call(kv, indices, d_s, first, d_q, kernel=_d_q_kernel,
+                         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(d_q_programs, batch),
+                         num_warps=d_q_warps_, input_output_aliases={4: 0}, **d_q_constants)
+        return d_q, d_kv
+
+    carry = (jnp.zeros(q.shape, q.dtype), jnp.zeros((batch, num_keys, width), jnp.float32))
+    if num_chunks == 1:
+        return one_chunk(0, carry)
+    return jax.lax.fori_loop(0, num_chunks, one_chunk, carry)

@@ -2,8 +2,9 @@
 
   sparse   forward + backward of sparse MLA for `--sparse-queries` queries x 2048 slots (128 heads, latent 512 + 64)
            over a context of S keys; bf16. TFLOP/s over the backward's matmul FLOPs, 2·H·K·(3·576 + 2·512) per query
-           (logits recomputed, dP, d_q, d_kv's key and value parts): the default (d_kv by the Gluon kernel where it
-           runs), `pallas_d_kv` (both Pallas kernels), and the Pallas tile variants of `--sweep`.
+           (logits recomputed, dP, d_q, d_kv's key and value parts): the default (the Gluon kernels where they run:
+           d_kv, which also stores dS, then d_q from dS), `pallas` (both Pallas kernels, which recompute the logits
+           and dP for d_q too), and the Pallas tile variants of `--sweep`.
   scores   forward + backward of the indexer scores (64 heads x 128) for T = S causal queries; bf16. TFLOP/s over
            the backward's matmul FLOPs on the visible pairs: 4 dots of 2·G·I each (logits recomputed by both
            kernels, d_q, d_k). The reference keeps the [T, S, G] logits, so it runs only up to `--reference-max`.
@@ -55,8 +56,8 @@ def bench_sparse(s: int, args) -> dict:
     d_out = jax.random.normal(keys[3], (1, nq, H, R), jnp.float32)
     flops = 2.0 * nq * H * K * (3 * (R + P) + 2 * R)
     out = {"context": s, "queries": nq}
-    out["d_kv_kernel"] = resolve_backward_kernel("auto", False, BF16, R, P)
-    variants = [("default", Tiles()), ("pallas_d_kv", Tiles(backward_kernel="pallas"))] + [
+    out["backward_kernels"] = resolve_backward_kernel("auto", False, BF16, R, P)
+    variants = [("default", Tiles()), ("pallas", Tiles(backward_kernel="pallas"))] + [
         (f"bk{bk}_bh{bh}_w{w}", Tiles(backward_block_k=bk, backward_block_h=bh, backward_num_warps=w,
                                       backward_kernel="pallas"))
         for bk, bh, w in ((16, 16, 4), (32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 4), (32, 32, 8), (64, 16, 8),
@@ -80,7 +81,7 @@ def bench_sparse(s: int, args) -> dict:
     out["rel_err_d_q"], out["rel_err_d_kv"] = (rel_err(g, w) for g, w in zip(got, want, strict=True))
     got = grad_fn(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=0.07, value_dim=R,
                                                     tiles=Tiles(backward_kernel="pallas")))(q, kv, d_out)
-    out["rel_err_d_kv_pallas"] = rel_err(got[1], want[1])
+    out["rel_err_d_q_pallas"], out["rel_err_d_kv_pallas"] = (rel_err(g, w) for g, w in zip(got, want, strict=True))
     return out
 
 
