@@ -58,7 +58,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pallas_kernels._gluon import gluon_call
 from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_backward_width_reason, gluon_d_q_parts
-from pallas_kernels.sparse_attention_gluon import BLOCK_H, BLOCK_N, _gather_rows, _load_q, _opaque_zero, _row_layout
+from pallas_kernels.sparse_attention_gluon import (BLOCK_H, BLOCK_N, _gather_columns, _gather_rows, _load_q,
+                                                   _opaque_zero, _row_layout)
 
 PIECE = gl.constexpr(GLUON_D_KV_PIECE)  # d_kv value columns per scatter dot and atomic add
 NUM_WARPS = 4  # one warpgroup
@@ -227,18 +228,6 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, first_pt
 
 
 @gluon.jit
-def _gather_part(kv_base, ids, dst, FIRST: gl.constexpr, COLUMNS: gl.constexpr, WIDTH: gl.constexpr,
-                 NUM_KEYS: gl.constexpr, num_warps: gl.constexpr):
-    """Start the cp.async copies of columns [FIRST, FIRST + COLUMNS) of the latent rows `ids` selects into dst
-    (-1 slots copy nothing: cp.async zero-fills their rows)."""
-    layout: gl.constexpr = _row_layout(COLUMNS, num_warps)
-    ids = gl.convert_layout(ids, gl.SliceLayout(1, layout))
-    columns = FIRST + gl.arange(0, COLUMNS, layout=gl.SliceLayout(0, layout))
-    offsets = (gl.minimum(ids, NUM_KEYS - 1).to(gl.int64) * WIDTH)[:, None] + columns[None, :]
-    async_copy.async_copy_global_to_shared(dst, kv_base + offsets, mask=(ids >= 0)[:, None])
-
-
-@gluon.jit
 def _load_block(kv_base, ids_ptr, d_s_ptr, values_dst, rope_dst, d_s_dst, part, VALUE_DIM: gl.constexpr,
                 ROPE_DIM: gl.constexpr, PARTS: gl.constexpr, NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr,
                 BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
@@ -248,10 +237,9 @@ def _load_block(kv_base, ids_ptr, d_s_ptr, values_dst, rope_dst, d_s_dst, part, 
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
     values: gl.constexpr = VALUE_DIM // PARTS
     rope: gl.constexpr = ROPE_DIM // PARTS
+    _gather_columns(kv_base + part * values, ids_ptr, values_dst, 0, values, width, NUM_KEYS, num_warps)
+    _gather_columns(kv_base + part * rope, ids_ptr, rope_dst, VALUE_DIM, rope, width, NUM_KEYS, num_warps)
     tile_layout: gl.constexpr = _row_layout(BLOCK_N, num_warps)
-    ids = gl.load(ids_ptr + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, tile_layout)))
-    _gather_part(kv_base + part * values, ids, values_dst, 0, values, width, NUM_KEYS, num_warps)
-    _gather_part(kv_base + part * rope, ids, rope_dst, VALUE_DIM, rope, width, NUM_KEYS, num_warps)
     heads = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, tile_layout))
     slots = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, tile_layout))
     async_copy.async_copy_global_to_shared(d_s_dst, d_s_ptr + heads[:, None] * SLOTS + slots[None, :])
@@ -378,9 +366,9 @@ def sparse_backward_gluon(q, kv, indices, d_out, lse, delta, *, scale: float, va
                          f"value_dim {value_dim}")
     chunk = chunk_tokens(batch, num_q, heads, slots, d_s_bytes)
     num_chunks = -(-num_q // chunk)
-    d_q_warps_ = d_q_warps(heads)
+    warps = d_q_warps(heads)
     d_q_constants = d_q_kernel_constants(q.shape, num_keys, slots, value_dim, chunk)
-    d_q_programs = chunk * heads // (16 * d_q_warps_) * d_q_constants["PARTS"]
+    d_q_programs = chunk * heads // (16 * warps) * d_q_constants["PARTS"]
 
     def one_chunk(c, carry):
         d_q, d_kv = carry
@@ -393,7 +381,7 @@ def sparse_backward_gluon(q, kv, indices, d_out, lse, delta, *, scale: float, va
                                **kernel_constants(q.shape, num_keys, slots, value_dim, scale, chunk))
         d_q = gluon_call(kv, indices, d_s, first, d_q, kernel=_d_q_kernel,
                          out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(d_q_programs, batch),
-                         num_warps=d_q_warps_, input_output_aliases={4: 0}, **d_q_constants)
+                         num_warps=warps, input_output_aliases={4: 0}, **d_q_constants)
         return d_q, d_kv
 
     carry = (jnp.zeros(q.shape, q.dtype), jnp.zeros((batch, num_keys, width), jnp.float32))

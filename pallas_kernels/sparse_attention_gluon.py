@@ -221,10 +221,10 @@ SEESAW_WORKER_REGISTERS = gl.constexpr(240)  # warpgroup 1's; warpgroup 0 gets t
 
 @gluon.jit
 def _gather_columns(kv_base, ids_ptr, dst, FIRST: gl.constexpr, COLUMNS: gl.constexpr, WIDTH: gl.constexpr,
-                    NUM_KEYS: gl.constexpr):
+                    NUM_KEYS: gl.constexpr, WARPS: gl.constexpr):
     """Start the cp.async copies of columns [FIRST, FIRST + COLUMNS) of the BLOCK_N latent rows that
-    ids_ptr[0:BLOCK_N] select into dst (one warpgroup)."""
-    layout: gl.constexpr = _row_layout(COLUMNS, 4)
+    ids_ptr[0:BLOCK_N] select into dst, by WARPS warps (-1 slots copy nothing: cp.async zero-fills their rows)."""
+    layout: gl.constexpr = _row_layout(COLUMNS, WARPS)
     ids = gl.load(ids_ptr + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)))
     columns = FIRST + gl.arange(0, COLUMNS, layout=gl.SliceLayout(0, layout))
     if NUM_KEYS * WIDTH < 2**31:
@@ -244,9 +244,9 @@ def _gather_share(kv_base, ids_ptr, kv_values, kv_rope, BUFFER: gl.constexpr, WA
     half: gl.constexpr = VALUE_DIM // 2
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
     _gather_columns(kv_base, ids_ptr, kv_values.index(BUFFER).slice(WARPGROUP * half, half, dim=1),
-                    WARPGROUP * half, half, width, NUM_KEYS)
+                    WARPGROUP * half, half, width, NUM_KEYS, 4)
     if WARPGROUP != BUFFER:
-        _gather_columns(kv_base, ids_ptr, kv_rope.index(BUFFER), VALUE_DIM, ROPE_DIM, width, NUM_KEYS)
+        _gather_columns(kv_base, ids_ptr, kv_rope.index(BUFFER), VALUE_DIM, ROPE_DIM, width, NUM_KEYS, 4)
 
 
 @gluon.jit
