@@ -79,7 +79,8 @@ class DSABlock(nnx.Module):
                                        fp8=self.indexer.config.indexer_fp8, key_scales=key_scales,
                                        fp8_head_sum=self.indexer.config.indexer_fp8_head_sum)
                 if distill is not None:
-                    distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices))
+                    distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices,
+                                                                            impl=ctx.impl))
                 return indices, distill
 
             def reuse_carried(carry):

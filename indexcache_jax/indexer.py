@@ -59,16 +59,14 @@ class LightningIndexer(nnx.Module):
         """The indexer's distribution (softmax of its scores) as log-probabilities f32, from queries q [B,T,G,I],
         w [B,T,G] (see `queries`) and keys [B,S,I]: over each query's selected slots indices int32[B,T,K] ->
         [B,T,K], or (indices None) over all visible keys -> [B,T,S]; 0 outside the set (distill.masked_log_softmax).
-        Differentiable: the distillation losses train the indexer through this. Over the selected slots it is
-        plain JAX ([B,T,K,G] logits); over all keys it is the dispatch's differentiable scores (`impl`), whose
-        kernels never store the [B,T,S,G] logits that autodiff of the reference keeps."""
+        Differentiable: the distillation losses train the indexer through this, by the dispatch's differentiable
+        scores (`impl`): over the slots `indexer_slot_scores`, over all keys `indexer_scores`, whose kernels never
+        store the per-head logits ([B,T,K,G] or [B,T,S,G]) that autodiff of the references keeps."""
         keys = keys.astype(q.dtype)
         if indices is None:
             scores = pallas_kernels.indexer_scores(q, w, keys, q_positions, impl=impl)  # -inf where not visible
             return masked_log_softmax(scores, jnp.isfinite(scores))
-        rows = jax.vmap(lambda k_b, idx_b: k_b[jnp.maximum(idx_b, 0)])(keys, indices)  # [B,T,K,I]
-        logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)
-        scores = jnp.einsum("btkg,btg->btk", jax.nn.relu(logits), w)
+        scores = pallas_kernels.indexer_slot_scores(q, w, keys, indices, impl=impl)
         return masked_log_softmax(scores, indices >= 0)
 
 

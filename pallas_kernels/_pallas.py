@@ -8,6 +8,7 @@ and `dot` needs every dimension >= 16 (the tensor-core minimum), so the wrappers
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 try:  # jax >= 0.7: masked loads and stores live in the Triton module
@@ -50,3 +51,14 @@ def pad_axis(x, axis: int, size: int, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def skip_blocks_without_slots(idx_ref, block_k: int, body):
+    """body(j, carry), the step of a fori_loop over blocks of block_k slot ids in idx_ref, made to pass the carry
+    through unchanged where block j holds no valid (>= 0) id. In a causal sequence the lists of the first K tokens
+    end in blocks of -1 slots; a backward kernel that sends their atomic adds to a sink row has every program
+    hammer that one row at once."""
+    def step(j, carry):
+        ids = idx_ref[pl.ds(j * block_k, block_k)]
+        return lax.cond(jnp.max(ids) >= 0, lambda c: body(j, c), lambda c: c, carry)
+    return step

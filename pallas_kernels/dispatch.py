@@ -17,8 +17,9 @@ from typing import Literal, Optional
 import jax
 
 from pallas_kernels.indexer import indexer_scores_trainable, indexer_topk_pallas
-from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_topk_decode_reference,
-                                              indexer_topk_reference)
+from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_slot_scores_reference,
+                                              indexer_topk_decode_reference, indexer_topk_reference)
+from pallas_kernels.indexer_slots import indexer_slot_scores_trainable
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
 
@@ -67,6 +68,16 @@ def indexer_scores(q, w, k, q_positions, *, impl: Optional[str] = None):
     if impl == "reference":
         return indexer_scores_reference(q, w, k, q_positions)
     return indexer_scores_trainable(q, w, k, q_positions, impl == "interpret")
+
+
+def indexer_slot_scores(q, w, k, indices, *, impl: Optional[str] = None):
+    """Indexer scores over each query's selected slots, differentiable in q, w and k. q [B,T,G,I], w [B,T,G],
+    k [B,S,I], indices int32[B,T,K] (-1 = no slot) -> f32[B,T,K] (0 at -1 slots). The kernels (`indexer_slots`)
+    never store the gathered keys [B,T,K,I] or the per-head logits [B,T,K,G]."""
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return indexer_slot_scores_reference(q, w, k, indices)
+    return indexer_slot_scores_trainable(q, w, k, indices, impl == "interpret")
 
 
 def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: Optional[str] = None):

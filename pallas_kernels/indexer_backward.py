@@ -3,7 +3,8 @@
 With I[t,s] = sum_g w[t,g] ReLU(q[t,g] . k[s]) (visible s only) and its cotangent dI[t,s], the mask
 m[t,g,s] = 1[q[t,g] . k[s] > 0] and G[t,g,s] = dI[t,s] w[t,g] m[t,g,s]:
 
-    d_w[t,g] = sum_s dI[t,s] ReLU(q[t,g] . k[s])     d_q[t,g] = sum_s G[t,g,s] k[s]     d_k[s] = sum_{t,g} G[t,g,s] q[t,g]
+    d_w[t,g] = sum_s dI[t,s] ReLU(q[t,g] . k[s])     d_q[t,g] = sum_s G[t,g,s] k[s]
+    d_k[s]   = sum_{t,g} G[t,g,s] q[t,g]
 
 Two kernels, so that neither needs atomics: one program per query tile walks the key tiles it can see and keeps
 d_q and d_w in registers; one program per key tile walks the query tiles that can see it and keeps d_k. Both use

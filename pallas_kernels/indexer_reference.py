@@ -95,6 +95,16 @@ def indexer_scores_reference(q, w, k, q_positions, k_scale=None, *, fp8_head_sum
     return jnp.where(visible, scores, -jnp.inf)
 
 
+def indexer_slot_scores_reference(q, w, k, indices):
+    """The scores over each query's selected slots: q [B,T,G,I], w [B,T,G], k [B,S,I], indices int32[B,T,K]
+    (-1 = no slot) -> f32[B,T,K] = sum_g w ReLU(q_g . k[idx]), 0 at -1 slots. Materialises the gathered keys
+    [B,T,K,I] and the logits [B,T,K,G] (`indexer_slots` has the kernels that do not)."""
+    rows = jax.vmap(lambda k_b, idx_b: k_b[jnp.maximum(idx_b, 0)])(k, indices)  # [B,T,K,I]
+    logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkg,btg->btk", jax.nn.relu(logits), w.astype(jnp.float32))
+    return jnp.where(indices >= 0, scores, 0.0)
+
+
 def indexer_topk_reference(q, w, k, q_positions, *, topk: int, block_q: int = 128, fp8: bool = False,
                            k_scale=None, fp8_head_sum: str = "bf16"):
     """Top-k key ids per query: q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk].

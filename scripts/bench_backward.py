@@ -8,9 +8,14 @@
   scores   forward + backward of the indexer scores (64 heads x 128) for T = S causal queries; bf16. TFLOP/s over
            the backward's matmul FLOPs on the visible pairs: 4 dots of 2·G·I each (logits recomputed by both
            kernels, d_q, d_k). The reference keeps the [T, S, G] logits, so it runs only up to `--reference-max`.
+  slots    forward, and the gradient function, of the indexer scores over each query's selected slots (what the
+           sparse stage's distillation loss trains through; 64 heads x 128, K = 2048, T = S causal queries, each
+           slot set a random K-subset of the visible keys in ascending order, as the top-k gives; bf16): the kernels
+           (`indexer_slots`) against autodiff of the plain-JAX reference, with XLA's temporary bytes of each
+           gradient function and each one's error against the float32 reference (up to `--reference-max`).
 Median of `--repeats` samples after a warm-up (`bench_kernels.timed`); random normal inputs and cotangents.
 
-    python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192
+    python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192 --slot-lengths 4096 16384
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_kernels import rel_err, timed  # noqa: E402
 from pallas_kernels.indexer import indexer_scores_trainable  # noqa: E402
-from pallas_kernels.indexer_reference import indexer_scores_reference  # noqa: E402
+from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_slot_scores_reference  # noqa: E402
+from pallas_kernels.indexer_slots import indexer_slot_scores_trainable  # noqa: E402
 from pallas_kernels.sparse_attention import Tiles, resolve_backward_kernel, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import sparse_mla_reference  # noqa: E402
 
@@ -112,24 +118,67 @@ def bench_scores(t: int, args) -> dict:
     return out
 
 
+def causal_selection(key, t: int, slots: int):
+    """int32[1, t, slots]: for query i a random min(slots, i + 1)-subset of keys 0..i, ascending, then -1."""
+    visible = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    values, ids = jax.lax.top_k(jnp.where(visible, jax.random.uniform(key, (t, t)), -1.0), slots)
+    ids = jnp.sort(jnp.where(values >= 0, ids, t), axis=-1)
+    return jnp.where(ids == t, -1, ids).astype(jnp.int32)[None]
+
+
+def bench_slots(t: int, args) -> dict:
+    keys = jax.random.split(jax.random.key(t), 5)
+    q = jax.random.normal(keys[0], (1, t, G, I), BF16)
+    w = jax.random.normal(keys[1], (1, t, G), jnp.float32) * G ** -0.5
+    k = jax.random.normal(keys[2], (1, t, I), BF16)
+    idx = causal_selection(keys[3], t, K)
+    d_scores = jax.random.normal(keys[4], idx.shape, jnp.float32)
+    out = {"length": t, "slots": K}
+    forms = {"kernel": lambda q_, w_, k_: indexer_slot_scores_trainable(q_, w_, k_, idx),
+             "reference": lambda q_, w_, k_: indexer_slot_scores_reference(q_, w_, k_, idx)}
+    grads = {}
+    for name, forward in forms.items():
+        if name == "reference" and t > args.reference_max:
+            continue
+        out[f"{name}_forward_ms"] = timed(jax.jit(forward), q, w, k, repeats=args.repeats) * 1e3
+        grads[name] = grad_fn(forward)
+        # the gradient function alone: the kernels' backward does not need their forward's output, so XLA drops it
+        out[f"{name}_gradient_ms"] = timed(grads[name], q, w, k, d_scores, repeats=args.repeats) * 1e3
+        compiled = grads[name].lower(q, w, k, d_scores).compile()
+        out[f"{name}_temp_gb"] = compiled.memory_analysis().temp_size_in_bytes / 1e9
+    out["forward_tflops"] = 2.0 * t * K * G * I / out["kernel_forward_ms"] / 1e9
+    if t <= args.reference_max:
+        with jax.default_matmul_precision("highest"):
+            want = grads["reference"](q.astype(jnp.float32), w, k.astype(jnp.float32), d_scores)
+        for name, grad in grads.items():
+            for part, g, r in zip(("d_q", "d_w", "d_k"), grad(q, w, k, d_scores), want, strict=True):
+                out[f"{name}_rel_err_{part}"] = rel_err(g, r)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--sparse-queries", type=int, default=1024)
     parser.add_argument("--scores-lengths", type=int, nargs="*", default=[4096, 8192])
+    parser.add_argument("--slot-lengths", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--reference-max", type=int, default=4096)
     parser.add_argument("--sweep", action="store_true", help="also time backward tile variants of sparse MLA")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "sparse": [], "scores": []}
+               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "sparse": [], "scores": [],
+               "slots": []}
     for s in args.contexts:
         results["sparse"].append(bench_sparse(s, args))
         print(json.dumps(results["sparse"][-1]), flush=True)
     for t in args.scores_lengths:
         results["scores"].append(bench_scores(t, args))
         print(json.dumps(results["scores"][-1]), flush=True)
+    for t in args.slot_lengths:
+        results["slots"].append(bench_slots(t, args))
+        print(json.dumps(results["slots"][-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 
