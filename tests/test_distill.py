@@ -150,9 +150,9 @@ def test_logits_equal_the_plain_forward(setup):
 @pytest.mark.parametrize("impl", ["interpret"] + (["pallas"] if jax.default_backend() == "gpu" else []))
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
 def test_training_gradients_run_through_the_kernels(setup, attention, impl):
-    """Training differentiates the model through the kernels: the selection is cut with a stop-gradient, the sparse
-    attention (sparse stages) and the all-keys indexer scores (dense warm-up's KL) have Pallas backward kernels.
-    Interpret mode runs the same kernel code on CPU."""
+    """Training differentiates the model through the kernels: the selection is cut with a stop-gradient; the sparse
+    attention and the indexer's scores over the selected slots (sparse stages), and the all-keys indexer scores
+    (dense warm-up's KL), have Pallas backward kernels. Interpret mode runs the same kernel code on CPU."""
     params, tokens = setup
 
     def objective(p, impl):
