@@ -1,4 +1,5 @@
-"""Query blocking shared by the reference kernels: bound memory by processing block_q queries at a time."""
+"""Shared by the reference kernels: query blocking (bound memory by processing block_q queries at a time) and the
+slot gather."""
 
 import jax
 import jax.numpy as jnp
@@ -21,3 +22,9 @@ def map_query_blocks(fn, block_q: int, blocked_args, fills):
 
     out = jax.lax.map(lambda args: fn(*args), tuple(to_blocks(x, f) for x, f in zip(blocked_args, fills, strict=True)))
     return jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block_q, *out.shape[3:])[:, :num_q]
+
+
+def gather_slot_rows(rows, indices):
+    """rows [B,S,X], indices int[B,T,K] -> [B,T,K,X], the rows each query's slots select (row 0 stands in for -1
+    slots; callers mask them)."""
+    return jax.vmap(lambda rows_b, idx_b: rows_b[jnp.where(idx_b >= 0, idx_b, 0)])(rows, indices)

@@ -18,7 +18,7 @@ Shapes: B batch, T queries, S keys, G indexer heads, I indexer head width, K top
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._blocking import map_query_blocks
+from pallas_kernels._blocking import gather_slot_rows, map_query_blocks
 from pallas_kernels.topk_reference import topk_reference
 
 
@@ -99,7 +99,7 @@ def indexer_slot_scores_reference(q, w, k, indices):
     """The scores over each query's selected slots: q [B,T,G,I], w [B,T,G], k [B,S,I], indices int32[B,T,K]
     (-1 = no slot) -> f32[B,T,K] = sum_g w ReLU(q_g . k[idx]), 0 at -1 slots. Materialises the gathered keys
     [B,T,K,I] and the logits [B,T,K,G] (`indexer_slots` has the kernels that do not)."""
-    rows = jax.vmap(lambda k_b, idx_b: k_b[jnp.maximum(idx_b, 0)])(k, indices)  # [B,T,K,I]
+    rows = gather_slot_rows(k, indices)  # [B,T,K,I]
     logits = jnp.einsum("btgi,btki->btkg", q, rows, preferred_element_type=jnp.float32)
     scores = jnp.einsum("btkg,btg->btk", jax.nn.relu(logits), w.astype(jnp.float32))
     return jnp.where(indices >= 0, scores, 0.0)

@@ -9,15 +9,9 @@ the keys listed in indices[b,t,:] (the top-k convention of `topk_reference`: -1 
 Shapes: B batch, T queries, S keys, H heads, L latent key width, R value width, K top-k slots.
 """
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels._blocking import map_query_blocks
-
-
-def _gather_rows(kv, indices):
-    """kv [B,S,L], indices [B,T,K] -> rows [B,T,K,L] (row 0 stands in for -1 slots; callers mask them)."""
-    return jax.vmap(lambda kv_b, idx_b: kv_b[jnp.where(idx_b >= 0, idx_b, 0)])(kv, indices)
+from pallas_kernels._blocking import gather_slot_rows, map_query_blocks
 
 
 def _slot_probs(q, rows, valid, scale):
@@ -34,7 +28,7 @@ def _slot_probs(q, rows, valid, scale):
 
 def _attend_gathered(q, kv, indices, scale, value_dim):
     """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> out [B,T,H,R]; gathers [B,T,K,L], never per head."""
-    rows = _gather_rows(kv, indices)
+    rows = gather_slot_rows(kv, indices)
     probs = _slot_probs(q, rows, indices >= 0, scale)
     out = jnp.einsum("bthk,btkr->bthr", probs.astype(kv.dtype), rows[..., :value_dim],
                      preferred_element_type=jnp.float32)
@@ -45,7 +39,7 @@ def sparse_attention_distribution(q, kv, indices, *, scale: float, block_q: int 
     """The attention distribution over the slots, averaged over heads (= summed, then L1-normalised): what the
     indexer is distilled towards. q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> f32[B,T,K] (0 at -1 slots)."""
     def one_block(q_blk, idx_blk):
-        return jnp.mean(_slot_probs(q_blk, _gather_rows(kv, idx_blk), idx_blk >= 0, scale), axis=2)
+        return jnp.mean(_slot_probs(q_blk, gather_slot_rows(kv, idx_blk), idx_blk >= 0, scale), axis=2)
     return map_query_blocks(one_block, block_q, (q, indices), fills=(0, -1))
 
 

@@ -20,10 +20,10 @@ import pytest
 
 from conftest import rel_err
 from pallas_kernels import _gluon
+from pallas_kernels._blocking import gather_slot_rows
 from pallas_kernels.sparse_attention import (Tiles, _sparse_call, combine_splits, sparse_mla_decode_pallas,
                                              sparse_mla_pallas)
-from pallas_kernels.sparse_attention_reference import (_gather_rows, sparse_mla_decode_reference,
-                                                       sparse_mla_reference)
+from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use
 
@@ -184,7 +184,7 @@ def _stand_in_launch(q, kv, indices, *, kernel, out_shape, grid, num_warps, **co
     outs, lses = [], []
     for ids in jnp.split(indices, splits, axis=-1):  # [B, T, K/n]
         outs.append(sparse_mla_reference(q, kv, ids, scale=scale, value_dim=value_dim))
-        logits = jnp.einsum("bthl,btkl->bthk", q, _gather_rows(kv, ids)) * scale
+        logits = jnp.einsum("bthl,btkl->bthk", q, gather_slot_rows(kv, ids)) * scale
         lses.append(jax.nn.logsumexp(jnp.where((ids >= 0)[:, :, None], logits, -jnp.inf), axis=-1))
     results = (jnp.stack(outs, 2).astype(out_shape[0].dtype), jnp.stack(lses, 2))
     return jax.pure_callback(lambda *arrays: arrays, tuple(out_shape), *results)
