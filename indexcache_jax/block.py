@@ -88,9 +88,12 @@ class DSABlock(nnx.Module):
 
             # lax.cond on the runtime flag executes one branch: Shared layers never score or select.
             indices, distill = jax.lax.cond(is_full, run_indexer, reuse_carried, (indices, distill))
-            attn = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl)
-            if distill is not None:
-                distill = add_layer(distill, self.self_attn.sparse_distribution(q_nope, q_rope, kv_rows, indices))
+            if distill is None:
+                attn = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl)
+            else:
+                attn, probs = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl,
+                                                           with_distribution=True)
+                distill = add_layer(distill, probs)
 
         hidden = hidden + attn.astype(hidden.dtype)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden)).astype(hidden.dtype)

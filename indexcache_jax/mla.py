@@ -58,29 +58,29 @@ class MLAttention(nnx.Module):
         """Per-head values o [B,T,H,V] -> [B,T,D]."""
         return project("bthv,hvd->btd", o, self.o_proj, self.config.compute_dtype)
 
-    def attend_sparse(self, q_nope, q_rope, kv_rows, indices, impl=None):
+    def attend_sparse(self, q_nope, q_rope, kv_rows, indices, impl=None, with_distribution=False):
         """Absorbed-form attention of each query over its top-k latent rows.
 
-        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], indices int32[B,T,K] (-1 = empty slot) -> [B,T,D].
+        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], indices int32[B,T,K] (-1 = empty slot) -> [B,T,D], or
+        with_distribution: ([B,T,D], the head-averaged attention distribution over the slots f32[B,T,K], 0 at -1
+        slots, stop-gradient: the sparse stages' distillation target), which reuses the attention's log-sum-exp.
         """
         c = self.config
         q_mqa = self._absorbed_query(q_nope, q_rope)
-        o_latent = pallas_kernels.sparse_mla(q_mqa, kv_rows.astype(q_mqa.dtype), indices, scale=c.softmax_scale,
-                                             value_dim=c.kv_lora_rank, impl=impl)  # [B,T,H,R]
-        return self._output(jnp.einsum("bthr,rhv->bthv", o_latent, self._kv_b()[1]))
+        kv_rows = kv_rows.astype(q_mqa.dtype)
+        o_latent, lse = pallas_kernels.sparse_mla(q_mqa, kv_rows, indices, scale=c.softmax_scale,
+                                                  value_dim=c.kv_lora_rank, impl=impl, return_lse=True)  # [B,T,H,R]
+        out = self._output(jnp.einsum("bthr,rhv->bthv", o_latent, self._kv_b()[1]))
+        if not with_distribution:
+            return out
+        return out, pallas_kernels.sparse_attention_distribution(
+            q_mqa, kv_rows, indices, scale=c.softmax_scale, value_dim=c.kv_lora_rank, lse=lse, impl=impl)
 
     def _absorbed_query(self, q_nope, q_rope):
         """q_nope [B,T,H,N], q_rope [B,T,H,P] -> the MQA-form query [B,T,H,L]: W_uk folded into q_nope."""
         w_uk = self._kv_b()[0]
         q_latent = jnp.einsum("bthn,rhn->bthr", q_nope.astype(w_uk.dtype), w_uk)
         return jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
-
-    def sparse_distribution(self, q_nope, q_rope, kv_rows, indices):
-        """The head-averaged attention distribution of `attend_sparse` over its slots, f32[B,T,K] (0 at -1 slots):
-        the distillation target of the indexer (a plain-JAX gather; no gradient flows through it)."""
-        q_mqa = self._absorbed_query(q_nope, q_rope)
-        return jax.lax.stop_gradient(pallas_kernels.sparse_attention_distribution(
-            q_mqa, kv_rows.astype(q_mqa.dtype), indices, scale=self.config.softmax_scale))
 
     def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None, with_distribution=False):
         """Training-form causal attention over all keys: per-head keys and values expanded from c_kv.

@@ -9,7 +9,7 @@ def map_query_blocks(fn, block_q: int, blocked_args, fills):
     """Apply fn to [B, block_q, ...] slices of every array in `blocked_args` (all [B, T, ...]) in sequence.
 
     T is padded up to a multiple of block_q with `fills` (one per array; e.g. position -1 so padded queries see
-    nothing) and the padding is cut from fn's output, which must be [B, block_q, ...].
+    nothing) and the padding is cut from fn's output, an array or tuple of arrays that are each [B, block_q, ...].
     """
     batch, num_q = blocked_args[0].shape[:2]
     block_q = min(block_q, num_q)
@@ -20,8 +20,11 @@ def map_query_blocks(fn, block_q: int, blocked_args, fills):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
         return jnp.moveaxis(x.reshape(batch, num_blocks, block_q, *x.shape[2:]), 1, 0)
 
+    def from_blocks(x):  # [nb,B,block_q,...] -> [B,T,...]
+        return jnp.moveaxis(x, 0, 1).reshape(batch, num_blocks * block_q, *x.shape[3:])[:, :num_q]
+
     out = jax.lax.map(lambda args: fn(*args), tuple(to_blocks(x, f) for x, f in zip(blocked_args, fills, strict=True)))
-    return jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block_q, *out.shape[3:])[:, :num_q]
+    return jax.tree.map(from_blocks, out)
 
 
 def gather_slot_rows(rows, indices):

@@ -21,7 +21,9 @@ from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_
                                               indexer_topk_decode_reference, indexer_topk_reference)
 from pallas_kernels.indexer_slots import indexer_slot_scores_trainable
 from pallas_kernels.sparse_attention import sparse_mla_decode_pallas, sparse_mla_pallas
-from pallas_kernels.sparse_attention_reference import sparse_mla_decode_reference, sparse_mla_reference
+from pallas_kernels.sparse_attention_reference import (sparse_attention_distribution_reference,
+                                                       sparse_mla_decode_reference, sparse_mla_reference)
+from pallas_kernels.sparse_distribution import sparse_attention_distribution_pallas
 
 Impl = Literal["reference", "pallas", "interpret"]
 IMPLS = ("reference", "pallas", "interpret")
@@ -80,18 +82,38 @@ def indexer_slot_scores(q, w, k, indices, *, impl: Optional[str] = None):
     return indexer_slot_scores_trainable(q, w, k, indices, impl == "interpret")
 
 
-def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: Optional[str] = None):
-    """Sparse MLA (MQA form). q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> [B,T,H,value_dim]; prefill is
-    differentiable in q and kv in every implementation."""
+def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: Optional[str] = None,
+               return_lse: bool = False):
+    """Sparse MLA (MQA form). q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> [B,T,H,value_dim], or with
+    return_lse (out, lse f32[B,T,H]): each head's log-sum-exp of its scaled logits over the valid slots (-inf
+    where none is), which `sparse_attention_distribution` takes. Prefill is differentiable in q and kv, lse
+    included, in every implementation."""
     impl = resolve_impl(impl)
     interpret = impl == "interpret"
     if q.shape[1] == 1:
         if impl == "reference":
-            out = sparse_mla_decode_reference(q[:, 0], kv, indices[:, 0], scale=scale, value_dim=value_dim)
+            result = sparse_mla_decode_reference(q[:, 0], kv, indices[:, 0], scale=scale, value_dim=value_dim,
+                                                 return_lse=True)
         else:
-            out = sparse_mla_decode_pallas(q[:, 0], kv, indices[:, 0], scale=scale, value_dim=value_dim,
-                                           interpret=interpret)
-        return out[:, None]
+            result = sparse_mla_decode_pallas(q[:, 0], kv, indices[:, 0], scale=scale, value_dim=value_dim,
+                                              interpret=interpret, return_lse=True)
+        out, lse = (x[:, None] for x in result)
+        return (out, lse) if return_lse else out
     if impl == "reference":
-        return sparse_mla_reference(q, kv, indices, scale=scale, value_dim=value_dim)
-    return sparse_mla_pallas(q, kv, indices, scale=scale, value_dim=value_dim, interpret=interpret)
+        return sparse_mla_reference(q, kv, indices, scale=scale, value_dim=value_dim, return_lse=return_lse)
+    return sparse_mla_pallas(q, kv, indices, scale=scale, value_dim=value_dim, interpret=interpret,
+                             return_lse=return_lse)
+
+
+def sparse_attention_distribution(q, kv, indices, *, scale: float, value_dim: int, lse=None,
+                                  impl: Optional[str] = None):
+    """The head-averaged attention distribution of `sparse_mla` over each query's slots: the indexer's distillation
+    target. q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> f32[B,T,K] (0 at -1 slots). lse f32[B,T,H]: the
+    attention's log-sum-exp (`sparse_mla(..., return_lse=True)`), which saves the kernel a pass over the slots;
+    None computes it. A target, constant by design: no gradient flows to q, kv or lse (every implementation)."""
+    impl = resolve_impl(impl)
+    q, kv, lse = jax.lax.stop_gradient((q, kv, lse))
+    if impl == "reference":
+        return sparse_attention_distribution_reference(q, kv, indices, scale=scale, lse=lse)
+    return sparse_attention_distribution_pallas(q, kv, indices, lse, scale=scale, value_dim=value_dim,
+                                                interpret=impl == "interpret")

@@ -82,7 +82,7 @@ def _pad_latent(q, kv, value_dim: int):
     return relayout(q), relayout(kv), r_p, p_p
 
 
-def _prepare(q, kv, indices, *, value_dim: int, block_k: int, block_h: int, num_splits: int = 1):
+def pad_to_tiles(q, kv, indices, *, value_dim: int, block_k: int, block_h: int, num_splits: int = 1):
     """Pad to the kernels' sizes: latent widths to tensor-core powers of two, heads to a multiple of block_h, slots
     (-1) to a multiple of block_k * num_splits. Returns (q, kv, indices, r_p, p_p, block_k, block_h)."""
     q, kv, r_p, p_p = _pad_latent(q, kv, value_dim)
@@ -213,7 +213,7 @@ def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, int
                            out_dtype=out_dtype)
     batch, num_q, heads, _ = q.shape
     num_keys = kv.shape[1]
-    q, kv, indices, r_p, p_p, block_k, block_h = _prepare(q, kv, indices, value_dim=value_dim, block_k=block_k,
+    q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim, block_k=block_k,
                                                           block_h=block_h, num_splits=num_splits)
     per_split = indices.shape[-1] // num_splits
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -264,6 +264,7 @@ class Tiles(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _sparse_mla(q, kv, indices, scale, value_dim, interpret, tiles):
+    """-> (out [B,T,H,R], lse f32[B,T,H]), both differentiable."""
     return _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles)[0]
 
 
@@ -272,18 +273,20 @@ def _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles):
                             interpret=interpret, block_k=tiles.block_k, block_h=tiles.block_h,
                             num_warps=tiles.num_warps, forward_kernel=tiles.forward_kernel)
     out, lse = out[:, :, 0], lse[:, :, 0]
-    return out, (q, kv, indices, out, lse)
+    return (out, lse), (q, kv, indices, out, lse)
 
 
-def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, d_out):
+def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, cotangents):
     q, kv, indices, out, lse = residuals
+    d_out, d_lse = cotangents
     heads, rope_dim = q.shape[2], q.shape[3] - value_dim
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,T,H]
+    # d logit_j = p_j (dP_j - delta) with delta = sum(dO * O); lse adds d_lse * p_j, which folds into delta.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [B,T,H]
     if resolve_backward_kernel(tiles.backward_kernel, interpret, q.dtype, value_dim, rope_dim, kv.dtype) == "gluon":
         d_q, d_kv = _gluon_backward(q, kv, indices, d_out.astype(q.dtype), lse, delta, scale=scale,
                                     value_dim=value_dim, d_s_bytes=tiles.backward_d_s_bytes or GLUON_D_S_BYTES)
     else:
-        q_p, kv_p, idx_p, r_p, p_p, block_k, block_h = _prepare(
+        q_p, kv_p, idx_p, r_p, p_p, block_k, block_h = pad_to_tiles(
             q, kv, indices, value_dim=value_dim, block_k=tiles.backward_block_k, block_h=tiles.backward_block_h)
         heads_p = q_p.shape[2]
         d_out_p = pad_axis(pad_axis(d_out.astype(q.dtype), 3, r_p), 2, heads_p)
@@ -338,9 +341,10 @@ def _backward_tiles(block_k, block_h):
 
 
 def sparse_mla_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret: bool = False,
-                      tiles: Optional[Tiles] = None):
-    """Prefill: q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> out [B,T,H,value_dim] (dtype of q).
-    Differentiable in q and kv (`sparse_attention_backward`).
+                      tiles: Optional[Tiles] = None, return_lse: bool = False):
+    """Prefill: q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] -> out [B,T,H,value_dim] (dtype of q), or with
+    return_lse (out, lse f32[B,T,H]): each head's log-sum-exp over its valid slots (-inf where none is), which the
+    forward computes anyway. Both differentiable in q and kv (`sparse_attention_backward`).
 
     tiles: slots and heads per step and program, and warps, of the forward and backward kernels (0 = by dtype)."""
     tiles = tiles or Tiles()
@@ -348,23 +352,28 @@ def sparse_mla_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret
     backward_block_k, backward_block_h = _backward_tiles(tiles.backward_block_k, tiles.backward_block_h)
     tiles = tiles._replace(block_k=block_k, block_h=block_h, backward_block_k=backward_block_k,
                            backward_block_h=backward_block_h)
-    return _sparse_mla(q, kv, indices, float(scale), int(value_dim), bool(interpret), tiles)
+    out, lse = _sparse_mla(q, kv, indices, float(scale), int(value_dim), bool(interpret), tiles)
+    return (out, lse) if return_lse else out
 
 
 def combine_splits(out, lse):
-    """Merge split-K partials: out f32[..., n, H, R], lse f32[..., n, H] -> f32[..., H, R]."""
+    """Merge split-K partials: out f32[..., n, H, R], lse f32[..., n, H] -> (f32[..., H, R], the whole lse
+    f32[..., H], -inf where every split was empty)."""
     best = jnp.max(lse, axis=-2, keepdims=True)
     best = jnp.where(jnp.isfinite(best), best, 0.0)
     weights = jnp.exp(lse - best)  # [..., n, H]; empty splits (lse = -inf) weigh 0
     total = jnp.sum(weights, axis=-2)
     merged = jnp.sum(weights[..., None] * out, axis=-3)
-    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+    has_any = total > 0
+    whole_lse = jnp.where(has_any, best[..., 0, :] + jnp.log(jnp.where(has_any, total, 1.0)), -jnp.inf)
+    return merged / jnp.where(has_any, total, 1.0)[..., None], whole_lse
 
 
 def sparse_mla_decode_pallas(q, kv, indices, *, scale: float, value_dim: int, interpret: bool = False,
                              num_splits: int = 0, block_k: int = 0, block_h: int = 0, num_warps: int = 4,
-                             forward_kernel: str = "auto"):
-    """Decode: q [B,H,L], kv [B,S,L], indices int32[B,K] -> out [B,H,value_dim] (dtype of q).
+                             forward_kernel: str = "auto", return_lse: bool = False):
+    """Decode: q [B,H,L], kv [B,S,L], indices int32[B,K] -> out [B,H,value_dim] (dtype of q), or with return_lse
+    (out, lse f32[B,H]) as `sparse_mla_pallas`.
 
     num_splits = 0 picks as many splits of the K slots as fill a large GPU in one wave: two Pallas programs per SM
     (PROGRAMS_TO_FILL_GPU), one Gluon program (it takes 220 KB of shared memory). On an H100 at K = 2048, 128
@@ -383,4 +392,5 @@ def sparse_mla_decode_pallas(q, kv, indices, *, scale: float, value_dim: int, in
     out, lse = _sparse_call(q[:, None], kv, indices[:, None], scale=scale, value_dim=value_dim,
                             num_splits=num_splits, out_dtype=jnp.float32, interpret=interpret, block_k=block_k,
                             block_h=block_h, num_warps=num_warps, forward_kernel=forward_kernel)
-    return combine_splits(out[:, 0], lse[:, 0]).astype(q.dtype)
+    out, lse = combine_splits(out[:, 0], lse[:, 0])
+    return (out.astype(q.dtype), lse) if return_lse else out.astype(q.dtype)

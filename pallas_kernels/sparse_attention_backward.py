@@ -176,7 +176,7 @@ def sparse_d_kv_call(q, kv, indices, d_out, lse, delta, *, scale: float, value_d
 
 
 def sparse_backward_call(q, kv, indices, d_out, lse, delta, **kwargs):
-    """Padded operands (as `sparse_attention._prepare` makes them): q [B,T,Hp,L], kv [B,S,L], indices int32[B,T,Kp]
+    """Padded operands (as `sparse_attention.pad_to_tiles` makes them): q [B,T,Hp,L], kv [B,S,L], indices int32[B,T,Kp]
     (-1 padded to a multiple of block_k), d_out [B,T,Hp,R], lse/delta f32[B,T,Hp] (padded heads: lse = +inf) ->
     d_q [B,T,Hp,L] (dtype of q), d_kv f32[B,S,L]. Keywords: scale, value_dim, rope_dim, block_k, block_h,
     num_warps, interpret."""

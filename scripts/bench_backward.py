@@ -13,15 +13,23 @@
            slot set a random K-subset of the visible keys in ascending order, as the top-k gives; bf16): the kernels
            (`indexer_slots`) against autodiff of the plain-JAX reference, with XLA's temporary bytes of each
            gradient function and each one's error against the float32 reference (up to `--reference-max`).
+  distribution
+           the sparse stages' distillation target, the head-averaged attention distribution over each query's
+           slots (128 heads, latent 512 + 64, K = 2048, T = S causal queries with `slots`' selection; bf16): the
+           kernel (`sparse_distribution`) given the forward's lse and computing its own, against the plain-JAX
+           reference, with each one's error against the float32 reference (up to `--reference-max`); TFLOP/s over
+           the logits' FLOPs, 2·H·576 per valid slot; `--distribution-sweep` adds the kernel's tile variants.
 Median of `--repeats` samples after a warm-up (`bench_kernels.timed`); random normal inputs and cotangents.
 
-    python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192 --slot-lengths 4096 16384
+    python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192 --slot-lengths 4096 16384 \
+        --distribution-lengths 4096 16384
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import sys
@@ -35,7 +43,9 @@ from pallas_kernels.indexer import indexer_scores_trainable  # noqa: E402
 from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_slot_scores_reference  # noqa: E402
 from pallas_kernels.indexer_slots import indexer_slot_scores_trainable  # noqa: E402
 from pallas_kernels.sparse_attention import Tiles, resolve_backward_kernel, sparse_mla_pallas  # noqa: E402
-from pallas_kernels.sparse_attention_reference import sparse_mla_reference  # noqa: E402
+from pallas_kernels.sparse_attention_reference import (sparse_attention_distribution_reference,  # noqa: E402
+                                                       sparse_mla_reference)
+from pallas_kernels.sparse_distribution import sparse_attention_distribution_pallas  # noqa: E402
 
 G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
 BF16 = jnp.bfloat16
@@ -156,12 +166,56 @@ def bench_slots(t: int, args) -> dict:
     return out
 
 
+DISTRIBUTION_TILES = [(32, 64, 4), (64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 64, 8)]
+
+
+def bench_distribution(t: int, args) -> dict:
+    keys = jax.random.split(jax.random.key(t + 1), 3)
+    q = jax.random.normal(keys[0], (1, t, H, R + P), BF16)
+    kv = jax.random.normal(keys[1], (1, t, R + P), BF16)
+    idx = causal_selection(keys[2], t, K)
+    scale = (R + P) ** -0.5
+    valid_slots = float(jnp.sum(idx >= 0))
+    out = {"length": t, "slots": K, "heads": H, "valid_slots": valid_slots}
+    attention = jax.jit(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=scale, value_dim=R, return_lse=True))
+    out["attention_forward_ms"] = timed(attention, q, kv, repeats=args.repeats) * 1e3
+    lse = attention(q, kv)[1]
+    forms = {"kernel": lambda q_, kv_, lse_: sparse_attention_distribution_pallas(q_, kv_, idx, lse_, scale=scale,
+                                                                                  value_dim=R),
+             "kernel_own_lse": lambda q_, kv_, lse_: sparse_attention_distribution_pallas(q_, kv_, idx, scale=scale,
+                                                                                          value_dim=R),
+             "reference": lambda q_, kv_, lse_: sparse_attention_distribution_reference(q_, kv_, idx, scale=scale)}
+    if args.distribution_sweep:
+        for block_h, block_k, warps in DISTRIBUTION_TILES:
+            forms[f"kernel_h{block_h}_k{block_k}_w{warps}"] = functools.partial(
+                lambda q_, kv_, lse_, bh, bk, w: sparse_attention_distribution_pallas(
+                    q_, kv_, idx, lse_, scale=scale, value_dim=R, block_h=bh, block_k=bk, num_warps=w),
+                bh=block_h, bk=block_k, w=warps)
+    results = {}
+    for name, fn in forms.items():
+        if name == "reference" and t > args.reference_max:
+            continue
+        results[name] = jax.jit(fn)
+        out[f"{name}_ms"] = timed(results[name], q, kv, lse, repeats=args.repeats) * 1e3
+        out[f"{name}_tflops"] = 2.0 * valid_slots * H * (R + P) / out[f"{name}_ms"] / 1e9
+    if t <= args.reference_max:
+        want = jax.jit(lambda q_, kv_: sparse_attention_distribution_reference(
+            q_.astype(jnp.float32), kv_.astype(jnp.float32), idx, scale=scale, block_q=16))
+        with jax.default_matmul_precision("highest"):
+            want = want(q, kv)
+        for name, fn in results.items():
+            out[f"{name}_rel_err"] = rel_err(fn(q, kv, lse), want)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--sparse-queries", type=int, default=1024)
     parser.add_argument("--scores-lengths", type=int, nargs="*", default=[4096, 8192])
     parser.add_argument("--slot-lengths", type=int, nargs="*", default=[4096, 16384])
+    parser.add_argument("--distribution-lengths", type=int, nargs="*", default=[4096, 16384])
+    parser.add_argument("--distribution-sweep", action="store_true", help="also time the distribution kernel's tiles")
     parser.add_argument("--reference-max", type=int, default=4096)
     parser.add_argument("--sweep", action="store_true", help="also time backward tile variants of sparse MLA")
     parser.add_argument("--repeats", type=int, default=5)
@@ -169,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "sparse": [], "scores": [],
-               "slots": []}
+               "slots": [], "distribution": []}
     for s in args.contexts:
         results["sparse"].append(bench_sparse(s, args))
         print(json.dumps(results["sparse"][-1]), flush=True)
@@ -179,6 +233,9 @@ def main() -> None:
     for t in args.slot_lengths:
         results["slots"].append(bench_slots(t, args))
         print(json.dumps(results["slots"][-1]), flush=True)
+    for t in args.distribution_lengths:
+        results["distribution"].append(bench_distribution(t, args))
+        print(json.dumps(results["distribution"][-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -338,7 +338,7 @@ def test_gluon_kernel_on_padded_split_inputs_equals_the_reference(shape, splits,
     out, lse = sparse_forward_gluon(q, kv, idx, scale=0.3, value_dim=value_dim, num_splits=splits,
                                     out_dtype=jnp.float32, schedule=schedule)
     assert np.all(np.asarray(lse[:, 0]) == -np.inf) and np.isfinite(np.asarray(lse[:, 1:])).all()
-    merged = combine_splits(out, lse)
+    merged, _ = combine_splits(out, lse)
     with jax.default_matmul_precision("highest"):
         want = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.3,
                                     value_dim=value_dim)

@@ -342,8 +342,11 @@ def test_combine_splits_handles_empty_splits():
     lse = lse.at[:, 1].set(-jnp.inf)
     weights = np.exp(np.asarray(lse)) / np.exp(np.asarray(lse)).sum(1, keepdims=True)
     want = (weights[..., None] * np.asarray(out)).sum(1)
-    np.testing.assert_allclose(combine_splits(out, lse), want, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(combine_splits(out, jnp.full_like(lse, -jnp.inf))) == 0)
+    merged, whole_lse = combine_splits(out, lse)
+    np.testing.assert_allclose(merged, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole_lse, np.log(np.exp(np.asarray(lse)).sum(1)), rtol=1e-5)
+    merged, whole_lse = combine_splits(out, jnp.full_like(lse, -jnp.inf))
+    assert np.all(np.asarray(merged) == 0) and np.all(np.asarray(whole_lse) == -np.inf)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,0 +1,140 @@
+"""The head-averaged attention distribution of sparse MLA over each query's slots, on the GPU: the target the
+sparse stages distil the indexer towards (`indexcache_jax.distill`).
+
+    dist[b,t,j] = 1/H sum_h exp(scale * q[b,t,h,:] . kv[b, idx[b,t,j], :] - lse[b,t,h])      (0 at -1 slots)
+
+Why a kernel: the plain-JAX form (`sparse_attention_reference.sparse_attention_distribution_reference`) gathers
+[B, block_q, K, L] rows and keeps [B, block_q, H, K] logits per query block; on an H100 at T = 4096 (H = 128,
+K = 2048, L = 576, bf16) it took 19 ms, most of the sparse MLA attention's own forward + backward (23 ms), in every
+layer of every sparse training step (docs/BENCHMARKS.md, session 27).
+
+One program takes one token and a block of heads, as the forward kernel (`sparse_attention`) does: it walks the
+token's slots block_k at a time, gathers their latent rows inside the kernel (`_latent_slots`), computes the logits
+[block_h, block_k] on the tensor cores, turns them into probabilities with the heads' log-sum-exp, sums them over
+its heads and stores block_k partial sums; XLA adds the head blocks' partials and divides by H. Given the forward's
+lse (`sparse_mla(..., return_lse=True)`) that is one pass at the forward's QK FLOPs (about half of its total);
+without it, a first pass over the slots computes the lse with an online max and sum (twice the QK FLOPs). Blocks
+of -1 slots only (the causal tails of the first K tokens' lists) are skipped and store zeros.
+
+Shapes: B batch, T queries, S keys, H heads (padded to a multiple of block_h), L = R + P latent width, K slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._latent_slots import LatentSlots
+from pallas_kernels._pallas import compiler_params, pad_axis, skip_blocks_without_slots
+from pallas_kernels.sparse_attention import pad_to_tiles
+
+BLOCK_K = 64  # slots per step
+BLOCK_H = 64  # heads per program
+NUM_WARPS = 4
+
+
+def _distribution_kernel(q_ref, kv_ref, idx_ref, *refs, scale: float, value_dim: int, rope_dim: int, block_k: int,
+                         num_keys: int, num_heads: int, precision, has_lse: bool):
+    # q_ref [Hb, R+P], kv_ref [S, R+P] (this row's cache), idx_ref [K], (lse_ref [Hb],) out_ref [K]: the sum over
+    # this program's heads of each slot's probability.
+    lse_ref, out_ref = refs if has_lse else (None, refs[0])
+    block_h = q_ref.shape[0]
+    slots = LatentSlots(kv_ref, idx_ref, value_dim=value_dim, rope_dim=rope_dim, block_k=block_k,
+                        num_keys=num_keys)
+
+    def block_logits(j):
+        ids, values, k_rope = slots.gather(j)
+        logits = slots.dot_rows(q_ref, pl.ds(0, block_h), values, k_rope, precision=precision) * scale
+        return jnp.where(ids[None, :] >= 0, logits, -jnp.inf)  # [Hb, block_k]
+
+    if has_lse:
+        lse = lse_ref[...]
+    else:
+        def accumulate(j, carry):
+            row_max, row_sum = carry
+            logits = block_logits(j)
+            new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+            safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            row_sum = row_sum * jnp.exp(row_max - safe_max) + jnp.sum(jnp.exp(logits - safe_max[:, None]), axis=1)
+            return new_max, row_sum
+
+        init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32))
+        row_max, row_sum = lax.fori_loop(0, slots.num_blocks, skip_blocks_without_slots(idx_ref, block_k,
+                                                                                        accumulate), init)
+        has_any = row_sum > 0
+        lse = jnp.where(has_any, row_max + jnp.log(jnp.where(has_any, row_sum, 1.0)), -jnp.inf)
+    # Padded heads (zero queries: logits 0, not -inf) must weigh nothing: lse = +inf gives them p = 0.
+    head_ids = pl.program_id(0) * block_h + lax.iota(jnp.int32, block_h)
+    lse = jnp.where(head_ids < num_heads, lse, jnp.inf)
+
+    def store_block(j, carry):
+        def head_sum(_):
+            logits = block_logits(j)
+            # -1 slots have logits -inf (p = 0); a token with no valid slot has lse = -inf, but then every block is
+            # skipped below.
+            return jnp.sum(jnp.exp(logits - lse[:, None]), axis=0)
+        ids = idx_ref[pl.ds(j * block_k, block_k)]
+        out_ref[pl.ds(j * block_k, block_k)] = lax.cond(
+            jnp.max(ids) >= 0, head_sum, lambda _: jnp.zeros((block_k,), jnp.float32), None)
+        return carry
+
+    lax.fori_loop(0, slots.num_blocks, store_block, 0)
+
+
+def _check(q, kv, indices, lse):
+    """Shape errors that name the offending input."""
+    if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
+        raise ValueError(f"want q [B,T,H,L], kv [B,S,L], indices [B,T,K]; got q {q.shape}, kv {kv.shape}, "
+                         f"indices {indices.shape}")
+    if kv.shape[0] != q.shape[0] or kv.shape[2] != q.shape[3]:
+        raise ValueError(f"kv {kv.shape} must be [B={q.shape[0]}, S, L={q.shape[3]}] to match q {q.shape}")
+    if indices.shape[:2] != q.shape[:2]:
+        raise ValueError(f"indices {indices.shape} must be [B, T, K] with B, T = {q.shape[:2]} of q")
+    if lse is not None and lse.shape != q.shape[:3]:
+        raise ValueError(f"lse {lse.shape} must be [B, T, H] = {q.shape[:3]}, the forward's log-sum-exp per head")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "value_dim", "interpret", "block_h", "block_k", "num_warps"))
+def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: float, value_dim: int,
+                                         interpret: bool = False, block_h: int = 0, block_k: int = 0,
+                                         num_warps: int = NUM_WARPS):
+    """q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] (-1 = no slot), lse f32[B,T,H] or None -> f32[B,T,K]: the
+    head-averaged attention distribution over the slots (0 at -1 slots; all 0 for a token with no valid slot).
+    value_dim: R, where the latent's value part ends (the kernel gathers it in pieces, as the forward does).
+    Not differentiable (pallas_call has no VJP): the dispatch stops its inputs' gradients."""
+    _check(q, kv, indices, lse)
+    batch, num_q, heads, _ = q.shape
+    num_slots, num_keys = indices.shape[-1], kv.shape[1]
+    q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim,
+                                                          block_k=block_k or BLOCK_K, block_h=block_h or BLOCK_H)
+    head_blocks, slots_p = q.shape[2] // block_h, indices.shape[-1]
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(_distribution_kernel, scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,
+                               num_keys=num_keys, num_heads=heads, precision=precision, has_lse=lse is not None)
+
+    # Head blocks on the fastest grid axis, as in the forward: one token's programs gather the same rows together
+    # and share them in L2.
+    def spec(shape, index):
+        return pl.BlockSpec(shape, lambda h, b, t: index(b, t, h))
+
+    in_specs = [spec((None, None, block_h, r_p + p_p), lambda b, t, h: (b, t, h, 0)),
+                spec((None, num_keys, r_p + p_p), lambda b, t, h: (b, 0, 0)),
+                spec((None, None, slots_p), lambda b, t, h: (b, t, 0))]
+    operands = [q, kv, indices]
+    if lse is not None:
+        in_specs.append(spec((None, None, block_h), lambda b, t, h: (b, t, h)))
+        operands.append(pad_axis(lse.astype(jnp.float32), 2, q.shape[2], jnp.inf))
+    partial_sums = pl.pallas_call(
+        kernel,
+        grid=(head_blocks, batch, num_q),
+        in_specs=in_specs,
+        out_specs=spec((None, None, None, slots_p), lambda b, t, h: (b, t, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_q, head_blocks, slots_p), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
+        name="sparse_attention_distribution",
+    )(*operands)
+    return jnp.sum(partial_sums, axis=2)[..., :num_slots] / heads

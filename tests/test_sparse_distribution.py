@@ -1,0 +1,165 @@
+"""The sparse stages' distillation target on the GPU kernel (`pallas_kernels.sparse_distribution`) against the
+float32 reference: the head-averaged attention distribution over each query's slots, with the forward's
+log-sum-exp and without it (the kernel's own first pass), and the log-sum-exp output of `sparse_mla` that feeds it,
+gradients included. Interpret mode on CPU; on a GPU also the compiled kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from conftest import rel_err
+from pallas_kernels import dispatch
+from pallas_kernels.sparse_attention import sparse_mla_pallas
+from pallas_kernels.sparse_attention_reference import sparse_attention_distribution_reference, sparse_mla_reference
+from pallas_kernels.sparse_distribution import sparse_attention_distribution_pallas
+from test_pallas_kernels import IMPLS, SPARSE_SHAPE_WIDE, SPARSE_SHAPES, _flags, _sparse_inputs
+
+SCALE = 0.3
+# heads 20 over blocks of 16: two head blocks, the second with 12 padded heads
+TILES = dict(block_h=16, block_k=16)
+
+
+def _want(q, kv, idx):
+    with jax.default_matmul_precision("highest"):
+        return sparse_attention_distribution_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx,
+                                                       scale=SCALE)
+
+
+def _tol(impl, dtype):
+    return 2e-3 if impl == "pallas" or dtype == jnp.bfloat16 else 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", SPARSE_SHAPES + [SPARSE_SHAPE_WIDE])
+def test_distribution_equals_reference_with_and_without_the_forward_lse(impl, dtype, shape):
+    """Ragged shapes: heads, widths and slot counts off the tiles, -1 slots, and query 0 of each row without a
+    valid slot (its distribution is all zero, every other one sums to 1)."""
+    q, kv, idx = _sparse_inputs(2, *shape, dtype)
+    value_dim = shape[4]
+    want = _want(q, kv, idx)
+    _, lse = sparse_mla_pallas(q, kv, idx, scale=SCALE, value_dim=value_dim, return_lse=True, **_flags(impl))
+    for given in (lse, None):
+        got = sparse_attention_distribution_pallas(q, kv, idx, given, scale=SCALE, value_dim=value_dim, **TILES,
+                                                   **_flags(impl))
+        assert got.shape == idx.shape and got.dtype == jnp.float32
+        assert rel_err(got, want) < _tol(impl, dtype), given is None
+        np.testing.assert_array_equal(np.asarray(got)[np.asarray(idx) < 0], 0.0)
+        sums = np.asarray(got).sum(-1)
+        np.testing.assert_array_equal(sums[:, 0], 0.0)
+        np.testing.assert_allclose(sums[:, 1:], 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_distribution_where_whole_slot_blocks_are_empty(impl):
+    """Rows whose valid slots end inside, at the edge of, or before whole 16-slot blocks of -1 (skipped blocks
+    must store zeros), one with -1 between valid slots, and repeated ids (each occurrence has its own share, as
+    in the attention)."""
+    q, kv, _ = _sparse_inputs(9, 1, 6, 80, 20, 16, 16, 64, jnp.float32)
+    rng = np.random.default_rng(10)
+    idx = np.full((1, 6, 64), -1, np.int32)
+    for t, count in enumerate((1, 16, 17, 40, 64)):
+        idx[0, t, :count] = np.sort(rng.choice(80, count, replace=False))
+    idx[0, 5, [3, 48, 49, 50]] = [5, 70, 5, 70]
+    idx = jnp.asarray(idx)
+    want = _want(q, kv, idx)
+    _, lse = sparse_mla_pallas(q, kv, idx, scale=SCALE, value_dim=16, return_lse=True, **_flags(impl))
+    for given in (lse, None):
+        got = sparse_attention_distribution_pallas(q, kv, idx, given, scale=SCALE, value_dim=16, **TILES,
+                                                   **_flags(impl))
+        assert rel_err(got, want) < _tol(impl, jnp.float32), given is None
+        np.testing.assert_array_equal(np.asarray(got)[np.asarray(idx) < 0], 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_distribution_under_jit_and_vmap_equals_unmapped(impl):
+    q, kv, idx = _sparse_inputs(4, 2, 5, 30, 20, 8, 4, 7, jnp.float32)
+
+    def one(q_, kv_, idx_):
+        return sparse_attention_distribution_pallas(q_, kv_, idx_, scale=SCALE, value_dim=8, **TILES,
+                                                    **_flags(impl))
+    mapped = jax.jit(jax.vmap(one))(q[:, None], kv[:, None], idx[:, None])[:, 0]
+    np.testing.assert_allclose(mapped, one(q, kv, idx), rtol=1e-6, atol=1e-7)
+
+
+def test_distribution_errors_name_the_offending_input():
+    q, kv, idx = _sparse_inputs(4, 2, 5, 30, 4, 8, 4, 7, jnp.float32)
+    with pytest.raises(ValueError, match="lse"):
+        sparse_attention_distribution_pallas(q, kv, idx, jnp.zeros((2, 5, 3)), scale=SCALE, value_dim=8,
+                                             interpret=True)
+    with pytest.raises(ValueError, match="kv"):
+        sparse_attention_distribution_pallas(q, kv[:, :, :-1], idx, scale=SCALE, value_dim=8, interpret=True)
+    with pytest.raises(ValueError, match="indices"):
+        sparse_attention_distribution_pallas(q, kv, idx[:, :4], scale=SCALE, value_dim=8, interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["reference"] + IMPLS)
+def test_dispatch_gives_the_target_with_the_attentions_lse_and_no_gradient(impl):
+    """The model's path: `sparse_mla(..., return_lse=True)` then `sparse_attention_distribution(lse=...)`, in every
+    implementation; the target is constant (zero gradient), the attention's gradient is not."""
+    q, kv, idx = _sparse_inputs(6, 2, 5, 30, 20, 8, 4, 7, jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(idx.shape), jnp.float32)
+
+    def target_objective(q_, kv_):
+        _, lse = pallas_kernels.sparse_mla(q_, kv_, idx, scale=SCALE, value_dim=8, impl=impl, return_lse=True)
+        dist = pallas_kernels.sparse_attention_distribution(q_, kv_, idx, scale=SCALE, value_dim=8, lse=lse,
+                                                            impl=impl)
+        return jnp.sum(dist * weights), dist
+
+    (_, got), grads = jax.value_and_grad(target_objective, argnums=(0, 1), has_aux=True)(q, kv)
+    assert rel_err(got, _want(q, kv, idx)) < (2e-3 if impl == "pallas" else 1e-5)
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_sparse_mla_lse_and_its_gradient_equal_reference(impl, dtype, tol):
+    """lse is an output of the kernels' custom_vjp: its cotangent folds into the backward's delta (d logit_j
+    gains d_lse p_j). Values and gradients of out and lse together against autodiff of the float32 reference;
+    query 0 has no valid slot (lse = -inf, no gradient)."""
+    shape = SPARSE_SHAPES[1]
+    q, kv, idx = _sparse_inputs(5, *shape, dtype)
+    value_dim = shape[4]
+    rng = np.random.default_rng(6)
+    d_out = jnp.asarray(rng.standard_normal(q.shape[:3] + (value_dim,)), jnp.float32)
+    d_lse = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
+
+    def objective(fn):
+        def run(q_, kv_):
+            out, lse = fn(q_, kv_)
+            finite = jnp.isfinite(lse)
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.where(finite, lse, 0.0) * d_lse), lse
+        return run
+
+    with jax.default_matmul_precision("highest"):
+        (_, want_lse), want_grads = jax.value_and_grad(objective(
+            lambda q_, kv_: sparse_mla_reference(q_, kv_, idx, scale=SCALE, value_dim=value_dim, return_lse=True)),
+            argnums=(0, 1), has_aux=True)(q.astype(jnp.float32), kv.astype(jnp.float32))
+        (_, got_lse), got_grads = jax.value_and_grad(objective(
+            lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=SCALE, value_dim=value_dim, return_lse=True,
+                                              **_flags(impl))), argnums=(0, 1), has_aux=True)(q, kv)
+    assert np.all(np.asarray(got_lse[:, 0]) == -np.inf)
+    assert rel_err(got_lse[:, 1:], want_lse[:, 1:]) < (1e-5 if dtype == jnp.float32 else 2e-3)
+    tol = max(tol, 2e-3) if impl == "pallas" else tol
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert rel_err(got, want) < tol
+    # the lse's share of the gradient is not negligible: dropping it must fail the check above
+    with jax.default_matmul_precision("highest"):
+        without = jax.grad(lambda q_: jnp.sum(sparse_mla_reference(q_, kv.astype(jnp.float32), idx, scale=SCALE,
+                                                                   value_dim=value_dim) * d_out))(
+            q.astype(jnp.float32))
+    assert rel_err(without, want_grads[0]) > 10 * tol
+
+
+@pytest.mark.parametrize("impl", ["reference"] + IMPLS)
+def test_decode_returns_the_lse_of_all_splits(impl):
+    q, kv, idx = _sparse_inputs(3, 2, 4, 40, 4, 16, 16, 40, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        _, want = sparse_mla_reference(q, kv, idx, scale=SCALE, value_dim=16, return_lse=True)
+        out, lse = dispatch.sparse_mla(q[:, 2:3], kv, idx[:, 2:3], scale=SCALE, value_dim=16, impl=impl,
+                                       return_lse=True)
+    assert out.shape == (2, 1, 4, 16) and lse.shape == (2, 1, 4)
+    assert rel_err(lse[:, 0], want[:, 2]) < (2e-3 if impl == "pallas" else 1e-5)
