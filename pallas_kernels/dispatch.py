@@ -4,8 +4,9 @@ impl:
   "reference"  plain-jnp kernels (`*_reference.py`): the CPU/TPU fallback and the ground truth;
   "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
                forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
-               jax-triton are installed (bf16/fp16 inputs), as do the fp8 indexer scores (`indexer_gluon.py`)
-               and the top-k's candidates pass (`topk_gluon.py`);
+               jax-triton are installed (bf16/fp16 inputs), as do the fp8 indexer scores (`indexer_gluon.py`),
+               the top-k's candidates pass (`topk_gluon.py`) and the attention distribution given the forward's
+               lse (`sparse_distribution_gluon.py`);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
                logic;
   None         the platform default: "pallas" on a CUDA GPU, "reference" elsewhere.

@@ -69,7 +69,7 @@ def _sparse_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale: float, va
     lse_ref[...] = jnp.where(has_any, row_max + jnp.log(jnp.where(has_any, row_sum, 1.0)), -jnp.inf)
 
 
-def _pad_latent(q, kv, value_dim: int):
+def pad_latent(q, kv, value_dim: int):
     """Split widths R and P padded to tensor-core sizes (a copy only when they are not already)."""
     rope_dim = q.shape[-1] - value_dim
     r_p, p_p = dot_size(value_dim), dot_size(rope_dim)
@@ -85,7 +85,7 @@ def _pad_latent(q, kv, value_dim: int):
 def pad_to_tiles(q, kv, indices, *, value_dim: int, block_k: int, block_h: int, num_splits: int = 1):
     """Pad to the kernels' sizes: latent widths to tensor-core powers of two, heads to a multiple of block_h, slots
     (-1) to a multiple of block_k * num_splits. Returns (q, kv, indices, r_p, p_p, block_k, block_h)."""
-    q, kv, r_p, p_p = _pad_latent(q, kv, value_dim)
+    q, kv, r_p, p_p = pad_latent(q, kv, value_dim)
     heads_p = dot_size(q.shape[2])
     block_h = min(block_h, heads_p)
     q = pad_axis(q, 2, round_up(heads_p, block_h))
@@ -114,7 +114,7 @@ def _gluon_unavailable(dtype, value_dim: int, kv_dtype=None) -> Optional[str]:
     return _gluon.unavailable_reason()
 
 
-def _resolve(which: str, choice: str, interpret: bool, reason) -> str:
+def resolve_kernel_choice(which: str, choice: str, interpret: bool, reason) -> str:
     """"gluon" or "pallas" for a kernel choice: "auto" takes Gluon where reason() is None, "gluon" insists (an error
     says why it cannot run), "pallas" always is; interpret mode is Pallas."""
     if choice not in FORWARD_KERNELS:
@@ -131,7 +131,7 @@ def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_di
     """The forward kernel that runs: "gluon" or "pallas". forward_kernel "auto" takes the Gluon kernel where it runs
     (a Hopper GPU with triton and jax-triton, 2-byte inputs) and Pallas elsewhere; "gluon" insists (an error says
     why it cannot run); "pallas" always is. Interpret mode is Pallas."""
-    return _resolve("forward_kernel", forward_kernel, interpret,
+    return resolve_kernel_choice("forward_kernel", forward_kernel, interpret,
                     lambda: _gluon_unavailable(dtype, value_dim, kv_dtype))
 
 
@@ -179,7 +179,7 @@ def resolve_backward_kernel(backward_kernel: str, interpret: bool, dtype, value_
     def reason():
         return (gluon_backward_width_reason(dot_size(value_dim), dot_size(rope_dim))
                 or _gluon_unavailable(dtype, value_dim, kv_dtype))
-    return _resolve("backward_kernel", backward_kernel, interpret, reason)
+    return resolve_kernel_choice("backward_kernel", backward_kernel, interpret, reason)
 
 
 def _gluon_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype):
@@ -196,7 +196,7 @@ def _gluon_call_unmapped(q, kv, indices, *, scale, value_dim, num_splits, out_dt
     double-buffered loop needs two; -1 slots cost a masked block); `schedule_for` picks the kernel's schedule."""
     from pallas_kernels import sparse_attention_gluon as gluon
     heads, slots = q.shape[2], indices.shape[-1]
-    q, kv, r_p, _ = _pad_latent(q, kv, value_dim)
+    q, kv, r_p, _ = pad_latent(q, kv, value_dim)
     q = pad_axis(q, 2, round_up(heads, gluon.BLOCK_H.value))
     indices = pad_axis(indices.astype(jnp.int32), 2, round_up(slots, 2 * gluon.BLOCK_N.value * num_splits), -1)
     schedule = gluon.schedule_for(r_p, q.shape[-1] - r_p, indices.shape[-1] // num_splits)
@@ -303,7 +303,7 @@ def _sparse_mla_bwd(scale, value_dim, interpret, tiles, residuals, cotangents):
 
 def _gluon_backward(q, kv, indices, d_out, lse, delta, *, scale, value_dim, d_s_bytes):
     """(d_q [B,T,H',R'+P'] (dtype of q), d_kv f32[B,S,R'+P']) by the Gluon kernels (heads padded to 64, widths
-    as `_pad_latent`), under `jax.vmap` too (as `_gluon_call`)."""
+    as `pad_latent`), under `jax.vmap` too (as `_gluon_call`)."""
     from pallas_kernels import _gluon
     unmapped = functools.partial(_gluon_backward_unmapped, scale=scale, value_dim=value_dim, d_s_bytes=d_s_bytes)
     return _gluon.vmap_by_folding_into_batch(unmapped)(q, kv, indices, d_out, lse, delta)
@@ -312,9 +312,9 @@ def _gluon_backward(q, kv, indices, d_out, lse, delta, *, scale, value_dim, d_s_
 def _gluon_backward_unmapped(q, kv, indices, d_out, lse, delta, *, scale, value_dim, d_s_bytes):
     """Pads heads to the kernels' 64-head block (padded heads: lse = +inf, p = 0) and slots to whole 64-slot
     blocks, at least two (-1; Triton 3.6 fails to lower the kernel's loop with one pass), widths as
-    `_pad_latent`."""
+    `pad_latent`."""
     from pallas_kernels import sparse_attention_backward_gluon as gluon
-    q, kv, r_p, _ = _pad_latent(q, kv, value_dim)
+    q, kv, r_p, _ = pad_latent(q, kv, value_dim)
     heads = round_up(q.shape[2], gluon.BLOCK_H.value)
     q = pad_axis(q, 2, heads)
     d_out = pad_axis(pad_axis(d_out, 3, r_p), 2, heads)

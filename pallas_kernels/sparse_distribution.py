@@ -16,6 +16,11 @@ lse (`sparse_mla(..., return_lse=True)`) that is one pass at the forward's QK FL
 without it, a first pass over the slots computes the lse with an online max and sum (twice the QK FLOPs). Blocks
 of -1 slots only (the causal tails of the first K tokens' lists) are skipped and store zeros.
 
+On Hopper, given the lse and 2-byte inputs, the same computation runs as a Gluon kernel
+(`sparse_distribution_gluon`: wgmma, 128 heads per program, so each row is gathered once per token): on an H100
+4.26 ms at T = 4096 and 32.6 ms at T = 32768, against 5.35 and 53.2 ms for this Pallas kernel (docs/BENCHMARKS.md,
+session 28).
+
 Shapes: B batch, T queries, S keys, H heads (padded to a multiple of block_h), L = R + P latent width, K slots.
 """
 
@@ -28,12 +33,38 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
-from pallas_kernels._pallas import compiler_params, pad_axis, skip_blocks_without_slots
-from pallas_kernels.sparse_attention import pad_to_tiles
+from pallas_kernels._pallas import compiler_params, dot_size, pad_axis, round_up, skip_blocks_without_slots
+from pallas_kernels.sparse_attention import (GLUON_DTYPES, GLUON_SMEM_BYTES, pad_latent, pad_to_tiles,
+                                             resolve_kernel_choice)
 
 BLOCK_K = 64  # slots per step
 BLOCK_H = 64  # heads per program
 NUM_WARPS = 4
+# The Gluon kernel's (`sparse_distribution_gluon`) program shapes, (heads, slots per step), here so that checking
+# its limits needs no triton: q and two gathered blocks in shared memory.
+GLUON_SHAPES = {"all_heads": (128, 32), "split_slots": (64, 64)}
+
+
+def gluon_smem_bytes(value_dim: int, rope_dim: int, shape: str, itemsize: int = 2) -> int:
+    """Shared memory of the Gluon kernel for padded widths: q and the two gathered buffers, and 1 KB for the head
+    sum's cross-warp scratch and alignment."""
+    block_h, block_n = GLUON_SHAPES[shape]
+    return (block_h + 2 * block_n) * (value_dim + rope_dim) * itemsize + 1024
+
+
+def _gluon_unavailable(q, kv, lse, value_dim: int, shape: str):
+    """None when the Gluon kernel runs here for these inputs, else why not."""
+    from pallas_kernels import _gluon
+    if lse is None:
+        return "it takes the forward's lse (lse=None computes it in the Pallas kernel)"
+    if jnp.dtype(q.dtype) not in GLUON_DTYPES or kv.dtype != q.dtype:
+        return f"it takes q and kv of one 2-byte float dtype, got {q.dtype} and {kv.dtype}"
+    r_p, p_p = dot_size(value_dim), dot_size(q.shape[-1] - value_dim)
+    if gluon_smem_bytes(r_p, p_p, shape) > GLUON_SMEM_BYTES:
+        return f"latent widths {r_p} + {p_p} (padded) need more shared memory than a program has"
+    if kv.shape[1] * (r_p + p_p) >= 2**31:
+        return f"{kv.shape[1]} keys x {r_p + p_p} columns overflow its 32-bit row offsets"
+    return _gluon.unavailable_reason()
 
 
 def _distribution_kernel(q_ref, kv_ref, idx_ref, *refs, scale: float, value_dim: int, rope_dim: int, block_k: int,
@@ -97,15 +128,28 @@ def _check(q, kv, indices, lse):
         raise ValueError(f"lse {lse.shape} must be [B, T, H] = {q.shape[:3]}, the forward's log-sum-exp per head")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "value_dim", "interpret", "block_h", "block_k", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("scale", "value_dim", "interpret", "block_h", "block_k", "num_warps",
+                                             "kernel", "gluon_shape"))
 def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: float, value_dim: int,
                                          interpret: bool = False, block_h: int = 0, block_k: int = 0,
-                                         num_warps: int = NUM_WARPS):
+                                         num_warps: int = NUM_WARPS, kernel: str = "auto",
+                                         gluon_shape: str = "all_heads"):
     """q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] (-1 = no slot), lse f32[B,T,H] or None -> f32[B,T,K]: the
     head-averaged attention distribution over the slots (0 at -1 slots; all 0 for a token with no valid slot).
     value_dim: R, where the latent's value part ends (the kernel gathers it in pieces, as the forward does).
-    Not differentiable (pallas_call has no VJP): the dispatch stops its inputs' gradients."""
+
+    kernel: "auto" runs the Gluon kernel (`sparse_distribution_gluon`, program shape `gluon_shape`, one of
+    GLUON_SHAPES) where it can (a Hopper GPU with triton and jax-triton, 2-byte inputs, lse given) and the Pallas
+    kernel elsewhere; "gluon" insists (an error says why it cannot run); "pallas" always is; block_h, block_k and
+    num_warps are the Pallas kernel's tiles. Not differentiable (no VJP): the dispatch stops its inputs' gradients."""
     _check(q, kv, indices, lse)
+    if gluon_shape not in GLUON_SHAPES:
+        raise ValueError(f"gluon_shape must be one of {sorted(GLUON_SHAPES)}, got {gluon_shape!r}")
+    if resolve_kernel_choice("kernel", kernel, interpret,
+                lambda: _gluon_unavailable(q, kv, lse, value_dim, gluon_shape)) == "gluon":
+        from pallas_kernels import _gluon
+        run = functools.partial(_gluon_unmapped, scale=scale, value_dim=value_dim, shape=gluon_shape)
+        return _gluon.vmap_by_folding_into_batch(run)(q, kv, indices, lse)
     batch, num_q, heads, _ = q.shape
     num_slots, num_keys = indices.shape[-1], kv.shape[1]
     q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim,
@@ -137,4 +181,18 @@ def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: flo
         compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
         name="sparse_attention_distribution",
     )(*operands)
+    return jnp.sum(partial_sums, axis=2)[..., :num_slots] / heads
+
+
+def _gluon_unmapped(q, kv, indices, lse, *, scale, value_dim, shape):
+    """Pads for the Gluon kernel (widths as `pad_latent`, heads to its block with lse +inf, slots to whole blocks,
+    at least two, with -1), runs it and adds its head blocks' partial sums."""
+    from pallas_kernels import sparse_distribution_gluon as gluon
+    heads, num_slots = q.shape[2], indices.shape[-1]
+    block_h, block_n = GLUON_SHAPES[shape]
+    q, kv, r_p, _ = pad_latent(q, kv, value_dim)
+    q = pad_axis(q, 2, round_up(heads, block_h))
+    lse = pad_axis(lse.astype(jnp.float32), 2, q.shape[2], jnp.inf)
+    indices = pad_axis(indices.astype(jnp.int32), 2, round_up(max(num_slots, 2 * block_n), block_n), -1)
+    partial_sums = gluon.distribution_gluon(q, kv, indices, lse, scale=scale, value_dim=r_p, shape=shape)
     return jnp.sum(partial_sums, axis=2)[..., :num_slots] / heads

@@ -16,9 +16,10 @@
   distribution
            the sparse stages' distillation target, the head-averaged attention distribution over each query's
            slots (128 heads, latent 512 + 64, K = 2048, T = S causal queries with `slots`' selection; bf16): the
-           kernel (`sparse_distribution`) given the forward's lse and computing its own, against the plain-JAX
-           reference, with each one's error against the float32 reference (up to `--reference-max`); TFLOP/s over
-           the logits' FLOPs, 2·H·576 per valid slot; `--distribution-sweep` adds the kernel's tile variants.
+           kernels (`sparse_distribution`: the default, Gluon on Hopper, and the Pallas kernel) given the forward's
+           lse, the Pallas kernel computing its own, and the plain-JAX reference, with each one's error against the
+           float32 reference (up to `--reference-max`); TFLOP/s over the logits' FLOPs, 2·H·576 per valid slot;
+           `--distribution-sweep` adds both Gluon program shapes and Pallas tile variants.
 Median of `--repeats` samples after a warm-up (`bench_kernels.timed`); random normal inputs and cotangents.
 
     python scripts/bench_backward.py --contexts 32768 131072 --scores-lengths 4096 8192 --slot-lengths 4096 16384 \
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import pathlib
 import sys
@@ -45,7 +45,7 @@ from pallas_kernels.indexer_slots import indexer_slot_scores_trainable  # noqa: 
 from pallas_kernels.sparse_attention import Tiles, resolve_backward_kernel, sparse_mla_pallas  # noqa: E402
 from pallas_kernels.sparse_attention_reference import (sparse_attention_distribution_reference,  # noqa: E402
                                                        sparse_mla_reference)
-from pallas_kernels.sparse_distribution import sparse_attention_distribution_pallas  # noqa: E402
+from pallas_kernels.sparse_distribution import GLUON_SHAPES, sparse_attention_distribution_pallas  # noqa: E402
 
 G, I, K, H, R, P = 64, 128, 2048, 128, 512, 64
 BF16 = jnp.bfloat16
@@ -166,7 +166,7 @@ def bench_slots(t: int, args) -> dict:
     return out
 
 
-DISTRIBUTION_TILES = [(32, 64, 4), (64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 64, 8)]
+DISTRIBUTION_TILES = [(64, 64, 4), (128, 64, 8)]  # the Pallas kernel's (heads, slots, warps): session 28's best two
 
 
 def bench_distribution(t: int, args) -> dict:
@@ -180,17 +180,20 @@ def bench_distribution(t: int, args) -> dict:
     attention = jax.jit(lambda q_, kv_: sparse_mla_pallas(q_, kv_, idx, scale=scale, value_dim=R, return_lse=True))
     out["attention_forward_ms"] = timed(attention, q, kv, repeats=args.repeats) * 1e3
     lse = attention(q, kv)[1]
-    forms = {"kernel": lambda q_, kv_, lse_: sparse_attention_distribution_pallas(q_, kv_, idx, lse_, scale=scale,
-                                                                                  value_dim=R),
+    def kernel(**options):
+        return lambda q_, kv_, lse_: sparse_attention_distribution_pallas(q_, kv_, idx, lse_, scale=scale,
+                                                                          value_dim=R, **options)
+    forms = {"kernel": kernel(),  # the default: Gluon where it runs
+             "pallas": kernel(kernel="pallas"),
              "kernel_own_lse": lambda q_, kv_, lse_: sparse_attention_distribution_pallas(q_, kv_, idx, scale=scale,
                                                                                           value_dim=R),
              "reference": lambda q_, kv_, lse_: sparse_attention_distribution_reference(q_, kv_, idx, scale=scale)}
     if args.distribution_sweep:
+        for shape in GLUON_SHAPES:
+            forms[f"gluon_{shape}"] = kernel(kernel="gluon", gluon_shape=shape)
         for block_h, block_k, warps in DISTRIBUTION_TILES:
-            forms[f"kernel_h{block_h}_k{block_k}_w{warps}"] = functools.partial(
-                lambda q_, kv_, lse_, bh, bk, w: sparse_attention_distribution_pallas(
-                    q_, kv_, idx, lse_, scale=scale, value_dim=R, block_h=bh, block_k=bk, num_warps=w),
-                bh=block_h, bk=block_k, w=warps)
+            forms[f"pallas_h{block_h}_k{block_k}_w{warps}"] = kernel(kernel="pallas", block_h=block_h,
+                                                                     block_k=block_k, num_warps=warps)
     results = {}
     for name, fn in forms.items():
         if name == "reference" and t > args.reference_max:

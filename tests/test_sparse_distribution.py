@@ -14,11 +14,29 @@ from pallas_kernels import dispatch
 from pallas_kernels.sparse_attention import sparse_mla_pallas
 from pallas_kernels.sparse_attention_reference import sparse_attention_distribution_reference, sparse_mla_reference
 from pallas_kernels.sparse_distribution import sparse_attention_distribution_pallas
-from test_pallas_kernels import IMPLS, SPARSE_SHAPE_WIDE, SPARSE_SHAPES, _flags, _sparse_inputs
+from test_pallas_kernels import IMPLS, ON_GPU, SPARSE_SHAPE_WIDE, SPARSE_SHAPES, _flags, _sparse_inputs
 
 SCALE = 0.3
+# The kernels under test: the Pallas kernel in interpret mode; on a GPU also compiled, and the Gluon kernel in both
+# program shapes (Hopper, bf16 only: a test gives it its bf16 inputs, and runs the Pallas kernel for the rest).
+KERNELS = ["interpret"] + (["pallas", "gluon-all_heads", "gluon-split_slots"] if ON_GPU else [])
 # heads 20 over blocks of 16: two head blocks, the second with 12 padded heads
 TILES = dict(block_h=16, block_k=16)
+
+
+def _distribution(kernel, q, kv, idx, lse, value_dim):
+    if kernel.startswith("gluon") and (lse is None or q.dtype != jnp.bfloat16):
+        kernel = "pallas"  # the Gluon kernel takes bf16 inputs and the forward's lse
+    if kernel.startswith("gluon"):
+        return sparse_attention_distribution_pallas(q, kv, idx, lse, scale=SCALE, value_dim=value_dim,
+                                                    kernel="gluon", gluon_shape=kernel.split("-")[1])
+    return sparse_attention_distribution_pallas(q, kv, idx, lse, scale=SCALE, value_dim=value_dim, **TILES,
+                                                kernel="pallas", interpret=kernel == "interpret")
+
+
+def _forward_lse(kernel, q, kv, idx, value_dim):
+    impl = "interpret" if kernel == "interpret" else "pallas"
+    return sparse_mla_pallas(q, kv, idx, scale=SCALE, value_dim=value_dim, return_lse=True, **_flags(impl))[1]
 
 
 def _want(q, kv, idx):
@@ -27,37 +45,37 @@ def _want(q, kv, idx):
                                                        scale=SCALE)
 
 
-def _tol(impl, dtype):
-    return 2e-3 if impl == "pallas" or dtype == jnp.bfloat16 else 1e-5
+def _tol(kernel, dtype):
+    return 1e-5 if kernel == "interpret" and dtype == jnp.float32 else 2e-3
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", SPARSE_SHAPES + [SPARSE_SHAPE_WIDE])
-def test_distribution_equals_reference_with_and_without_the_forward_lse(impl, dtype, shape):
+def test_distribution_equals_reference_with_and_without_the_forward_lse(kernel, dtype, shape):
     """Ragged shapes: heads, widths and slot counts off the tiles, -1 slots, and query 0 of each row without a
     valid slot (its distribution is all zero, every other one sums to 1)."""
     q, kv, idx = _sparse_inputs(2, *shape, dtype)
     value_dim = shape[4]
     want = _want(q, kv, idx)
-    _, lse = sparse_mla_pallas(q, kv, idx, scale=SCALE, value_dim=value_dim, return_lse=True, **_flags(impl))
+    lse = _forward_lse(kernel, q, kv, idx, value_dim)
     for given in (lse, None):
-        got = sparse_attention_distribution_pallas(q, kv, idx, given, scale=SCALE, value_dim=value_dim, **TILES,
-                                                   **_flags(impl))
+        got = _distribution(kernel, q, kv, idx, given, value_dim)
         assert got.shape == idx.shape and got.dtype == jnp.float32
-        assert rel_err(got, want) < _tol(impl, dtype), given is None
+        assert rel_err(got, want) < _tol(kernel, dtype), given is None
         np.testing.assert_array_equal(np.asarray(got)[np.asarray(idx) < 0], 0.0)
         sums = np.asarray(got).sum(-1)
         np.testing.assert_array_equal(sums[:, 0], 0.0)
         np.testing.assert_allclose(sums[:, 1:], 1.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_distribution_where_whole_slot_blocks_are_empty(impl):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_distribution_where_whole_slot_blocks_are_empty(kernel):
     """Rows whose valid slots end inside, at the edge of, or before whole 16-slot blocks of -1 (skipped blocks
     must store zeros), one with -1 between valid slots, and repeated ids (each occurrence has its own share, as
     in the attention)."""
-    q, kv, _ = _sparse_inputs(9, 1, 6, 80, 20, 16, 16, 64, jnp.float32)
+    dtype = jnp.float32 if kernel in ("interpret", "pallas") else jnp.bfloat16
+    q, kv, _ = _sparse_inputs(9, 1, 6, 80, 20, 16, 16, 64, dtype)
     rng = np.random.default_rng(10)
     idx = np.full((1, 6, 64), -1, np.int32)
     for t, count in enumerate((1, 16, 17, 40, 64)):
@@ -65,23 +83,32 @@ def test_distribution_where_whole_slot_blocks_are_empty(impl):
     idx[0, 5, [3, 48, 49, 50]] = [5, 70, 5, 70]
     idx = jnp.asarray(idx)
     want = _want(q, kv, idx)
-    _, lse = sparse_mla_pallas(q, kv, idx, scale=SCALE, value_dim=16, return_lse=True, **_flags(impl))
+    lse = _forward_lse(kernel, q, kv, idx, 16)
     for given in (lse, None):
-        got = sparse_attention_distribution_pallas(q, kv, idx, given, scale=SCALE, value_dim=16, **TILES,
-                                                   **_flags(impl))
-        assert rel_err(got, want) < _tol(impl, jnp.float32), given is None
+        got = _distribution(kernel, q, kv, idx, given, 16)
+        assert rel_err(got, want) < _tol(kernel, dtype), given is None
         np.testing.assert_array_equal(np.asarray(got)[np.asarray(idx) < 0], 0.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_distribution_under_jit_and_vmap_equals_unmapped(impl):
-    q, kv, idx = _sparse_inputs(4, 2, 5, 30, 20, 8, 4, 7, jnp.float32)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_distribution_under_jit_and_vmap_equals_unmapped(kernel):
+    q, kv, idx = _sparse_inputs(4, 2, 5, 30, 20, 8, 4, 7, jnp.bfloat16)
+    lse = _forward_lse(kernel, q, kv, idx, 8)
 
-    def one(q_, kv_, idx_):
-        return sparse_attention_distribution_pallas(q_, kv_, idx_, scale=SCALE, value_dim=8, **TILES,
-                                                    **_flags(impl))
-    mapped = jax.jit(jax.vmap(one))(q[:, None], kv[:, None], idx[:, None])[:, 0]
-    np.testing.assert_allclose(mapped, one(q, kv, idx), rtol=1e-6, atol=1e-7)
+    def one(q_, kv_, idx_, lse_):
+        return _distribution(kernel, q_, kv_, idx_, lse_, 8)
+    mapped = jax.jit(jax.vmap(one))(q[:, None], kv[:, None], idx[:, None], lse[:, None])[:, 0]
+    np.testing.assert_allclose(mapped, one(q, kv, idx, lse), rtol=1e-6, atol=1e-7)
+
+
+def test_gluon_kernel_choice_is_validated():
+    q, kv, idx = _sparse_inputs(4, 2, 5, 30, 4, 8, 4, 7, jnp.bfloat16)
+    with pytest.raises(ValueError, match="gluon_shape"):
+        sparse_attention_distribution_pallas(q, kv, idx, scale=SCALE, value_dim=8, gluon_shape="wide")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sparse_attention_distribution_pallas(q, kv, idx, scale=SCALE, value_dim=8, kernel="cuda")
+    with pytest.raises(ValueError, match="lse"):  # the Gluon kernel needs the forward's lse, on any platform
+        sparse_attention_distribution_pallas(q, kv, idx, scale=SCALE, value_dim=8, kernel="gluon")
 
 
 def test_distribution_errors_name_the_offending_input():
@@ -163,3 +190,36 @@ def test_decode_returns_the_lse_of_all_splits(impl):
                                        return_lse=True)
     assert out.shape == (2, 1, 4, 16) and lse.shape == (2, 1, 4)
     assert rel_err(lse[:, 0], want[:, 2]) < (2e-3 if impl == "pallas" else 1e-5)
+
+
+# (heads, R, P, K) padded, as the wrapper passes them
+GLUON_COMPILE_CASES = [(128, 512, 64, 2048), (128, 16, 16, 128), (256, 256, 32, 384)]
+
+
+@pytest.mark.parametrize("shape", ["all_heads", "split_slots"])
+@pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
+def test_gluon_kernel_compiles_for_hopper_within_its_shared_memory_and_does_not_spill(case, shape, tmp_path):
+    """Gluon has no interpreter: compiled for sm_90 on any machine, the kernel fits the shared memory that the
+    dispatch's check assumes, issues one m64n32 dot per 16 latent columns (each warpgroup its half of the logits
+    block, no duplicated work) and keeps its registers."""
+    import re
+    from collections import Counter
+
+    pytest.importorskip("triton.experimental.gluon")
+    from pallas_kernels import _gluon
+    from pallas_kernels import sparse_distribution_gluon as gluon
+    from pallas_kernels.sparse_distribution import gluon_smem_bytes
+    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log
+    heads, r, p, k = case
+    constants = gluon.kernel_constants((1, 5, heads, r + p), 300, k, r, 0.1, shape)
+    compiled, _ = _gluon.compile_gluon(gluon._distribution_kernel, ["*bf16", "*bf16", "*i32", "*fp32", "*fp32"],
+                                       num_warps=gluon.NUM_WARPS, capability=90, constexprs=constants)
+    assert compiled.metadata.shared <= gluon_smem_bytes(r, p, shape) <= SMEM_LIMIT
+    ptx = compiled.asm["ptx"]
+    block_h, block_n = gluon.SHAPES[shape]
+    per_warpgroup = block_n // 2 if block_h == 64 else block_n  # 64 heads: the warpgroups split the slots
+    shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    assert shapes == Counter({f"m64n{per_warpgroup}k16": (r + p) // 16}), shapes
+    log = _ptxas_log(ptx, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
+    assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
