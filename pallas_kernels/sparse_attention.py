@@ -132,7 +132,7 @@ def resolve_forward_kernel(forward_kernel: str, interpret: bool, dtype, value_di
     (a Hopper GPU with triton and jax-triton, 2-byte inputs) and Pallas elsewhere; "gluon" insists (an error says
     why it cannot run); "pallas" always is. Interpret mode is Pallas."""
     return resolve_kernel_choice("forward_kernel", forward_kernel, interpret,
-                    lambda: _gluon_unavailable(dtype, value_dim, kv_dtype))
+                                 lambda: _gluon_unavailable(dtype, value_dim, kv_dtype))
 
 
 # The Gluon backward's limits (`sparse_attention_backward_gluon`), here so that checking them needs no triton. The
@@ -213,8 +213,9 @@ def _sparse_call(q, kv, indices, *, scale, value_dim, num_splits, out_dtype, int
                            out_dtype=out_dtype)
     batch, num_q, heads, _ = q.shape
     num_keys = kv.shape[1]
-    q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim, block_k=block_k,
-                                                          block_h=block_h, num_splits=num_splits)
+    q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim,
+                                                              block_k=block_k, block_h=block_h,
+                                                              num_splits=num_splits)
     per_split = indices.shape[-1] // num_splits
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(_sparse_kernel, scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,

@@ -146,18 +146,19 @@ def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: flo
     if gluon_shape not in GLUON_SHAPES:
         raise ValueError(f"gluon_shape must be one of {sorted(GLUON_SHAPES)}, got {gluon_shape!r}")
     if resolve_kernel_choice("kernel", kernel, interpret,
-                lambda: _gluon_unavailable(q, kv, lse, value_dim, gluon_shape)) == "gluon":
+                             lambda: _gluon_unavailable(q, kv, lse, value_dim, gluon_shape)) == "gluon":
         from pallas_kernels import _gluon
         run = functools.partial(_gluon_unmapped, scale=scale, value_dim=value_dim, shape=gluon_shape)
         return _gluon.vmap_by_folding_into_batch(run)(q, kv, indices, lse)
     batch, num_q, heads, _ = q.shape
     num_slots, num_keys = indices.shape[-1], kv.shape[1]
     q, kv, indices, r_p, p_p, block_k, block_h = pad_to_tiles(q, kv, indices, value_dim=value_dim,
-                                                          block_k=block_k or BLOCK_K, block_h=block_h or BLOCK_H)
+                                                              block_k=block_k or BLOCK_K,
+                                                              block_h=block_h or BLOCK_H)
     head_blocks, slots_p = q.shape[2] // block_h, indices.shape[-1]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_distribution_kernel, scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,
-                               num_keys=num_keys, num_heads=heads, precision=precision, has_lse=lse is not None)
+    body = functools.partial(_distribution_kernel, scale=scale, value_dim=r_p, rope_dim=p_p, block_k=block_k,
+                             num_keys=num_keys, num_heads=heads, precision=precision, has_lse=lse is not None)
 
     # Head blocks on the fastest grid axis, as in the forward: one token's programs gather the same rows together
     # and share them in L2.
@@ -172,7 +173,7 @@ def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: flo
         in_specs.append(spec((None, None, block_h), lambda b, t, h: (b, t, h)))
         operands.append(pad_axis(lse.astype(jnp.float32), 2, q.shape[2], jnp.inf))
     partial_sums = pl.pallas_call(
-        kernel,
+        body,
         grid=(head_blocks, batch, num_q),
         in_specs=in_specs,
         out_specs=spec((None, None, None, slots_p), lambda b, t, h: (b, t, h, 0)),

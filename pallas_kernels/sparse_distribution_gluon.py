@@ -7,11 +7,14 @@ One program per (token, head block): q [BLOCK_H, R+P] in shared memory, the gath
 in a double-buffered [BLOCK_N, R+P] buffer (cp.async, as `sparse_attention_gluon` gathers them: -1 slots copy
 nothing, their rows are zero-filled and masked), the logits [BLOCK_H, BLOCK_N] on wgmma, then exp2 and the sum over
 the heads on the CUDA cores, BLOCK_N partial sums stored per block. Two shapes, one program plan:
+  - "all_heads" (the default; 128 heads x 32 slots): each warpgroup takes 64 of the heads (m64n32); one program
+    per token of 128 heads gathers each row once, at twice the steps;
   - "split_slots" (64 heads x 64 slots): each warpgroup takes 32 of the slot columns (m64n32, as the forward's
     split_slots schedule); two programs per token of 128 heads each gather every row.
-  - "all_heads" (128 heads x 32 slots): each warpgroup takes 64 of the heads (m64n32); one program per token
-    gathers each row once, at twice the steps.
-Shared memory: q and the two buffers, 221 KB at the DeepSeek-V3.2 widths in either shape.
+On an H100 at K = 2048, 128 heads: all_heads 4.26 / 32.6 ms at T = 4096 / 32768, split_slots 4.45 / 34.5
+(docs/BENCHMARKS.md, session 28). Shared memory: q and the two buffers, 221 KB at the DeepSeek-V3.2 widths in
+either shape, so one program per SM: ncu finds it latency-bound (CTA barriers, loads), not bandwidth-bound.
+Row offsets are 32-bit (the dispatch checks S * (R + P) < 2^31).
 
 Gluon has no interpreter: CPU tests compile the kernel for sm_90 (it fits, does not spill, issues its dots at the
 expected shapes); the numbers are checked on the GPU against the float32 reference.
@@ -70,7 +73,7 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
                          ROPE_DIM: gl.constexpr, SCALE_LOG2: gl.constexpr, BLOCK_H: gl.constexpr,
                          BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
     # q [B, T, H, R+P], kv [B, S, R+P], idx [B, T, K], lse f32[B, T, H] (natural log; padded heads +inf),
-    # out f32[B, T, H / BLOCH_H, K]. Grid: axis 0 = token x head block (head blocks fastest: the programs of one
+    # out f32[B, T, H / BLOCK_H, K]. Grid: axis 0 = token x head block (head blocks fastest: the programs of one
     # token gather the same rows and share them in L2), axis 1 = batch.
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
     head_blocks: gl.constexpr = HEADS // BLOCK_H
