@@ -141,13 +141,18 @@ def test_dispatch_gives_the_target_with_the_attentions_lse_and_no_gradient(impl)
         np.testing.assert_array_equal(g, 0.0)
 
 
+# widths the Gluon forward and backward take (R a multiple of 128, 64 heads): on a GPU the bf16 case runs them
+GLUON_WIDTHS = (1, 3, 200, 64, 128, 64, 128)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_sparse_mla_lse_and_its_gradient_equal_reference(impl, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,shape", [(jnp.float32, 1e-5, SPARSE_SHAPES[1]),
+                                             (jnp.bfloat16, 3e-2, SPARSE_SHAPES[1]),
+                                             (jnp.bfloat16, 3e-2, GLUON_WIDTHS)])
+def test_sparse_mla_lse_and_its_gradient_equal_reference(impl, dtype, tol, shape):
     """lse is an output of the kernels' custom_vjp: its cotangent folds into the backward's delta (d logit_j
     gains d_lse p_j). Values and gradients of out and lse together against autodiff of the float32 reference;
     query 0 has no valid slot (lse = -inf, no gradient)."""
-    shape = SPARSE_SHAPES[1]
     q, kv, idx = _sparse_inputs(5, *shape, dtype)
     value_dim = shape[4]
     rng = np.random.default_rng(6)
@@ -178,7 +183,7 @@ def test_sparse_mla_lse_and_its_gradient_equal_reference(impl, dtype, tol):
         without = jax.grad(lambda q_: jnp.sum(sparse_mla_reference(q_, kv.astype(jnp.float32), idx, scale=SCALE,
                                                                    value_dim=value_dim) * d_out))(
             q.astype(jnp.float32))
-    assert rel_err(without, want_grads[0]) > 10 * tol
+    assert rel_err(without, want_grads[0]) > 3 * tol
 
 
 @pytest.mark.parametrize("impl", ["reference"] + IMPLS)
