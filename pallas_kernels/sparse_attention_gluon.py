@@ -80,12 +80,14 @@ def _gather_rows(kv_ptr, ids_ptr, values_dst, rope_dst, NUM_KEYS: gl.constexpr, 
 
 @gluon.jit
 def _load_q(q_ptr, q_values, q_rope, VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, num_warps: gl.constexpr):
-    """Start the cp.async copies of the BLOCK_H rows of q at q_ptr into q_values and q_rope."""
+    """Start the cp.async copies of the rows of q at q_ptr (as many as q_values holds: BLOCK_H here) into q_values
+    and q_rope."""
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
+    rows: gl.constexpr = q_values.shape[0]
     value_layout: gl.constexpr = _row_layout(VALUE_DIM, num_warps)
     rope_layout: gl.constexpr = _row_layout(ROPE_DIM, num_warps)
-    heads_v = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, value_layout))
-    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, rope_layout))
+    heads_v = gl.arange(0, rows, layout=gl.SliceLayout(1, value_layout))
+    heads_r = gl.arange(0, rows, layout=gl.SliceLayout(1, rope_layout))
     async_copy.async_copy_global_to_shared(
         q_values, q_ptr + heads_v[:, None] * width
         + gl.arange(0, VALUE_DIM, layout=gl.SliceLayout(0, value_layout))[None, :])
@@ -222,10 +224,10 @@ SEESAW_WORKER_REGISTERS = gl.constexpr(240)  # warpgroup 1's; warpgroup 0 gets t
 @gluon.jit
 def _gather_columns(kv_base, ids_ptr, dst, FIRST: gl.constexpr, COLUMNS: gl.constexpr, WIDTH: gl.constexpr,
                     NUM_KEYS: gl.constexpr, WARPS: gl.constexpr):
-    """Start the cp.async copies of columns [FIRST, FIRST + COLUMNS) of the BLOCK_N latent rows that
-    ids_ptr[0:BLOCK_N] select into dst, by WARPS warps (-1 slots copy nothing: cp.async zero-fills their rows)."""
+    """Start the cp.async copies of columns [FIRST, FIRST + COLUMNS) of the latent rows that ids_ptr[0:n] select
+    into dst (n = its rows: BLOCK_N here), by WARPS warps (-1 slots copy nothing: cp.async zero-fills their rows)."""
     layout: gl.constexpr = _row_layout(COLUMNS, WARPS)
-    ids = gl.load(ids_ptr + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)))
+    ids = gl.load(ids_ptr + gl.arange(0, dst.shape[0], layout=gl.SliceLayout(1, layout)))
     columns = FIRST + gl.arange(0, COLUMNS, layout=gl.SliceLayout(0, layout))
     if NUM_KEYS * WIDTH < 2**31:
         # 32-bit offsets: with 64-bit ones ptxas kept each gather's column pointers live across the loop

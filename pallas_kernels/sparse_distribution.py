@@ -62,8 +62,6 @@ def _gluon_unavailable(q, kv, lse, value_dim: int, shape: str):
     r_p, p_p = dot_size(value_dim), dot_size(q.shape[-1] - value_dim)
     if gluon_smem_bytes(r_p, p_p, shape) > GLUON_SMEM_BYTES:
         return f"latent widths {r_p} + {p_p} (padded) need more shared memory than a program has"
-    if kv.shape[1] * (r_p + p_p) >= 2**31:
-        return f"{kv.shape[1]} keys x {r_p + p_p} columns overflow its 32-bit row offsets"
     return _gluon.unavailable_reason()
 
 

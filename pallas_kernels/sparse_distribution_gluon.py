@@ -14,7 +14,7 @@ the heads on the CUDA cores, BLOCK_N partial sums stored per block. Two shapes, 
 On an H100 at K = 2048, 128 heads: all_heads 4.26 / 32.6 ms at T = 4096 / 32768, split_slots 4.45 / 34.5
 (docs/BENCHMARKS.md, session 28). Shared memory: q and the two buffers, 221 KB at the DeepSeek-V3.2 widths in
 either shape, so one program per SM: ncu finds it latency-bound (CTA barriers, loads), not bandwidth-bound.
-Row offsets are 32-bit (the dispatch checks S * (R + P) < 2^31).
+The gather and the q load are the forward's (`_gather_columns`, `_load_q`).
 
 Gluon has no interpreter: CPU tests compile the kernel for sm_90 (it fits, does not spill, issues its dots at the
 expected shapes); the numbers are checked on the GPU against the float32 reference.
@@ -32,39 +32,19 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels.sparse_attention_gluon import _row_layout
+from pallas_kernels.sparse_attention_gluon import _gather_columns, _load_q
 from pallas_kernels.sparse_distribution import GLUON_SHAPES as SHAPES  # (heads, slots) per program and step
 
 NUM_WARPS = 8  # two warpgroups
 
 
 @gluon.jit
-def _gather(kv_base, ids_ptr, values_dst, rope_dst, BLOCK_N: gl.constexpr, NUM_KEYS: gl.constexpr,
-            VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, num_warps: gl.constexpr):
-    """Start the cp.async copies of the BLOCK_N latent rows that ids_ptr[0:BLOCK_N] select (-1: none, zero-filled)."""
+def _gather(kv_base, ids_ptr, values_dst, rope_dst, NUM_KEYS: gl.constexpr, VALUE_DIM: gl.constexpr,
+            ROPE_DIM: gl.constexpr, num_warps: gl.constexpr):
+    """Start the cp.async copies of the latent rows (value and rope columns) that a block's slot ids select."""
     width: gl.constexpr = VALUE_DIM + ROPE_DIM
-    value_layout: gl.constexpr = _row_layout(VALUE_DIM, num_warps)
-    rope_layout: gl.constexpr = _row_layout(ROPE_DIM, num_warps)
-    ids = gl.load(ids_ptr + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, value_layout)))
-    rows = gl.minimum(ids, NUM_KEYS - 1) * width
-    columns = gl.arange(0, VALUE_DIM, layout=gl.SliceLayout(0, value_layout))
-    async_copy.async_copy_global_to_shared(values_dst, kv_base + rows[:, None] + columns[None, :],
-                                           mask=(ids >= 0)[:, None])
-    rope_ids = gl.convert_layout(ids, gl.SliceLayout(1, rope_layout))
-    rope_columns = VALUE_DIM + gl.arange(0, ROPE_DIM, layout=gl.SliceLayout(0, rope_layout))
-    async_copy.async_copy_global_to_shared(
-        rope_dst, kv_base + (gl.minimum(rope_ids, NUM_KEYS - 1) * width)[:, None] + rope_columns[None, :],
-        mask=(rope_ids >= 0)[:, None])
-
-
-@gluon.jit
-def _load_rows(src, dst, ROWS: gl.constexpr, FIRST: gl.constexpr, COLUMNS: gl.constexpr, WIDTH: gl.constexpr,
-               num_warps: gl.constexpr):
-    """Start the cp.async copy of columns [FIRST, FIRST + COLUMNS) of ROWS contiguous rows WIDTH wide at src."""
-    layout: gl.constexpr = _row_layout(COLUMNS, num_warps)
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-    columns = FIRST + gl.arange(0, COLUMNS, layout=gl.SliceLayout(0, layout))
-    async_copy.async_copy_global_to_shared(dst, src + rows[:, None] * WIDTH + columns[None, :])
+    _gather_columns(kv_base, ids_ptr, values_dst, 0, VALUE_DIM, width, NUM_KEYS, num_warps)
+    _gather_columns(kv_base, ids_ptr, rope_dst, VALUE_DIM, ROPE_DIM, width, NUM_KEYS, num_warps)
 
 
 @gluon.jit
@@ -97,13 +77,11 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
     kv_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, ROPE_DIM],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dtype))
 
-    q_base = q_ptr + (token * HEADS + head_block * BLOCK_H).to(gl.int64) * width
-    _load_rows(q_base, q_values, BLOCK_H, 0, VALUE_DIM, width, num_warps)
-    _load_rows(q_base, q_rope, BLOCK_H, VALUE_DIM, ROPE_DIM, width, num_warps)
+    _load_q(q_ptr + (token * HEADS + head_block * BLOCK_H).to(gl.int64) * width, q_values, q_rope, VALUE_DIM,
+            ROPE_DIM, num_warps)
     kv_base = kv_ptr + batch.to(gl.int64) * NUM_KEYS * width
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
-    _gather(kv_base, ids_base, kv_values.index(0), kv_rope.index(0), BLOCK_N, NUM_KEYS, VALUE_DIM, ROPE_DIM,
-            num_warps)
+    _gather(kv_base, ids_base, kv_values.index(0), kv_rope.index(0), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
     async_copy.commit_group()
 
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, logits_layout))
@@ -117,7 +95,7 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
         fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
         if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
             _gather(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf), kv_rope.index(1 - buf),
-                    BLOCK_N, NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
+                    NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
             async_copy.commit_group()
         logits = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
         logits = warpgroup_mma(q_rope, kv_rope.index(buf).permute((1, 0)), logits, use_acc=False)

@@ -225,20 +225,15 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "sparse": [], "scores": [],
-               "slots": [], "distribution": []}
-    for s in args.contexts:
-        results["sparse"].append(bench_sparse(s, args))
-        print(json.dumps(results["sparse"][-1]), flush=True)
-    for t in args.scores_lengths:
-        results["scores"].append(bench_scores(t, args))
-        print(json.dumps(results["scores"][-1]), flush=True)
-    for t in args.slot_lengths:
-        results["slots"].append(bench_slots(t, args))
-        print(json.dumps(results["slots"][-1]), flush=True)
-    for t in args.distribution_lengths:
-        results["distribution"].append(bench_distribution(t, args))
-        print(json.dumps(results["distribution"][-1]), flush=True)
+               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    sections = [("sparse", args.contexts, bench_sparse), ("scores", args.scores_lengths, bench_scores),
+                ("slots", args.slot_lengths, bench_slots),
+                ("distribution", args.distribution_lengths, bench_distribution)]
+    for name, lengths, bench in sections:
+        results[name] = []
+        for length in lengths:
+            results[name].append(bench(length, args))
+            print(json.dumps(results[name][-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 
