@@ -17,9 +17,9 @@ without it, a first pass over the slots computes the lse with an online max and 
 of -1 slots only (the causal tails of the first K tokens' lists) are skipped and store zeros.
 
 On Hopper, given the lse and 2-byte inputs, the same computation runs as a Gluon kernel
-(`sparse_distribution_gluon`: wgmma, 128 heads per program, so each row is gathered once per token): on an H100
-4.26 ms at T = 4096 and 32.6 ms at T = 32768, against 5.35 and 53.2 ms for this Pallas kernel (docs/BENCHMARKS.md,
-session 28).
+(`sparse_distribution_gluon`: wgmma with q in registers, 128 heads per program, so each row is gathered once per
+token): on an H100 3.20 ms at T = 4096 and 25.2 ms at T = 32768, against 5.44 and 53.1 ms for this Pallas kernel
+(docs/BENCHMARKS.md, session 29).
 
 Shapes: B batch, T queries, S keys, H heads (padded to a multiple of block_h), L = R + P latent width, K slots.
 """
@@ -34,25 +34,32 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
 from pallas_kernels._pallas import compiler_params, dot_size, pad_axis, round_up, skip_blocks_without_slots
-from pallas_kernels.sparse_attention import (GLUON_DTYPES, GLUON_SMEM_BYTES, pad_latent, pad_to_tiles,
+from pallas_kernels.sparse_attention import (GLUON_DTYPES, pad_latent, pad_to_tiles,
                                              resolve_kernel_choice)
 
 BLOCK_K = 64  # slots per step
 BLOCK_H = 64  # heads per program
 NUM_WARPS = 4
 # The Gluon kernel's (`sparse_distribution_gluon`) program shapes, (heads, slots per step), here so that checking
-# its limits needs no triton: q and two gathered blocks in shared memory.
-GLUON_SHAPES = {"all_heads": (128, 32), "split_slots": (64, 64)}
+# its limits needs no triton. Its q lives in registers, (R+P)/4 per thread: at most GLUON_MAX_WIDTH latent columns.
+GLUON_SHAPES = {"all_heads": (128, 64), "half_heads": (64, 64)}
+GLUON_MAX_WIDTH = 576
 
 
 def gluon_smem_bytes(value_dim: int, rope_dim: int, shape: str, itemsize: int = 2) -> int:
-    """Shared memory of the Gluon kernel for padded widths: q and the two gathered buffers, and 1 KB for the head
-    sum's cross-warp scratch and alignment."""
+    """Shared memory of the Gluon kernel for padded widths: the two gathered buffers, and the head sum's cross-warp
+    scratch (an fp32 per warp and slot)."""
     block_h, block_n = GLUON_SHAPES[shape]
-    return (block_h + 2 * block_n) * (value_dim + rope_dim) * itemsize + 1024
+    return 2 * block_n * (value_dim + rope_dim) * itemsize + block_h // 16 * block_n * 4
 
 
-def _gluon_unavailable(q, kv, lse, value_dim: int, shape: str):
+def gluon_shape_for(heads: int) -> str:
+    """"auto"'s program shape: 64 heads per program where the model has at most 64 (all_heads would pad them to
+    128), else 128, so that one program gathers each row for all of a token's heads."""
+    return "half_heads" if heads <= GLUON_SHAPES["half_heads"][0] else "all_heads"
+
+
+def _gluon_unavailable(q, kv, lse, value_dim: int):
     """None when the Gluon kernel runs here for these inputs, else why not."""
     from pallas_kernels import _gluon
     if lse is None:
@@ -60,8 +67,9 @@ def _gluon_unavailable(q, kv, lse, value_dim: int, shape: str):
     if jnp.dtype(q.dtype) not in GLUON_DTYPES or kv.dtype != q.dtype:
         return f"it takes q and kv of one 2-byte float dtype, got {q.dtype} and {kv.dtype}"
     r_p, p_p = dot_size(value_dim), dot_size(q.shape[-1] - value_dim)
-    if gluon_smem_bytes(r_p, p_p, shape) > GLUON_SMEM_BYTES:
-        return f"latent widths {r_p} + {p_p} (padded) need more shared memory than a program has"
+    if r_p + p_p > GLUON_MAX_WIDTH:
+        return (f"latent widths {r_p} + {p_p} (padded) exceed the {GLUON_MAX_WIDTH} columns of q it keeps in "
+                "registers")
     return _gluon.unavailable_reason()
 
 
@@ -131,20 +139,22 @@ def _check(q, kv, indices, lse):
 def sparse_attention_distribution_pallas(q, kv, indices, lse=None, *, scale: float, value_dim: int,
                                          interpret: bool = False, block_h: int = 0, block_k: int = 0,
                                          num_warps: int = NUM_WARPS, kernel: str = "auto",
-                                         gluon_shape: str = "all_heads"):
+                                         gluon_shape: str = "auto"):
     """q [B,T,H,L], kv [B,S,L], indices int32[B,T,K] (-1 = no slot), lse f32[B,T,H] or None -> f32[B,T,K]: the
     head-averaged attention distribution over the slots (0 at -1 slots; all 0 for a token with no valid slot).
     value_dim: R, where the latent's value part ends (the kernel gathers it in pieces, as the forward does).
 
-    kernel: "auto" runs the Gluon kernel (`sparse_distribution_gluon`, program shape `gluon_shape`, one of
-    GLUON_SHAPES) where it can (a Hopper GPU with triton and jax-triton, 2-byte inputs, lse given) and the Pallas
-    kernel elsewhere; "gluon" insists (an error says why it cannot run); "pallas" always is; block_h, block_k and
+    kernel: "auto" runs the Gluon kernel (`sparse_distribution_gluon`, program shape `gluon_shape`: one of
+    GLUON_SHAPES, or "auto" for `gluon_shape_for(heads)`) where it can (a Hopper GPU with triton and jax-triton,
+    2-byte inputs of at most GLUON_MAX_WIDTH padded latent columns, lse given) and the Pallas kernel elsewhere;
+    "gluon" insists (an error says why it cannot run); "pallas" always is; block_h, block_k and
     num_warps are the Pallas kernel's tiles. Not differentiable (no VJP): the dispatch stops its inputs' gradients."""
     _check(q, kv, indices, lse)
-    if gluon_shape not in GLUON_SHAPES:
-        raise ValueError(f"gluon_shape must be one of {sorted(GLUON_SHAPES)}, got {gluon_shape!r}")
+    if gluon_shape != "auto" and gluon_shape not in GLUON_SHAPES:
+        raise ValueError(f"gluon_shape must be 'auto' or one of {sorted(GLUON_SHAPES)}, got {gluon_shape!r}")
     if resolve_kernel_choice("kernel", kernel, interpret,
-                             lambda: _gluon_unavailable(q, kv, lse, value_dim, gluon_shape)) == "gluon":
+                             lambda: _gluon_unavailable(q, kv, lse, value_dim)) == "gluon":
+        gluon_shape = gluon_shape_for(q.shape[2]) if gluon_shape == "auto" else gluon_shape
         from pallas_kernels import _gluon
         run = functools.partial(_gluon_unmapped, scale=scale, value_dim=value_dim, shape=gluon_shape)
         return _gluon.vmap_by_folding_into_batch(run)(q, kv, indices, lse)

@@ -19,7 +19,7 @@ from test_pallas_kernels import IMPLS, ON_GPU, SPARSE_SHAPE_WIDE, SPARSE_SHAPES,
 SCALE = 0.3
 # The kernels under test: the Pallas kernel in interpret mode; on a GPU also compiled, and the Gluon kernel in both
 # program shapes (Hopper, bf16 only: a test gives it its bf16 inputs, and runs the Pallas kernel for the rest).
-KERNELS = ["interpret"] + (["pallas", "gluon-all_heads", "gluon-split_slots"] if ON_GPU else [])
+KERNELS = ["interpret"] + (["pallas", "gluon-all_heads", "gluon-half_heads"] if ON_GPU else [])
 # heads 20 over blocks of 16: two head blocks, the second with 12 padded heads
 TILES = dict(block_h=16, block_k=16)
 
@@ -67,6 +67,17 @@ def test_distribution_equals_reference_with_and_without_the_forward_lse(kernel, 
         sums = np.asarray(got).sum(-1)
         np.testing.assert_array_equal(sums[:, 0], 0.0)
         np.testing.assert_allclose(sums[:, 1:], 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_distribution_with_invalid_slots_anywhere_over_several_blocks(kernel):
+    """200 slots (4 blocks of the Gluon kernel's 64, 13 of the Pallas tiles here) with the -1 slots shuffled among
+    the valid ones in every block, and 72 heads, padded in either Gluon shape: each block must mask its own -1s."""
+    q, kv, idx = _sparse_inputs(5, 1, 6, 300, 72, 128, 64, 200, jnp.bfloat16)
+    idx = jnp.asarray(np.random.default_rng(0).permuted(np.asarray(idx), axis=-1))
+    got = _distribution(kernel, q, kv, idx, _forward_lse(kernel, q, kv, idx, 128), 128)
+    assert rel_err(got, _want(q, kv, idx)) < 2e-3
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(idx) < 0], 0.0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -201,14 +212,13 @@ def test_decode_returns_the_lse_of_all_splits(impl):
 GLUON_COMPILE_CASES = [(128, 512, 64, 2048), (128, 16, 16, 128), (256, 256, 32, 384)]
 
 
-@pytest.mark.parametrize("shape", ["all_heads", "split_slots"])
+@pytest.mark.parametrize("shape", ["all_heads", "half_heads"])
 @pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
 def test_gluon_kernel_compiles_for_hopper_within_its_shared_memory_and_does_not_spill(case, shape, tmp_path):
     """Gluon has no interpreter: compiled for sm_90 on any machine, the kernel fits the shared memory that the
-    dispatch's check assumes, issues one m64n32 dot per 16 latent columns (each warpgroup its half of the logits
-    block, no duplicated work) and keeps its registers."""
+    dispatch's check assumes, issues one m64n64 dot per 16 latent columns with q from registers (the A operand a
+    register vector, not a shared-memory descriptor) and keeps its registers."""
     import re
-    from collections import Counter
 
     pytest.importorskip("triton.experimental.gluon")
     from pallas_kernels import _gluon
@@ -218,13 +228,21 @@ def test_gluon_kernel_compiles_for_hopper_within_its_shared_memory_and_does_not_
     heads, r, p, k = case
     constants = gluon.kernel_constants((1, 5, heads, r + p), 300, k, r, 0.1, shape)
     compiled, _ = _gluon.compile_gluon(gluon._distribution_kernel, ["*bf16", "*bf16", "*i32", "*fp32", "*fp32"],
-                                       num_warps=gluon.NUM_WARPS, capability=90, constexprs=constants)
+                                       num_warps=gluon.num_warps_for(shape), capability=90, constexprs=constants)
     assert compiled.metadata.shared <= gluon_smem_bytes(r, p, shape) <= SMEM_LIMIT
     ptx = compiled.asm["ptx"]
-    block_h, block_n = gluon.SHAPES[shape]
-    per_warpgroup = block_n // 2 if block_h == 64 else block_n  # 64 heads: the warpgroups split the slots
-    shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
-    assert shapes == Counter({f"m64n{per_warpgroup}k16": (r + p) // 16}), shapes
+    dots = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.bf16\.bf16 \{[^}]*\}, (\S)", ptx)
+    assert dots == [("m64n64k16", "{")] * ((r + p) // 16), dots
     log = _ptxas_log(ptx, tmp_path)
     assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
     assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+
+
+def test_gluon_shape_and_width_limits():
+    """"auto" takes 64 heads per program up to 64 heads; latent widths past the register-resident q's limit are
+    left to the Pallas kernel, with the reason."""
+    from pallas_kernels.sparse_distribution import _gluon_unavailable, gluon_shape_for
+    assert [gluon_shape_for(h) for h in (1, 64, 65, 128, 256)] == ["half_heads"] * 2 + ["all_heads"] * 3
+    q = jnp.zeros((1, 2, 4, 512 + 128), jnp.bfloat16)
+    lse = jnp.zeros((1, 2, 4), jnp.float32)
+    assert "576 columns" in _gluon_unavailable(q, q[:, :, 0], lse, 512)
