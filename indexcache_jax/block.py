@@ -18,6 +18,7 @@ from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer, select_top_k
 from indexcache_jax.mla import MLAttention
 from indexcache_jax.nn import RMSNorm
+from pallas_kernels.dispatch import ImplArg
 
 
 class LayerContext(NamedTuple):
@@ -28,7 +29,7 @@ class LayerContext(NamedTuple):
     rope: tuple  # (cos, sin) f32[B,T,P/2] at `positions`; MLA and the indexer rotate by the same angles
     topk: int  # index slots per query (static)
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
-    impl: Optional[str]  # kernel implementation for pallas_kernels.dispatch (static)
+    impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
 
 
 class DSABlock(nnx.Module):

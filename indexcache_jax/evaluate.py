@@ -20,6 +20,7 @@ from indexcache_jax.config import ModelConfig
 from indexcache_jax.model import check_tokens, forward, layer_indices, next_token_loss, pattern_flags
 from indexcache_jax.train.config import DataConfig
 from indexcache_jax.train.data import load_sequences, passkey_document
+from pallas_kernels.dispatch import ImplArg
 
 ANSWER_DIGITS = 5  # passkey_document's answers are 5 digits, the last bytes of the document
 
@@ -51,7 +52,7 @@ def as_batches(sequences: np.ndarray, batch_size: int, max_sequences: Optional[i
 # ---- LM loss ---------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
-def batch_lm_loss(params, tokens, flags, *, config: ModelConfig, impl: Optional[str] = None):
+def batch_lm_loss(params, tokens, flags, *, config: ModelConfig, impl: ImplArg = None):
     """Mean next-token cross-entropy of tokens int32[B, L+1] under runtime pattern flags bool[N]."""
     return next_token_loss(forward(params, tokens[:, :-1], flags, config=config, impl=impl), tokens)
 

@@ -24,6 +24,7 @@ from indexcache_jax.cache import KVCache, init_cache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.model import bind, check_tokens, pattern_flags
 from indexcache_jax.sampling import sample_tokens
+from pallas_kernels.dispatch import ImplArg
 
 
 def _extend(params, tokens, lengths, cache, flags, *, config, impl, all_logits):
@@ -75,7 +76,7 @@ def _check_capacity(cache: KVCache, new_tokens: int) -> None:
 
 
 def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, lengths=None,
-            impl: Optional[str] = None, all_logits: bool = False):
+            impl: ImplArg = None, all_logits: bool = False):
     """Run a batch of prompts through the model and fill the cache.
 
     tokens int[B,T] (right-padded), lengths int[B] (default: all T), cache from init_cache (or partly filled:
@@ -94,7 +95,7 @@ def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig
                     config=config, impl=impl, all_logits=all_logits)
 
 
-def decode_step(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, impl: Optional[str] = None):
+def decode_step(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, impl: ImplArg = None):
     """One token per row: tokens int[B] -> (logits f32[B,V] for the next token, the cache with it appended).
     The input cache is donated: use the returned one. The vocabulary and capacity checks read the tokens and
     cache lengths on the host (a small device-to-host copy per call); `generate` and calls from inside your own
@@ -144,7 +145,7 @@ def _generate(params, prompts, lengths, cache, flags, key, temperature, top_p, e
 def generate(params, prompts, prompt_lengths=None, *, config: ModelConfig, max_new_tokens: int, pattern=None,
              key=None, temperature: float = 0.0, top_p: float = 1.0, eos_id: Optional[int] = None,
              padding_side: str = "right", cache_len: Optional[int] = None,
-             impl: Optional[str] = None) -> Generation:
+             impl: ImplArg = None) -> Generation:
     """Prefill the prompts and decode `max_new_tokens` tokens per row, all inside one jitted function.
 
     prompts int[B,T] padded on `padding_side` ("right": real tokens first; "left": real tokens last),

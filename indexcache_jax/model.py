@@ -23,6 +23,7 @@ from indexcache_jax.distill import indexer_loss, init_state
 from indexcache_jax.nn import RMSNorm, project, weight
 from indexcache_jax.pattern import IndexCachePattern, as_flags
 from indexcache_jax.rope import rope_angles
+from pallas_kernels.dispatch import ImplArg
 
 ATTENTION_MODES = ("sparse", "dense")
 
@@ -189,7 +190,7 @@ def _forward(params, tokens, flags, *, config, attention, impl):
 
 
 def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
-            impl: Optional[str] = None):
+            impl: ImplArg = None):
     """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
     attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model)."""
     if attention not in ATTENTION_MODES:
@@ -211,7 +212,7 @@ def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl
 
 
 def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config: ModelConfig,
-                              attention: str = "sparse", impl: Optional[str] = None):
+                              attention: str = "sparse", impl: ImplArg = None):
     """Training: (logits f32[B,T,V], the indexers' distillation loss f32[]) of a whole sequence; see
     DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form."""
     if attention not in ATTENTION_MODES:
@@ -226,7 +227,7 @@ def _layer_indices(params, tokens, flags, *, config, impl):
     return bind(config, params).layer_indices(tokens, flags, impl=impl)
 
 
-def layer_indices(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, impl: Optional[str] = None):
+def layer_indices(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, impl: ImplArg = None):
     """The top-k indices each layer attends with, int32[N,B,T,K] (ascending ids, then -1; see topk_reference)."""
     check_tokens(tokens, config)
     return _layer_indices(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, impl=impl)

@@ -27,6 +27,7 @@ from indexcache_jax.config import ModelConfig
 from indexcache_jax.configlib import to_mapping
 from indexcache_jax.evaluate import lm_loss
 from indexcache_jax.pattern import IndexCachePattern
+from pallas_kernels.dispatch import ImplArg
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def greedy_search(params, config: ModelConfig, batches: Sequence[np.ndarray], *, min_full: int,
-                  path_file: Optional[str | os.PathLike] = None, impl: Optional[str] = None,
+                  path_file: Optional[str | os.PathLike] = None, impl: ImplArg = None,
                   progress: Optional[Callable[[str], None]] = print) -> SearchResult:
     """Greedy path from all-Full down to `min_full` Full layers, scored by mean LM loss over `batches`."""
     n = config.num_layers

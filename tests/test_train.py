@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO
 from indexcache_jax import cli
@@ -231,6 +232,9 @@ def test_indexer_and_routing_bias_get_their_own_labels_and_the_bias_stays_fixed(
     ("steps=many", "steps"),
     ("data.source=text", "data.paths"),
     ("model.vocab_size=100", "model.vocab_size"),
+    ("kernels.sparse_backward=cuda", "kernels.sparse_backward"),
+    ("kernels.backward_d_s_bytes=-1", "kernels.backward_d_s_bytes"),
+    ("kernels.impl=gpu", "kernels.impl"),
 ])
 def test_bad_config_values_name_the_field(override, field):
     if override == "stage=indexcache":
@@ -239,6 +243,18 @@ def test_bad_config_values_name_the_field(override, field):
         return
     with pytest.raises(ConfigError, match=field.split(".")[-1]):
         load_train_config(JOB, SMALL + [override])
+
+
+def test_kernels_section_reaches_the_kernels_and_the_run_records_it(tmp_path):
+    """The job's `kernels` section goes down to the dispatch: a Gluon forward asked for under the interpreter
+    (Pallas kernels only) is refused by the kernel's own check. impl= replaces only the implementation, and
+    config.yaml records what ran; a bad value names the file and the field."""
+    with pytest.raises(ValueError, match="forward_kernel='gluon' cannot run: the Pallas interpreter"):
+        train(_job("steps=1", "kernels.sparse_forward=gluon"), tmp_path, impl="interpret")
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())["kernels"]
+    assert recorded["impl"] == "interpret" and recorded["sparse_forward"] == "gluon"
+    with pytest.raises(ConfigError, match=f"{JOB}: kernels.distribution: must be one of"):
+        load_train_config(JOB, SMALL + ["kernels.distribution=fast"])
 
 
 def test_missing_data_file_and_bad_override_syntax_are_named(tmp_path):

@@ -7,6 +7,7 @@ checkpointing, logging), typed and validated like the model config, with `--set 
     stage: indexcache           # dense | dense_warmup | sparse | indexcache
     steps: 200
     data: {...}  optim: {...}  checkpoint: {...}  log: {...}
+    kernels: {sparse_backward: pallas, backward_d_s_bytes: 268435456}   # optional: pallas_kernels.dispatch.Kernels
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig
 from indexcache_jax.configlib import ConfigError, check, from_mapping, read_yaml, to_mapping
+from pallas_kernels.dispatch import Kernels
 
 Stage = Literal["dense", "dense_warmup", "sparse", "indexcache"]
 PASSKEY_MIN_SEQ_LEN = 80  # the needle, the question and the answer of data.passkey_document
@@ -129,6 +131,8 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    # The kernels the job runs and their memory bounds (the implementation too: the CLI's --impl overrides it)
+    kernels: Kernels = Kernels()
     seed: int = 0
 
     def validate(self, where: str = "") -> None:
@@ -179,7 +183,7 @@ def load_train_config(path: str | pathlib.Path, overrides: Optional[list[str]] =
     data = apply_overrides(read_yaml(path), list(overrides or []))
     try:
         return from_mapping(TrainConfig, data, "")
-    except ConfigError as err:
+    except ValueError as err:  # ConfigError, or the ValueError of a section that validates itself (kernels)
         raise ConfigError(f"{path}: {err}") from err
 
 

@@ -45,6 +45,7 @@ from indexcache_jax.checkpoint import load_model, save_model
 from indexcache_jax.model import forward_with_indexer_loss, init_params, next_token_loss, pattern_flags
 from indexcache_jax.train.config import TrainConfig, dump_train_config
 from indexcache_jax.train.data import Splits, batches, load_sequences
+from pallas_kernels.dispatch import ImplArg, Kernels
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 # ---- the step ---------------------------------------------------------------------------------------------------
 
 def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_loss_weight: float,
-                 impl: Optional[str]):
+                 impl: ImplArg):
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
     logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
                                                      attention=STAGE_ATTENTION[stage], impl=impl)
@@ -128,7 +129,7 @@ def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_los
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 
 
-def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: Optional[str]):
+def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: ImplArg):
     losses = functools.partial(stage_losses, model_config=model_config, stage=config.stage,
                                indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl)
     grad_fn = jax.value_and_grad(losses, has_aux=True)
@@ -159,7 +160,7 @@ def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: Optio
     return train_step
 
 
-def make_eval_step(config: TrainConfig, model_config, *, impl: Optional[str]):
+def make_eval_step(config: TrainConfig, model_config, *, impl: ImplArg):
     """-> jitted (params, tokens, flags) -> {"loss", "lm_loss", "indexer_loss"} of the stage."""
     def evaluate(params, tokens, flags):
         loss, parts = stage_losses(params, tokens, flags, model_config=model_config, stage=config.stage,
@@ -249,13 +250,20 @@ def _evaluate(eval_step, params, eval_data, flags, num_batches: int) -> dict[str
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
-def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[str] = None,
+def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: ImplArg = None,
           max_steps_this_run: Optional[int] = None, out=sys.stdout) -> TrainResult:
     """Run (or resume) the job. `max_steps_this_run` stops early (tests; the checkpoint cadence is unchanged).
 
     RUN_DIR gets: config.yaml (resolved), checkpoints/ (Orbax, keep-last-N), metrics.jsonl, tensorboard/ (event
     files), best/ (the model with the lowest eval loss so far, with best.json) and final/ (the model at the last
-    step); best/ and final/ are model checkpoints that every entry point loads."""
+    step); best/ and final/ are model checkpoints that every entry point loads.
+
+    impl: the kernel implementation, a name or a `Kernels`, in place of the config's `kernels` section (a name
+    replaces only its implementation); config.yaml records what runs."""
+    if isinstance(impl, Kernels):
+        config = dataclasses.replace(config, kernels=impl)
+    elif impl is not None:
+        config = dataclasses.replace(config, kernels=dataclasses.replace(config.kernels, impl=impl))
     run_dir = pathlib.Path(run_dir or config.checkpoint.directory).resolve()  # Orbax wants absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_train_config(config))
@@ -280,8 +288,8 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: Optional[
         step, params, opt_state = restored
         print(f"resumed from {run_dir / 'checkpoints'} at step {step}", file=out, flush=True)
 
-    train_step = make_train_step(config, model_config, optimizer, impl=impl)
-    eval_step = make_eval_step(config, model_config, impl=impl)
+    train_step = make_train_step(config, model_config, optimizer, impl=config.kernels)
+    eval_step = make_eval_step(config, model_config, impl=config.kernels)
     accum = config.optim.grad_accum
     tokens_per_step = accum * config.data.batch_size * config.data.seq_len
     metrics_file = (run_dir / "metrics.jsonl").open("a")
