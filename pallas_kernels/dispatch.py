@@ -70,11 +70,10 @@ class Kernels:
         for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
-        for name in ("backward_d_s_bytes", "indexer_chunk_bytes"):
+        for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name.startswith("b") else 1):
-                bound = ">= 0 (0 = the default)" if name.startswith("b") else ">= 1"
-                raise ValueError(f"{where}.{name}: must be an integer {bound}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{where}.{name}: must be an integer >= {least}, got {value!r}")
 
 
 ImplArg = Union[None, str, Kernels]
