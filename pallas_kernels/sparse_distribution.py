@@ -34,8 +34,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
 from pallas_kernels._pallas import compiler_params, dot_size, pad_axis, round_up, skip_blocks_without_slots
-from pallas_kernels.sparse_attention import (GLUON_DTYPES, pad_latent, pad_to_tiles,
-                                             resolve_kernel_choice)
+from pallas_kernels.sparse_attention import GLUON_DTYPES, pad_latent, pad_to_tiles, resolve_kernel_choice
 
 BLOCK_K = 64  # slots per step
 BLOCK_H = 64  # heads per program

@@ -113,10 +113,10 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
         logits = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
         logits = warpgroup_mma(q_rope, kv_rope.index(buf).permute((1, 0)), logits, use_acc=False, is_async=True)
         logits = warpgroup_mma(q_values, kv_values.index(buf).permute((1, 0)), logits, is_async=True)
-        # the next block's ids load under the dots (a load waited for right away stalled every block)
+        # the next block's ids load under the dots (a load waited for right away stalled every block); the last
+        # step reloads its own block, unused, rather than read past the row
         ids = next_ids
-        more = (slot_columns >= 0) & (j + 1 < num_blocks)
-        next_ids = gl.load(ids_base + (j + 1) * BLOCK_N + slot_columns, mask=more)
+        next_ids = gl.load(ids_base + gl.minimum(j + 1, num_blocks - 1) * BLOCK_N + slot_columns)
         logits = warpgroup_mma_wait(0, deps=[logits])
         # -1 slots weigh 0; so do padded heads (lse = +inf); a token with no valid slot (lse = -inf) has only -1s
         probs = gl.where((ids >= 0)[None, :], gl.exp2(logits * SCALE_LOG2 - lse_log2[:, None]), 0.0)
