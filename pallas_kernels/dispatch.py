@@ -48,6 +48,8 @@ class Kernels:
       sparse_backward  its backward (`resolve_backward_kernel`)
       distribution     the sparse stages' distillation target (`sparse_distribution`)
       indexer_scores   the prefill indexer's scores (`indexer.resolve_scores_kernel`: Gluon scores fp8 only)
+      indexer_backward the backward of the scores over every visible key, the dense warm-up's
+                       (`indexer.resolve_backward_kernel`)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -57,6 +59,7 @@ class Kernels:
     sparse_backward: KernelName = "auto"
     distribution: KernelName = "auto"
     indexer_scores: KernelName = "auto"
+    indexer_backward: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -67,7 +70,7 @@ class Kernels:
         """Raise ValueError naming the first bad field as `where.field`."""
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
-        for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores"):
+        for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -125,10 +128,10 @@ def indexer_topk(q, w, k, q_positions, *, topk: int, impl: ImplArg = None, fp8: 
 def indexer_scores(q, w, k, q_positions, *, impl: ImplArg = None):
     """Indexer scores, differentiable in q, w and k. q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] ->
     f32[B,T,S] (-inf where s > pos). The kernels' backward never stores the per-head logits [B,T,S,G]."""
-    impl = resolve_impl(impl)
-    if impl == "reference":
+    options = kernels_of(impl)
+    if options.impl == "reference":
         return indexer_scores_reference(q, w, k, q_positions)
-    return indexer_scores_trainable(q, w, k, q_positions, impl == "interpret")
+    return indexer_scores_trainable(q, w, k, q_positions, options.impl == "interpret", options.indexer_backward)
 
 
 def indexer_slot_scores(q, w, k, indices, *, impl: ImplArg = None):

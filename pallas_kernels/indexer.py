@@ -351,34 +351,69 @@ def _scores(q, w, k, q_positions, k_scale, *, epilogue: str, interpret: bool = F
     return scores[:, :num_q, :num_keys]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def indexer_scores_trainable(q, w, k, q_positions, interpret: bool = False):
-    """`indexer_scores_pallas` (bf16 or fp32 inputs) with a Pallas backward (`indexer_backward`): differentiable
-    in q, w and k without ever storing the per-head logits [B,T,S,G] that autodiff of the reference keeps."""
-    return _trainable_fwd(q, w, k, q_positions, interpret)[0]
+def resolve_backward_kernel(backward_kernel: str, *, interpret: bool, dtype, heads: int, width: int) -> str:
+    """The scores' backward kernels that run: "gluon" (`indexer_backward_gluon`, Hopper, 2-byte inputs) or
+    "pallas" (`indexer_backward`). "auto" takes Gluon where it runs, "gluon" insists (an error says why it cannot
+    run), "pallas" always is; interpret mode is Pallas. heads, width: as given (padded here)."""
+    from pallas_kernels.sparse_attention import resolve_kernel_choice
+
+    def reason():
+        from pallas_kernels import _gluon
+        from pallas_kernels.indexer_backward_gluon import unsupported_reason  # triton: only where it is installed
+        return _gluon.unavailable_reason() or unsupported_reason(dtype, dot_size(heads), dot_size(width))
+
+    return resolve_kernel_choice("backward_kernel", backward_kernel, interpret, reason)
 
 
-def _trainable_fwd(q, w, k, q_positions, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def indexer_scores_trainable(q, w, k, q_positions, interpret: bool = False, backward_kernel: str = "auto"):
+    """`indexer_scores_pallas` (bf16 or fp32 inputs) with a kernel backward: differentiable in q, w and k without
+    ever storing the per-head logits [B,T,S,G] that autodiff of the reference keeps. backward_kernel: "auto",
+    "gluon" (`indexer_backward_gluon`) or "pallas" (`indexer_backward`), see `resolve_backward_kernel`."""
+    return _trainable_fwd(q, w, k, q_positions, interpret, backward_kernel)[0]
+
+
+def _trainable_fwd(q, w, k, q_positions, interpret, backward_kernel):
+    resolve_backward_kernel(backward_kernel, interpret=interpret, dtype=q.dtype, heads=q.shape[2],
+                            width=q.shape[3])  # a bad choice fails here, not when the gradient is taken
     return indexer_scores_pallas(q, w, k, q_positions, interpret=interpret), (q, w, k, q_positions)
 
 
-def _trainable_bwd(interpret, residuals, d_scores):
+def _trainable_bwd(interpret, backward_kernel, residuals, d_scores):
     q, w, k, q_positions = residuals
     batch, num_q, heads, width = q.shape
     num_keys = k.shape[1]
     # All heads in one dot, as in the forward; 64-key tiles keep d_q [block_q*G, I] and the tile's logits in
     # registers together.
     tiles = _Tiling.of(q.shape, num_keys, rows_per_tile=128, heads_per_step=0, block_k=64)
+    gluon = resolve_backward_kernel(backward_kernel, interpret=interpret, dtype=q.dtype, heads=heads,
+                                    width=width) == "gluon"
+    if gluon:  # its key-side programs take 128 keys
+        from pallas_kernels import indexer_backward_gluon
+        tiles = tiles._replace(num_keys_p=round_up(num_keys, indexer_backward_gluon.KEYS.value))
     q_p, w_p, k_p, positions = tiles.pad(q, w.astype(jnp.float32), k, q_positions)
     q_tiles = tiles.num_q_p // tiles.block_q
     d_scores = pad_axis(pad_axis(d_scores.astype(jnp.float32), 1, tiles.num_q_p), 2, tiles.num_keys_p)
-    d_q, d_w, d_k = indexer_scores_backward_call(
-        tiles.by_group(q_p)[:, :, 0], tiles.by_group(w_p)[:, :, 0], k_p,
-        positions.reshape(batch, q_tiles, tiles.block_q), d_scores, block_q=tiles.block_q, block_k=tiles.block_k,
-        heads=tiles.heads_p, num_warps=8, interpret=interpret)
+    if gluon:
+        d_q, d_w, d_k = _gluon_backward(q_p.reshape(batch, -1, tiles.width_p), w_p.reshape(batch, -1), k_p,
+                                        positions, d_scores, heads=tiles.heads_p)
+    else:
+        d_q, d_w, d_k = indexer_scores_backward_call(
+            tiles.by_group(q_p)[:, :, 0], tiles.by_group(w_p)[:, :, 0], k_p,
+            positions.reshape(batch, q_tiles, tiles.block_q), d_scores, block_q=tiles.block_q,
+            block_k=tiles.block_k, heads=tiles.heads_p, num_warps=8, interpret=interpret)
     d_q = d_q.reshape(batch, tiles.num_q_p, tiles.heads_p, tiles.width_p)[:, :num_q, :heads, :width]
     d_w = d_w.reshape(batch, tiles.num_q_p, tiles.heads_p)[:, :num_q, :heads]
     return d_q, d_w.astype(w.dtype), d_k[:, :num_keys, :width].astype(k.dtype), None
+
+
+def _gluon_backward(q_rows, w_rows, k, positions, d_scores, *, heads: int):
+    """`indexer_backward_gluon.indexer_scores_backward_gluon`, under `jax.vmap` too (jax-triton's call has no
+    batching rule: mapped axes fold into the batch axis)."""
+    from pallas_kernels import _gluon
+    from pallas_kernels.indexer_backward_gluon import indexer_scores_backward_gluon
+    unmapped = functools.partial(indexer_scores_backward_gluon, heads=heads)
+    return _gluon.vmap_by_folding_into_batch(unmapped)(q_rows, w_rows, k, positions, d_scores)
 
 
 indexer_scores_trainable.defvjp(_trainable_fwd, _trainable_bwd)

@@ -5,9 +5,12 @@
            (logits recomputed, dP, d_q, d_kv's key and value parts): the default (the Gluon kernels where they run:
            d_kv, which also stores dS, then d_q from dS), `pallas` (both Pallas kernels, which recompute the logits
            and dP for d_q too), and the Pallas tile variants of `--sweep`.
-  scores   forward + backward of the indexer scores (64 heads x 128) for T = S causal queries; bf16. TFLOP/s over
-           the backward's matmul FLOPs on the visible pairs: 4 dots of 2·G·I each (logits recomputed by both
-           kernels, d_q, d_k). The reference keeps the [T, S, G] logits, so it runs only up to `--reference-max`.
+  scores   forward, and the gradient function, of the indexer scores (64 heads x 128) for T = S causal queries;
+           bf16. The kernels' gradient function is their backward alone (XLA drops the unused forward): the
+           default (Gluon on Hopper) and the Pallas one, with the relative difference of the two; TFLOP/s over the
+           backward's matmul FLOPs on the visible pairs, 4 dots of 2·G·I each (logits recomputed by both kernels,
+           d_q, d_k). The reference's gradient function keeps the [T, S, G] logits of its forward, so it runs only
+           up to `--reference-max`.
   slots    forward, and the gradient function, of the indexer scores over each query's selected slots (what the
            sparse stage's distillation loss trains through; 64 heads x 128, K = 2048, T = S causal queries, each
            slot set a random K-subset of the visible keys in ascending order, as the top-k gives; bf16): the kernels
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_kernels import rel_err, timed  # noqa: E402
-from pallas_kernels.indexer import indexer_scores_trainable  # noqa: E402
+from pallas_kernels.indexer import indexer_scores_trainable, resolve_backward_kernel as resolve_scores_backward  # noqa: E402,E501
 from pallas_kernels.indexer_reference import indexer_scores_reference, indexer_slot_scores_reference  # noqa: E402
 from pallas_kernels.indexer_slots import indexer_slot_scores_trainable  # noqa: E402
 from pallas_kernels.sparse_attention import Tiles, resolve_backward_kernel, sparse_mla_pallas  # noqa: E402
@@ -109,22 +112,29 @@ def bench_scores(t: int, args) -> dict:
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     d_scores = jax.random.normal(keys[3], (1, t, t), jnp.float32)
     pairs = t * (t + 1) / 2
-    out = {"length": t}
-    t_fwd = timed(jax.jit(lambda *a: indexer_scores_trainable(*a, pos)), q, w, k, repeats=args.repeats)
-    out["forward_ms"] = t_fwd * 1e3
-    mine = grad_fn(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos))
-    tb = timed(mine, q, w, k, d_scores, repeats=args.repeats) - t_fwd
-    out["backward_ms"], out["backward_tflops"] = tb * 1e3, 4 * 2.0 * G * I * pairs / tb / 1e12
+    out = {"length": t, "backward_kernel": resolve_scores_backward("auto", interpret=False, dtype=BF16, heads=G,
+                                                                   width=I)}
+    out["forward_ms"] = timed(jax.jit(lambda *a: indexer_scores_trainable(*a, pos)), q, w, k,
+                              repeats=args.repeats) * 1e3
+    # "default": the kernels "auto" picks (Gluon on Hopper); "pallas": the Pallas kernels. The gradient function
+    # runs the backward alone: XLA drops the forward, whose output the gradient does not need.
+    grads = {label: grad_fn(lambda q_, w_, k_, kernel=kernel: indexer_scores_trainable(q_, w_, k_, pos, False, kernel))
+             for label, kernel in (("default", "auto"), ("pallas", "pallas"))}
+    for label, fn in grads.items():
+        tg = timed(fn, q, w, k, d_scores, repeats=args.repeats)
+        out[f"gradient_ms_{label}"], out[f"gradient_tflops_{label}"] = tg * 1e3, 4 * 2.0 * G * I * pairs / tg / 1e12
+    got = {label: fn(q, w, k, d_scores) for label, fn in grads.items()}
+    for part, g, r in zip(("d_q", "d_w", "d_k"), got["default"], got["pallas"], strict=True):
+        out[f"rel_diff_default_pallas_{part}"] = rel_err(g, r)
     if t <= args.reference_max:
-        # finite cotangent only where the forward is finite: the reference's where() passes 0 to -inf entries
+        # its gradient function keeps the forward: autodiff needs the [T, S, G] logits
         ref = grad_fn(lambda q_, w_, k_: indexer_scores_reference(q_, w_, k_, pos))
-        t_ref = timed(jax.jit(lambda *a: indexer_scores_reference(*a, pos)), q, w, k, repeats=args.repeats)
-        out["reference_backward_ms"] = (timed(ref, q, w, k, d_scores, repeats=args.repeats) - t_ref) * 1e3
-        got = mine(q, w, k, d_scores)
+        out["reference_gradient_ms"] = timed(ref, q, w, k, d_scores, repeats=args.repeats) * 1e3
         with jax.default_matmul_precision("highest"):
             want = ref(q.astype(jnp.float32), w, k.astype(jnp.float32), d_scores)
-        out["rel_err_d_q"], out["rel_err_d_w"], out["rel_err_d_k"] = (
-            rel_err(g, r) for g, r in zip(got, want, strict=True))
+        for label in grads:
+            for part, g, r in zip(("d_q", "d_w", "d_k"), got[label], want, strict=True):
+                out[f"rel_err_{label}_{part}"] = rel_err(g, r)
     return out
 
 

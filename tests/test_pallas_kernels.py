@@ -211,7 +211,8 @@ def test_indexer_scores_backward_kernels_equal_reference_gradients(impl, dtype, 
         _, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_reference(q_, w_, k_, pos), q.astype(jnp.float32), w,
                          k.astype(jnp.float32))
         want = vjp(d_scores)
-        scores, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos, impl == "interpret"),
+        scores, vjp = jax.vjp(lambda q_, w_, k_: indexer_scores_trainable(q_, w_, k_, pos, impl == "interpret",
+                                                                             "pallas"),
                               q, w, k)
         got = vjp(d_scores)
     visible = np.isfinite(np.asarray(indexer_scores_reference(q, w, k, pos))).sum()
