@@ -392,7 +392,6 @@ def _trainable_bwd(interpret, backward_kernel, residuals, d_scores):
         from pallas_kernels import indexer_backward_gluon
         tiles = tiles._replace(num_keys_p=round_up(num_keys, indexer_backward_gluon.KEYS.value))
     q_p, w_p, k_p, positions = tiles.pad(q, w.astype(jnp.float32), k, q_positions)
-    q_tiles = tiles.num_q_p // tiles.block_q
     d_scores = pad_axis(pad_axis(d_scores.astype(jnp.float32), 1, tiles.num_q_p), 2, tiles.num_keys_p)
     if gluon:
         d_q, d_w, d_k = _gluon_backward(q_p.reshape(batch, -1, tiles.width_p), w_p.reshape(batch, -1), k_p,
@@ -400,7 +399,7 @@ def _trainable_bwd(interpret, backward_kernel, residuals, d_scores):
     else:
         d_q, d_w, d_k = indexer_scores_backward_call(
             tiles.by_group(q_p)[:, :, 0], tiles.by_group(w_p)[:, :, 0], k_p,
-            positions.reshape(batch, q_tiles, tiles.block_q), d_scores, block_q=tiles.block_q,
+            positions.reshape(batch, tiles.num_q_p // tiles.block_q, tiles.block_q), d_scores, block_q=tiles.block_q,
             block_k=tiles.block_k, heads=tiles.heads_p, num_warps=8, interpret=interpret)
     d_q = d_q.reshape(batch, tiles.num_q_p, tiles.heads_p, tiles.width_p)[:, :num_q, :heads, :width]
     d_w = d_w.reshape(batch, tiles.num_q_p, tiles.heads_p)[:, :num_q, :heads]

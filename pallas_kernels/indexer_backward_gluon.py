@@ -41,6 +41,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU
+from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.sparse_attention_gluon import _row_layout
 from pallas_kernels.sparse_distribution_gluon import _load_operand
 
@@ -49,7 +51,7 @@ BLOCK_K = gl.constexpr(64)  # keys per query-side step
 KEYS = gl.constexpr(128)  # keys per key-side program
 STEP_ROWS = gl.constexpr(64)  # query rows per key-side step
 NUM_WARPS = 8  # two warpgroups
-PROGRAMS_IN_FLIGHT = 4 * 132  # key-side programs to aim for: four per SM of an H100, for balance
+PROGRAMS_IN_FLIGHT = 2 * PROGRAMS_TO_FILL_GPU  # key-side programs to aim for: four per SM of an H100, for balance
 MAX_KEY_SPLITS = 16
 
 
@@ -226,7 +228,7 @@ def kernel_constants(num_q: int, num_keys: int, heads: int, width: int) -> dict:
 
 def unsupported_reason(dtype, heads: int, width: int) -> str | None:
     """Why these padded inputs cannot run the Gluon kernels, or None. heads, width: padded (powers of two >= 16)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if jnp.dtype(dtype) not in GLUON_DTYPES:
         return f"it takes bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
     if heads > ROWS.value:
         return f"{heads} heads (padded) exceed the query-side program's {ROWS.value} rows"
