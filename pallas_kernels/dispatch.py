@@ -5,7 +5,7 @@ impl:
   "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
                forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
                jax-triton are installed (bf16/fp16 inputs), as do the fp8 indexer scores (`indexer_gluon.py`),
-               the top-k's candidates pass (`topk_gluon.py`) and the attention distribution given the forward's
+               both passes of the top-k (`topk_gluon.py`) and the attention distribution given the forward's
                lse (`sparse_distribution_gluon.py`);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
                logic;
@@ -50,6 +50,8 @@ class Kernels:
       indexer_scores   the prefill indexer's scores (`indexer.resolve_scores_kernel`: Gluon scores fp8 only)
       indexer_backward the backward of the scores over every visible key, the dense warm-up's
                        (`indexer.resolve_backward_kernel`)
+      topk             both passes of the prefill indexer's top-k, candidates and select
+                       (`topk.resolve_candidates_kernel`, `topk.resolve_select_kernel`)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -60,6 +62,7 @@ class Kernels:
     distribution: KernelName = "auto"
     indexer_scores: KernelName = "auto"
     indexer_backward: KernelName = "auto"
+    topk: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -70,7 +73,8 @@ class Kernels:
         """Raise ValueError naming the first bad field as `where.field`."""
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
-        for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward"):
+        for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward",
+                     "topk"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -117,7 +121,7 @@ def indexer_topk(q, w, k, q_positions, *, topk: int, impl: ImplArg = None, fp8: 
     if impl != "reference":
         return indexer_topk_pallas(q, w, k, q_positions, topk=topk, interpret=impl == "interpret", fp8=fp8,
                                    k_scale=k_scale, fp8_head_sum=fp8_head_sum, scores_kernel=options.indexer_scores,
-                                   chunk_bytes=options.indexer_chunk_bytes)
+                                   topk_kernel=options.topk, chunk_bytes=options.indexer_chunk_bytes)
     if q.shape[1] == 1:
         return indexer_topk_decode_reference(q[:, 0], w[:, 0], k, q_positions[:, 0], topk=topk, fp8=fp8,
                                              k_scale=k_scale, fp8_head_sum=fp8_head_sum)[:, None]

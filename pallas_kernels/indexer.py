@@ -420,11 +420,12 @@ indexer_scores_trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = False, fp8: bool = False,
                         k_scale=None, chunk_bytes: int = 1 << 30, fp8_head_sum: str = "bf16",
-                        scores_kernel: str = "auto"):
+                        scores_kernel: str = "auto", topk_kernel: str = "auto"):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], q_positions int[B,T] -> int32[B,T,topk] (the top-k convention).
     fp8: quantise the inputs (`indexer_reference.quantize_fp8`) and score on fp8 tensor cores; k_scale f32[B,S]:
     k is already fp8 (an fp8 key cache) and only the queries are quantised (`indexer_reference.scored_inputs`).
-    fp8_head_sum, scores_kernel: as in `indexer_scores_pallas`.
+    fp8_head_sum, scores_kernel: as in `indexer_scores_pallas`; topk_kernel: both passes of the top-k
+    (`topk.topk_pallas`'s candidates_kernel and select_kernel).
 
     Queries go in chunks whose fp32 scores take at most chunk_bytes ([B, chunk, S])."""
     q, w, k, k_scale = scored_inputs(q, w, k, fp8=fp8, k_scale=k_scale)
@@ -437,7 +438,8 @@ def indexer_topk_pallas(q, w, k, q_positions, *, topk: int, interpret: bool = Fa
         # Each row's top-k stops at its causal length, so the tiles past it need not be written.
         scores = indexer_scores_pallas(q_c, w_c, k, pos_c, k_scale, interpret=interpret, fill_hidden=False,
                                        fp8_head_sum=fp8_head_sum, scores_kernel=scores_kernel)
-        return topk_pallas(scores, topk, pos_c + 1, interpret=interpret)
+        return topk_pallas(scores, topk, pos_c + 1, interpret=interpret, candidates_kernel=topk_kernel,
+                           select_kernel=topk_kernel)
 
     if chunk >= num_q:
         return one_chunk(q, w, q_positions)

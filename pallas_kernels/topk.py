@@ -31,6 +31,8 @@ Nine passes over a row of 128K (4-bit digits then) is what made the first versio
      key, no memory traffic); the streamed 2-bit form re-read them from L2 in every pass and waited on those
      loads (on an H100, 2048 causal rows of 128K: select 0.23 -> 0.15 ms).
 The sample is deterministic (a fixed stride), so a given input always takes the same path.
+On Hopper both kernels also exist in Gluon (`topk_gluon`), with the same outputs; "auto" takes them
+(`resolve_candidates_kernel`, `resolve_select_kernel`).
 
 Every pass stops at the row's length, so a causal row t costs t + 1 keys, not S.
 Shapes: R rows (any leading dims flattened), S keys, K selected slots, W candidate slots.
@@ -276,8 +278,19 @@ def _call_params(interpret, num_warps, num_stages):
                 compiler_params=None if interpret else compiler_params(num_warps, num_stages=num_stages))
 
 
-CANDIDATES_KERNELS = ("auto", "gluon", "pallas")
-GLUON_WARPS = 4  # the Gluon candidates kernel's warps (here so that checking its tiles needs no triton)
+GLUON_WARPS = 4  # the Gluon kernels' warps (here so that checking their tiles needs no triton)
+
+
+def _resolve(which: str, choice: str, interpret: bool, tiles_reason) -> str:
+    """`sparse_attention.resolve_kernel_choice` for a top-k pass: tiles_reason() says why the Gluon kernel cannot
+    take the tiles (None when it can); then the GPU must run Gluon."""
+    from pallas_kernels.sparse_attention import resolve_kernel_choice
+
+    def reason():
+        from pallas_kernels import _gluon
+        return tiles_reason() or _gluon.unavailable_reason()
+
+    return resolve_kernel_choice(which, choice, interpret, reason)
 
 
 def resolve_candidates_kernel(candidates_kernel: str, interpret: bool, block: int, sample: int,
@@ -286,21 +299,30 @@ def resolve_candidates_kernel(candidates_kernel: str, interpret: bool, block: in
     "auto" takes the Gluon kernel where it runs (a Hopper GPU with triton and jax-triton; 4 warps and blocks and
     samples of at least 128 keys, one per thread) and Pallas elsewhere; "gluon" insists (an error says why it
     cannot run); "pallas" always is. Interpret mode is Pallas. Both give the same candidates."""
-    if candidates_kernel not in CANDIDATES_KERNELS:
-        raise ValueError(f"candidates_kernel must be one of {list(CANDIDATES_KERNELS)}, got {candidates_kernel!r}")
-    if candidates_kernel == "pallas" or (interpret and candidates_kernel == "auto"):
-        return "pallas"
-    if interpret:
-        reason = "the Pallas interpreter runs Pallas kernels only"
-    elif num_warps != GLUON_WARPS or min(block, sample) < 32 * GLUON_WARPS:
-        reason = (f"it runs {GLUON_WARPS} warps over blocks and samples of at least {32 * GLUON_WARPS} keys, got "
-                  f"{num_warps} warps, block {block}, sample {sample}")
-    else:
-        from pallas_kernels import _gluon
-        reason = _gluon.unavailable_reason()
-    if reason is not None and candidates_kernel == "gluon":
-        raise ValueError(f"candidates_kernel='gluon' cannot run: {reason}")
-    return "pallas" if reason else "gluon"
+    def tiles_reason():
+        if num_warps != GLUON_WARPS or min(block, sample) < 32 * GLUON_WARPS:
+            return (f"it runs {GLUON_WARPS} warps over blocks and samples of at least {32 * GLUON_WARPS} keys, got "
+                    f"{num_warps} warps, block {block}, sample {sample}")
+        return None
+
+    return _resolve("candidates_kernel", candidates_kernel, interpret, tiles_reason)
+
+
+def resolve_select_kernel(select_kernel: str, interpret: bool, select_block: int, width: int,
+                          num_warps: int) -> str:
+    """The select kernel that runs: "gluon" (`topk_gluon._select_kernel`, Hopper) or "pallas" (`_select_kernel`),
+    chosen as `resolve_candidates_kernel` chooses; the Gluon kernel runs 4 warps over select blocks of 128 to
+    32768 keys (its compaction counts two kinds of key in the half-words of one int32 scan) and buffers of at
+    least 256 candidate slots (W). Both give the same ids."""
+    def tiles_reason():
+        if (num_warps != GLUON_WARPS or not 32 * GLUON_WARPS <= select_block <= 1 << 15
+                or width < 64 * GLUON_WARPS):
+            return (f"it runs {GLUON_WARPS} warps over select blocks of {32 * GLUON_WARPS} to {1 << 15} keys and "
+                    f"at least {64 * GLUON_WARPS} candidate slots, got {num_warps} warps, select block "
+                    f"{select_block}, {width} slots")
+        return None
+
+    return _resolve("select_kernel", select_kernel, interpret, tiles_reason)
 
 
 def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps, num_stages, capacity, sample,
@@ -343,7 +365,7 @@ def _candidates(scores, k, lengths, *, interpret, block, select_block, num_warps
 
 
 _OPTIONS = ("k", "interpret", "block", "select_block", "num_warps", "num_stages", "capacity", "sample",
-            "candidates_kernel")
+            "candidates_kernel")  # (+ "resident" and "select_kernel" for `topk_pallas`)
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS)
@@ -358,10 +380,11 @@ def candidate_counts(scores, k: int, lengths: Optional[jax.Array] = None, *, int
     return count.reshape(lead)
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS + ("resident",))
+@functools.partial(jax.jit, static_argnames=_OPTIONS + ("resident", "select_kernel"))
 def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpret: bool = False,
                 block: int = 0, select_block: int = 0, num_warps: int = 0, num_stages: int = 3, capacity: int = 0,
-                sample: int = 1024, resident: Optional[bool] = None, candidates_kernel: str = "auto"):
+                sample: int = 1024, resident: Optional[bool] = None, candidates_kernel: str = "auto",
+                select_kernel: str = "auto"):
     """scores f32[..., S] (-inf = invisible), lengths int[...] (keys >= length are invisible; default S)
     -> int32[..., k] in the top-k convention of `topk_reference` (ascending ids, then -1).
 
@@ -369,14 +392,21 @@ def topk_pallas(scores, k: int, lengths: Optional[jax.Array] = None, *, interpre
     strided sample that sets the candidates' floor (rounded up to a block). block / num_warps: keys per step of the
     candidates kernel and warps per row (0 = by row length, `_default_tiles`); select_block: keys per step of the
     select kernel (0 = SELECT_BLOCK; at most the capacity) where it streams the candidates; resident: hold all W
-    candidates in registers through the select instead (None = when W <= RESIDENT_SLOTS); candidates_kernel:
-    "auto" | "gluon" | "pallas" (`resolve_candidates_kernel`)."""
+    candidates in registers through the select instead (None = when W <= RESIDENT_SLOTS); candidates_kernel,
+    select_kernel: "auto" | "gluon" | "pallas" for each pass (`resolve_candidates_kernel`,
+    `resolve_select_kernel`)."""
     num_warps = num_warps or _default_tiles(scores.shape[-1])[1]
     lead, rows, lengths, select_block, ids, keys, count = _candidates(
         scores, k, lengths, interpret=interpret, block=block, select_block=select_block, num_warps=num_warps,
         num_stages=num_stages, capacity=capacity, sample=sample, candidates_kernel=candidates_kernel)
     k_pad = next_pow2(k + 1)  # one spare slot past k (see _masked_slots)
     resident = ids.shape[1] <= RESIDENT_SLOTS if resident is None else resident
+    if resolve_select_kernel(select_kernel, interpret, select_block, ids.shape[1], num_warps) == "gluon":
+        from pallas_kernels._gluon import vmap_by_folding_into_batch
+        from pallas_kernels.topk_gluon import select_gluon
+        out = vmap_by_folding_into_batch(functools.partial(
+            select_gluon, k=k, k_pad=k_pad, resident=resident, block=select_block))(lengths, count, rows, ids, keys)
+        return out[:, :k].reshape(*lead, k)
     out = pl.pallas_call(
         functools.partial(_select_kernel, k=k, block=select_block, out_block=min(k_pad, 1024), resident=resident),
         grid=(rows.shape[0],),

@@ -308,7 +308,7 @@ def split_slots_forward():
 def scores_only_indexer():
     """`indexer_topk_pallas` with fp8, its top-k replaced by a read of one column per row (the scores must still
     be computed, the selection costs ~nothing): the whole-context indexer minus this is the top-k's share."""
-    def no_topk(scores, topk, lengths=None, *, interpret=False):
+    def no_topk(scores, topk, lengths=None, **kernel_options):
         return jnp.broadcast_to(scores[..., :1].astype(jnp.int32), scores.shape[:-1] + (topk,))
 
     def run(q_, w_, k_, p_):

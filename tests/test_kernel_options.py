@@ -15,7 +15,7 @@ from test_pallas_kernels import _sparse_inputs
 
 @pytest.mark.parametrize("field,value", [("impl", "gpu"), ("sparse_forward", "cuda"), ("sparse_backward", "gpu"),
                                          ("distribution", None), ("indexer_scores", "triton"),
-                                         ("indexer_backward", "cuda"), ("backward_d_s_bytes", -1),
+                                         ("indexer_backward", "cuda"), ("topk", "radix"), ("backward_d_s_bytes", -1),
                                          ("indexer_chunk_bytes", 0), ("indexer_chunk_bytes", 1.5),
                                          ("backward_d_s_bytes", True)])
 def test_bad_options_name_their_field(field, value):
@@ -48,7 +48,7 @@ def test_dispatch_hands_each_option_to_its_kernel(monkeypatch):
         monkeypatch.setattr(dispatch, name, recorder(name))
     q, kv, idx = _sparse_inputs(0, 1, 3, 20, 4, 8, 4, 5, np.float32)
     options = Kernels(impl="interpret", sparse_forward="pallas", sparse_backward="gluon", distribution="gluon",
-                      indexer_scores="pallas", indexer_backward="gluon", backward_d_s_bytes=123,
+                      indexer_scores="pallas", indexer_backward="gluon", topk="pallas", backward_d_s_bytes=123,
                       indexer_chunk_bytes=456)
     for impl, want_tiles in ((options, Tiles(forward_kernel="pallas", backward_kernel="gluon", backward_d_s_bytes=123)),
                              ("interpret", Tiles())):
@@ -60,8 +60,9 @@ def test_dispatch_hands_each_option_to_its_kernel(monkeypatch):
         dispatch.sparse_attention_distribution(q, kv, idx, scale=0.3, value_dim=8, impl=impl)
         assert calls["sparse_attention_distribution_pallas"]["kernel"] == kernel
         dispatch.indexer_topk(q, q[..., 0], kv, idx[..., 0], topk=2, impl=impl)
-        want = ("pallas", 456) if impl is options else ("auto", 1 << 30)
-        assert (calls["indexer_topk_pallas"]["scores_kernel"], calls["indexer_topk_pallas"]["chunk_bytes"]) == want
+        want = ("pallas", "pallas", 456) if impl is options else ("auto", "auto", 1 << 30)
+        names = ("scores_kernel", "topk_kernel", "chunk_bytes")
+        assert tuple(calls["indexer_topk_pallas"][name] for name in names) == want
         dispatch.indexer_scores(q, q[..., 0], kv, idx[..., 0], impl=impl)
         assert calls["indexer_scores_trainable"] == (True, kernel)
 
