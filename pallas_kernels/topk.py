@@ -282,8 +282,8 @@ GLUON_WARPS = 4  # the Gluon kernels' warps (here so that checking their tiles n
 
 
 def _resolve(which: str, choice: str, interpret: bool, tiles_reason) -> str:
-    """`sparse_attention.resolve_kernel_choice` for a top-k pass: tiles_reason() says why the Gluon kernel cannot
-    take the tiles (None when it can); then the GPU must run Gluon."""
+    """`sparse_attention.resolve_kernel_choice` for a top-k pass: the Gluon kernel runs where tiles_reason() (why
+    it cannot take these tiles, None when it can) and `_gluon.unavailable_reason()` are both None."""
     from pallas_kernels.sparse_attention import resolve_kernel_choice
 
     def reason():

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _gluon
-from pallas_kernels.topk import (FALLBACK, SAMPLE_MARGIN, _candidates, candidate_counts, resolve_candidates_kernel,
-                                 resolve_select_kernel, topk_pallas)
+from pallas_kernels.topk import (FALLBACK, RESIDENT_SLOTS, SAMPLE_MARGIN, _candidates, candidate_counts,
+                                 resolve_candidates_kernel, resolve_select_kernel, topk_pallas)
 from pallas_kernels.topk_reference import topk_reference
 
 # (row length S_pad, k, W, block, sample)
@@ -195,11 +195,11 @@ def test_gluon_select_equals_the_pallas_kernels_and_the_reference_on_every_path(
              (tied, None, tied, 2048, {})]  # more than half the buffer; a constant row: the whole-row select
     paths = set()
     for rows, lens, want_rows, k, options in cases:
-        counts = np.asarray(candidate_counts(rows, k, lens, **options))
-        width = int(np.asarray(_candidates(rows, k, lens, interpret=False, block=0, select_block=0, num_warps=4,
-                                           num_stages=3, capacity=options.get("capacity", 0), sample=1024)[4]).shape[1])
-        paths |= {"whole row" if c == FALLBACK else "streamed" if width > 8192 else
-                  "resident, all" if c > width // 2 else "resident, half" for c in counts}
+        *_, ids, _, counts = _candidates(rows, k, lens, interpret=False, block=0, select_block=0, num_warps=4,
+                                         num_stages=3, capacity=options.get("capacity", 0), sample=1024)
+        width = ids.shape[1]
+        paths |= {"whole row" if c == FALLBACK else "streamed" if width > RESIDENT_SLOTS else
+                  "resident, all" if c > width // 2 else "resident, half" for c in np.asarray(counts)}
         got = np.asarray(topk_pallas(rows, k, lens, select_kernel="gluon", **options))
         np.testing.assert_array_equal(got, np.asarray(topk_pallas(rows, k, lens, select_kernel="pallas", **options)))
         np.testing.assert_array_equal(got, np.asarray(topk_reference(want_rows, k)))
