@@ -185,6 +185,7 @@ MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88
 
 
 SCORES_KERNELS = ("auto", "pallas", "gluon")
+GLUON_SCORES_DTYPES = (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16)  # what `indexer_gluon` scores
 
 
 def _walks_keys(q_shape, tiles: _Tiling, itemsize: int) -> bool:
@@ -201,23 +202,25 @@ def walks_keys_by_default(q_shape, num_keys: int, itemsize: int) -> bool:
     return _walks_keys(q_shape, tiles, itemsize)
 
 
-def resolve_scores_kernel(scores_kernel: str, *, fp8: bool, fp8_head_sum: str, interpret: bool, heads: int,
-                          width: int, walks_by_default: bool, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
-    """"pallas" or "gluon" (`indexer_gluon`, Hopper) for `indexer_scores_pallas`. "auto" takes Gluon where it runs
-    and the Pallas kernel would walk the keys (walk_keys, or when None its default: `walks_keys_by_default`, given
-    as `walks_by_default`), unless a Pallas tiling option is given; an explicit "gluon" that cannot run is an error
-    that says why."""
+def gluon_head_sum(fp8: bool, fp8_head_sum: str) -> str:
+    """`indexer_gluon`'s head sum for these inputs: "tensor" for fp8 with the bf16 head sum, else "fp32"."""
+    return "tensor" if fp8 and fp8_head_sum == "bf16" else "fp32"
+
+
+def resolve_scores_kernel(scores_kernel: str, *, dtype, interpret: bool, heads: int, width: int,
+                          walks_by_default: bool, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
+    """"pallas" or "gluon" (`indexer_gluon`, Hopper: fp8, bf16 or fp16 inputs) for `indexer_scores_pallas`. "auto"
+    takes Gluon where it runs and the Pallas kernel would walk the keys (walk_keys, or when None its default:
+    `walks_keys_by_default`, given as `walks_by_default`), unless a Pallas tiling option is given; an explicit
+    "gluon" that cannot run is an error that says why."""
     if scores_kernel not in SCORES_KERNELS:
         raise ValueError(f"scores_kernel must be one of {list(SCORES_KERNELS)}, got {scores_kernel!r}")
     if scores_kernel == "pallas":
         return "pallas"
-    reason = None
     if interpret:
         reason = "the Pallas interpreter runs Pallas kernels only"
-    elif not fp8:
-        reason = "it scores fp8 inputs only (pass k_scale)"
-    elif fp8_head_sum != "bf16":
-        reason = f"it sums heads in bf16 on the tensor cores, got fp8_head_sum={fp8_head_sum!r}"
+    elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in GLUON_SCORES_DTYPES]:
+        reason = f"it scores float8_e4m3fn, bfloat16 and float16 inputs, got {jnp.dtype(dtype).name}"
     else:
         from pallas_kernels import _gluon
         reason = _gluon.unavailable_reason()
@@ -243,9 +246,10 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     fp8: q and k float8_e4m3fn and k_scale f32[B,S] (`indexer_reference.quantize_fp8`); fp8_head_sum: "bf16"
     (default) or "fp32", as in `indexer_reference.indexer_scores_reference`.
 
-    scores_kernel: "pallas" (this module), "gluon" (`indexer_gluon`: fp8 with the bf16 head sum on Hopper; at
-    DeepSeek-V3.2 shapes on an H100 1088-1116 TFLOP/s against this kernel's 898-921) or "auto"
-    (`resolve_scores_kernel`). The options below tile the Pallas kernel; giving any of them selects it under "auto".
+    scores_kernel: "pallas" (this module), "gluon" (`indexer_gluon`, Hopper, fp8/bf16/fp16 inputs; at
+    DeepSeek-V3.2 shapes on an H100, fp8 with the bf16 head sum 1088-1116 TFLOP/s against this kernel's 898-921,
+    bf16 at the same power-capped ~550) or "auto" (`resolve_scores_kernel`). The options below tile the Pallas
+    kernel; giving any of them selects it under "auto".
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
@@ -261,16 +265,20 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     writing the hidden half of a causal [T, S] block."""
     check_fp8_head_sum(fp8_head_sum)
     fp8 = k_scale is not None
+    if fp8:
+        _check_fp8_inputs(q, k)
     kernel = resolve_scores_kernel(
-        scores_kernel, fp8=fp8, fp8_head_sum=fp8_head_sum, interpret=interpret, heads=q.shape[2], width=q.shape[3],
+        scores_kernel, dtype=q.dtype, interpret=interpret, heads=q.shape[2], width=q.shape[3],
         walks_by_default=walks_keys_by_default(q.shape, k.shape[1], q.dtype.itemsize), walk_keys=walk_keys,
         pallas_tiling=any((block_k, rows_per_tile, heads_per_step, num_warps, num_stages)))
     if kernel == "gluon":
-        _check_fp8_inputs(q, k)
         from pallas_kernels._gluon import vmap_by_folding_into_batch
-        from pallas_kernels.indexer_gluon import fp8_scores_gluon
-        gluon_scores = functools.partial(fp8_scores_gluon, fill_hidden=fill_hidden)
-        return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions, k_scale)
+        from pallas_kernels.indexer_gluon import scores_gluon
+        gluon_scores = functools.partial(scores_gluon, head_sum=gluon_head_sum(fp8, fp8_head_sum),
+                                         fill_hidden=fill_hidden)
+        if fp8:
+            return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions, k_scale)
+        return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions)
     epilogue = "bf16_head_sum" if fp8 and fp8_head_sum == "bf16" else "fp32_head_sum"
     return _scores(q, w, k, q_positions, k_scale, epilogue=epilogue, interpret=interpret,
                    block_k=block_k, rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,

@@ -160,8 +160,12 @@ def test_gluon_backward_under_vmap_equals_unmapped():
     mapped = jax.vmap(lambda *a: _gradients(*(x[None] for x in a), "gluon"))(q, w, k, pos, d_scores)
     for b in range(3):
         one = _gradients(q[b:b + 1], w[b:b + 1], k[b:b + 1], pos[b:b + 1], d_scores[b:b + 1], "gluon")
-        for m, o in zip(mapped, one, strict=True):
-            np.testing.assert_allclose(np.asarray(m[b], np.float32), np.asarray(o, np.float32), rtol=1e-5, atol=1e-6)
+        # d_k is the sum of the key-side runs' fp32 parts, taken by XLA, whose summation order may differ between
+        # the folded batch of 3 and a batch of 1: an element near a rounding midpoint can then land one bf16 step
+        # (2^-7 relative at most) apart (seen on an H100: one element, in most runs). d_q and d_w are the kernels'.
+        for name, m, o, rtol in zip(("d_q", "d_w", "d_k"), mapped, one, (1e-5, 1e-5, 2.0 ** -7), strict=True):
+            np.testing.assert_allclose(np.asarray(m[b], np.float32), np.asarray(o, np.float32), rtol=rtol, atol=1e-6,
+                                       err_msg=name)
 
 
 @pytest.mark.gpu

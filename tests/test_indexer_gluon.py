@@ -1,12 +1,13 @@
-"""The fp8 indexer scores in Gluon (`pallas_kernels.indexer_gluon`), the bf16 head sum they compute, and the dispatch.
+"""The indexer scores in Gluon (`pallas_kernels.indexer_gluon`), the bf16 head sum they compute, and the dispatch.
 
 Gluon has no interpreter: on CPU (and in CI) the kernel is compiled for sm_90 by Triton's compiler, which needs no
 GPU; it must compile at the production shape and at padded small ones, not spill, keep to the registers and shared
-memory that let four programs share an SM, and issue the two dots that make its design (the fp8 logits as
-m64n128k32, the head sum as m64n8k16 bf16 from registers after one `cvt.rn.relu.bf16x2.f32` per two logits). Its
-wrapper (padding, slicing, vmap) runs on CPU around a stand-in launch. The arithmetic it implements, the bf16 head
-sum, is checked on CPU through the Pallas kernel in interpret mode (tests/test_pallas_kernels.py) and here against
-the reference; the kernel's own scores are checked on a Hopper GPU (tests marked gpu).
+memory that let the measured number of programs share an SM, and issue the dots that make its design: the logits
+as m64n128k32 (fp8) or m64n128k16 (bf16/fp16), and with the fp8 head sum on the tensor cores a second dot,
+m64n8k16 bf16 from registers after one `cvt.rn.relu.bf16x2.f32` per two logits. Its wrapper (padding, slicing,
+vmap, input checks) runs on CPU around a stand-in launch. The arithmetic it implements is checked on CPU through
+the Pallas kernel in interpret mode (tests/test_pallas_kernels.py) and here against the reference; the kernel's
+own scores are checked on a Hopper GPU (tests marked gpu).
 """
 
 import collections
@@ -31,23 +32,30 @@ SMEM_PER_SM = 233472  # an H100 SM's shared memory, bytes (each resident program
 
 # (queries, keys, heads, width) as the wrapper passes them: DeepSeek-V3.2, then padded small and wide shapes
 COMPILE_CASES = [(131072, 131072, 64, 128), (40, 128, 4, 16), (64, 256, 128, 64), (8, 64, 200, 200)]
+# (Triton pointer type, head sum, programs per SM at the production shape, as measured on an H100)
+VARIANTS = {"fp8 tensor": ("fp8e4nv", "tensor", 4), "fp8 fp32": ("fp8e4nv", "fp32", 3),
+            "bf16 fp32": ("bf16", "fp32", 2), "fp16 fp32": ("fp16", "fp32", 2)}
+COMPILES = ([(case, "fp8 tensor") for case in COMPILE_CASES] + [(case, "bf16 fp32") for case in COMPILE_CASES]
+            + [(COMPILE_CASES[0], "fp8 fp32"), (COMPILE_CASES[1], "fp16 fp32")])
 
 
-def _compile(num_q, num_keys, heads, width):
+def _compile(num_q, num_keys, heads, width, variant):
     pytest.importorskip("triton.experimental.gluon")
     from pallas_kernels import indexer_gluon
-    constants = indexer_gluon.kernel_constants(num_q, num_keys, heads, width, True)
-    compiled, _ = _gluon.compile_gluon(indexer_gluon._fp8_scores_kernel,
-                                       ["*fp8e4nv", "*fp32", "*fp8e4nv", "*fp32", "*i32", "*fp32"],
+    pointer, head_sum, _ = VARIANTS[variant]
+    constants = indexer_gluon.kernel_constants(num_q, num_keys, heads, width, itemsize=1 if pointer == "fp8e4nv"
+                                               else 2, head_sum=head_sum, fill_hidden=True)
+    compiled, _ = _gluon.compile_gluon(indexer_gluon._scores_kernel,
+                                       [f"*{pointer}", "*fp32", f"*{pointer}", "*fp32", "*i32", "*fp32"],
                                        num_warps=indexer_gluon.NUM_WARPS, capability=90, constexprs=constants)
     return compiled, constants
 
 
-@pytest.mark.parametrize("case", COMPILE_CASES)
-def test_gluon_scores_compile_for_hopper_with_the_head_sum_on_the_tensor_cores(case, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case, variant", COMPILES)
+def test_gluon_scores_compile_for_hopper_with_their_dots(case, variant, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", "")  # as jax-triton's import leaves it: compiling must not need it
     from triton.backends.nvidia.compiler import get_ptxas
-    compiled, constants = _compile(*case)
+    compiled, constants = _compile(*case, variant)
     ptx = compiled.asm["ptx"]
     (tmp_path / "k.ptx").write_text(ptx)
     log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(tmp_path / "k.ptx"), "-o",
@@ -55,12 +63,41 @@ def test_gluon_scores_compile_for_hopper_with_the_head_sum_on_the_tensor_cores(c
     assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
     rows, width = constants["BLOCK_Q"] * constants["HEADS"], constants["DIM"]
     dots = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.f32\.\w+)", ptx))
-    assert dots == {f"m64n{rows}k32.f32.e4m3": width // 32, "m64n8k16.f32.bf16": rows // 16}, dots
-    assert "cvt.rn.relu.bf16x2.f32" in ptx
-    if case == COMPILE_CASES[0]:  # four programs per SM: registers and shared memory
+    pointer, head_sum, programs_per_sm = VARIANTS[variant]
+    if pointer == "fp8e4nv":
+        logits = {f"m64n{rows}k32.f32.e4m3": width // 32}
+    else:
+        logits = {f"m64n{rows}k16.f32.{pointer.replace('fp', 'f')}": width // 16}
+    if head_sum == "tensor":
+        assert dots == {**logits, "m64n8k16.f32.bf16": rows // 16}, dots
+        assert "cvt.rn.relu.bf16x2.f32" in ptx
+    else:
+        assert dots == logits, dots
+        assert "cvt.rn.relu" not in ptx and "bf16x2" not in ptx  # nothing rounded: the sum stays in fp32
+    assert compiled.metadata.shared + 1024 <= SMEM_PER_SM, compiled.metadata.shared
+    if case == COMPILE_CASES[0]:  # the tile (2 queries x 64 heads) and programs per SM it was measured with
+        assert rows == 128, constants
         registers = int(re.search(r"Used (\d+) registers", log)[1])
-        assert 4 * 128 * registers <= 65536, log
-        assert 4 * (compiled.metadata.shared + 1024) <= SMEM_PER_SM, compiled.metadata.shared
+        assert programs_per_sm * 128 * registers <= 65536, log
+        assert programs_per_sm * (compiled.metadata.shared + 1024) <= SMEM_PER_SM, compiled.metadata.shared
+        from pallas_kernels import indexer_gluon
+        assert constants["STAGES"] == indexer_gluon.STAGES
+
+
+def test_the_widest_two_byte_tiles_take_fewer_ring_stages():
+    pytest.importorskip("triton.experimental.gluon")
+    from pallas_kernels import indexer_gluon
+    from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
+    for itemsize, head_sum, heads, width, stages in [(2, "fp32", 256, 256, 3), (2, "fp32", 64, 128, 4),
+                                                     (1, "tensor", 256, 256, 4), (1, "fp32", 256, 256, 4)]:
+        constants = indexer_gluon.kernel_constants(64, 64, heads, width, itemsize=itemsize, head_sum=head_sum,
+                                                   fill_hidden=True)
+        assert constants["STAGES"] == stages, (itemsize, heads, width)
+        block_bytes = indexer_gluon.BLOCK_K.value * constants["DIM"] * itemsize
+        used = constants["BLOCK_Q"] * constants["HEADS"] * constants["DIM"] * itemsize + stages * block_bytes
+        assert used <= GLUON_SMEM_BYTES
+        if stages < indexer_gluon.STAGES:  # as many as fit
+            assert used + block_bytes > GLUON_SMEM_BYTES
 
 
 def test_round_to_bf16_rounds_as_the_hardware_conversion():
@@ -94,25 +131,27 @@ def test_fp8_head_sums_differ_by_bf16_rounding_only():
 
 
 def test_scores_kernel_choice_is_validated():
-    common = dict(fp8=True, fp8_head_sum="bf16", interpret=False, heads=64, width=128, walks_by_default=True,
+    common = dict(dtype=jnp.float8_e4m3fn, interpret=False, heads=64, width=128, walks_by_default=True,
                   walk_keys=None, pallas_tiling=False)
     with pytest.raises(ValueError, match="scores_kernel must be one of .* got 'cuda'"):
         resolve_scores_kernel("cuda", **common)
     assert resolve_scores_kernel("pallas", **common) == "pallas"
-    for change, reason in [(dict(interpret=True), "interpreter"), (dict(fp8=False), "fp8 inputs only"),
-                           (dict(fp8_head_sum="fp32"), "fp8_head_sum='fp32'")]:
+    for change, reason in [(dict(interpret=True), "interpreter"), (dict(dtype=jnp.float32), "got float32")]:
         with pytest.raises(ValueError, match=f"scores_kernel='gluon' cannot run: .*{reason}"):
             resolve_scores_kernel("gluon", **{**common, **change})
         assert resolve_scores_kernel("auto", **{**common, **change}) == "pallas"
-    if _gluon.available():
-        assert resolve_scores_kernel("auto", **common) == "gluon"
-        with pytest.raises(ValueError, match="at most 256 heads"):
-            resolve_scores_kernel("gluon", **{**common, "heads": 300})
-    else:
-        assert resolve_scores_kernel("auto", **common) == "pallas"
+    for dtype in (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16):
+        if _gluon.available():
+            assert resolve_scores_kernel("auto", **{**common, "dtype": dtype}) == "gluon"
+            with pytest.raises(ValueError, match="at most 256 heads"):
+                resolve_scores_kernel("gluon", **{**common, "dtype": dtype, "heads": 300})
+        else:
+            assert resolve_scores_kernel("auto", **{**common, "dtype": dtype}) == "pallas"
     # the Pallas kernel's own tiling options, few query tiles (decode) or walk_keys=False keep it under "auto"
     for change in (dict(pallas_tiling=True), dict(walks_by_default=False), dict(walk_keys=False)):
         assert resolve_scores_kernel("auto", **{**common, **change}) == "pallas"
+    assert indexer.gluon_head_sum(True, "bf16") == "tensor"
+    assert indexer.gluon_head_sum(True, "fp32") == indexer.gluon_head_sum(False, "bf16") == "fp32"
 
 
 @pytest.mark.parametrize("heads, queries, itemsize, walks", [
@@ -145,28 +184,55 @@ def _inputs(seed, b, t, s, g, i):
 # ---- the wrapper, on CPU: padding, slicing and vmap around a stand-in for jax-triton's launch ------------------
 
 def _stand_in_launch(q, w, k, k_scale, positions, *, kernel, out_shape, grid, num_warps, **constants):
-    """`gluon_call` for `fp8_scores_gluon`: the reference on the padded inputs, checked against the constants, handed
+    """`gluon_call` for `scores_gluon`: the reference on the padded inputs, checked against the constants, handed
     through a callback that, like jax-triton's call, has no batching rule."""
     del kernel, num_warps
     assert q.shape[1:] == (constants["NUM_Q"], constants["HEADS"], constants["DIM"])
-    assert k.shape[1] == constants["NUM_KEYS"] and constants["NUM_KEYS"] % 64 == 0
+    assert k.shape[1] == constants["NUM_KEYS"] and constants["NUM_KEYS"] % 64 == 0 and k.dtype == q.dtype
     assert grid == (constants["NUM_Q"] // constants["BLOCK_Q"], q.shape[0])
-    scores = indexer_scores_reference(q, w, k, positions, k_scale)
+    fp8 = q.dtype == jnp.float8_e4m3fn
+    assert k_scale.shape == ((q.shape[0], constants["NUM_KEYS"]) if fp8 else (q.shape[0],))
+    head_sum = "bf16" if constants["TENSOR_HEAD_SUM"] else "fp32"
+    scores = indexer_scores_reference(q, w, k, positions, k_scale if fp8 else None, fp8_head_sum=head_sum)
     return jax.pure_callback(lambda x: x, out_shape, scores)
 
 
-def test_gluon_wrapper_pads_slices_and_maps_under_vmap(monkeypatch):
+@pytest.mark.parametrize("dtype, head_sum", [("fp8", "bf16"), ("fp8", "fp32"), (jnp.bfloat16, "bf16"),
+                                             (jnp.float16, "fp32")])
+def test_gluon_wrapper_pads_slices_and_maps_under_vmap(dtype, head_sum, monkeypatch):
     indexer_gluon = pytest.importorskip("pallas_kernels.indexer_gluon")  # needs triton, not a GPU
     monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)
     monkeypatch.setattr(indexer_gluon, "gluon_call", _stand_in_launch)
-    q8, w8, k8, k_scale, pos = _inputs(1, 2, 7, 100, 5, 20)  # 5 heads of 20 -> 16 of 32; 7 queries -> 8
-    want = indexer_scores_reference(q8, w8, k8, pos, k_scale)
-    got = indexer_scores_pallas(q8, w8, k8, pos, k_scale, scores_kernel="gluon")
+    if dtype == "fp8":
+        q, w, k, k_scale, pos = _inputs(1, 2, 7, 100, 5, 20)  # 5 heads of 20 -> 16 of 32; 7 queries -> 8
+    else:  # 2-byte inputs: widths pad to 16, queries to 8 per program with 16 heads; k in fp32 is cast
+        q, w, k, pos = _indexer_inputs(1, 2, 7, 100, 5, 20, dtype)
+        k, k_scale = k.astype(jnp.float32), None
+    want = indexer_scores_reference(q, w, k.astype(q.dtype), pos, k_scale, fp8_head_sum=head_sum)
+    got = indexer_scores_pallas(q, w, k, pos, k_scale, scores_kernel="gluon", fp8_head_sum=head_sum)
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    mapped = jax.vmap(lambda a, b_, c: indexer_scores_pallas(a, b_, k8, c, k_scale, scores_kernel="gluon"),
-                      in_axes=1)(q8[:, :, None], w8[:, :, None], pos[:, :, None])
-    np.testing.assert_allclose(jnp.moveaxis(mapped, 0, 1)[:, :, 0], want, rtol=1e-6, atol=1e-6)
+    # the padded heads and dims change the reference's summation order only
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    mapped = jax.vmap(lambda a, b_, c: indexer_scores_pallas(a, b_, k, c, k_scale, scores_kernel="gluon",
+                                                             fp8_head_sum=head_sum),
+                      in_axes=1)(q[:, :, None], w[:, :, None], pos[:, :, None])
+    np.testing.assert_allclose(jnp.moveaxis(mapped, 0, 1)[:, :, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_gluon_scores_reject_inputs_that_do_not_match_their_head_sum():
+    indexer_gluon = pytest.importorskip("pallas_kernels.indexer_gluon")
+    q8, w8, k8, k_scale, pos = _inputs(1, 1, 4, 64, 4, 16)
+    q, w, k, _ = _indexer_inputs(1, 1, 4, 64, 4, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="head_sum must be one of .* got 'bf16'"):
+        indexer_gluon.scores_gluon(q8, w8, k8, pos, k_scale, head_sum="bf16")
+    with pytest.raises(ValueError, match="2-byte inputs neither: got q bfloat16, k_scale None, head_sum='tensor'"):
+        indexer_gluon.scores_gluon(q, w, k, pos, head_sum="tensor")
+    with pytest.raises(ValueError, match="got q float8_e4m3fn, k_scale None"):
+        indexer_gluon.scores_gluon(q8, w8, k8, pos, head_sum="fp32")
+    with pytest.raises(ValueError, match="got q bfloat16, k_scale given"):
+        indexer_gluon.scores_gluon(q, w, k, pos, k_scale, head_sum="fp32")
+    with pytest.raises(ValueError, match="q must be float8_e4m3fn, bfloat16 or float16, got float32"):
+        indexer_gluon.scores_gluon(q.astype(jnp.float32), w, k, pos, head_sum="fp32")
 
 
 # ---- the kernel, on a Hopper GPU ---------------------------------------------------------------------------------
@@ -176,9 +242,12 @@ def _require_gluon():
         pytest.skip(f"Gluon kernels cannot run here: {_gluon.unavailable_reason()}")
 
 
+GPU_SHAPES = [(2, 37, 300, 64, 128), (1, 130, 1000, 4, 16), (2, 9, 200, 128, 64), (1, 64, 4096, 64, 128),
+              (1, 3, 70, 200, 200)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 37, 300, 64, 128), (1, 130, 1000, 4, 16), (2, 9, 200, 128, 64),
-                                   (1, 64, 4096, 64, 128)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gluon_scores_equal_the_bf16_head_sum_reference(shape):
     _require_gluon()
     q8, w8, k8, k_scale, pos = _inputs(2, *shape)
@@ -195,7 +264,30 @@ def test_gluon_scores_equal_the_bf16_head_sum_reference(shape):
 
 
 @pytest.mark.gpu
-def test_fp8_indexer_topk_through_the_gluon_scores_selects_the_reference_keys():
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", ["fp8", jnp.bfloat16, jnp.float16])
+def test_gluon_scores_with_the_fp32_head_sum_equal_the_reference(shape, dtype):
+    _require_gluon()
+    if dtype == "fp8":
+        q, w, k, k_scale, pos = _inputs(4, *shape)
+    else:
+        (q, w, k, pos), k_scale = _indexer_inputs(4, *shape, dtype), None
+    want = np.asarray(indexer_scores_reference(q, w, k, pos, k_scale, fp8_head_sum="fp32"))
+    visible = np.isfinite(want)
+    got = np.asarray(indexer_scores_pallas(q, w, k, pos, k_scale, scores_kernel="gluon", fp8_head_sum="fp32"))
+    assert (np.isfinite(got) == visible).all()
+    # 2-byte products are exact in fp32 and summed in fp32 (in another order than the reference); fp8's k32
+    # chains are summed in the tensor cores' narrower accumulator (~1e-4)
+    assert rel_err(got[visible], want[visible]) < (3e-4 if dtype == "fp8" else 1e-5)
+    pallas = np.asarray(indexer_scores_pallas(q, w, k, pos, k_scale, scores_kernel="pallas", fp8_head_sum="fp32"))
+    assert rel_err(got[visible], pallas[visible]) < (3e-4 if dtype == "fp8" else 1e-5)
+    unwritten = np.asarray(indexer_scores_pallas(q, w, k, pos, k_scale, scores_kernel="gluon", fp8_head_sum="fp32",
+                                                 fill_hidden=False))
+    np.testing.assert_array_equal(unwritten[visible], got[visible])
+
+
+@pytest.mark.gpu
+def test_indexer_topk_through_the_gluon_scores_selects_the_reference_keys():
     _require_gluon()
     q8, w8, k8, k_scale, pos = _inputs(3, 2, 600, 3000, 64, 128)
     q, w = q8.astype(jnp.float32), w8  # already quantised: quantising again is exact (amax maps to 448)
@@ -203,3 +295,7 @@ def test_fp8_indexer_topk_through_the_gluon_scores_selects_the_reference_keys():
         got = np.asarray(indexer_topk_pallas(q, w, k8, pos, topk=64, k_scale=k_scale, scores_kernel=kernel))
         want = np.asarray(indexer_topk_reference(q, w, k8, pos, topk=64, k_scale=k_scale))
         assert (np.sort(got, -1) == np.sort(want, -1)).mean() > 0.99, kernel  # equal but for near-ties
+    qb, wb, kb, pos = _indexer_inputs(3, 2, 600, 3000, 64, 128, jnp.bfloat16)
+    want = np.asarray(indexer_topk_reference(qb, wb, kb, pos, topk=64))
+    got = np.asarray(indexer_topk_pallas(qb, wb, kb, pos, topk=64, scores_kernel="gluon"))
+    assert (np.sort(got, -1) == np.sort(want, -1)).mean() > 0.999
