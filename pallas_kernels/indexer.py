@@ -208,11 +208,10 @@ def gluon_head_sum(fp8: bool, fp8_head_sum: str) -> str:
 
 
 def resolve_scores_kernel(scores_kernel: str, *, dtype, interpret: bool, heads: int, width: int,
-                          walks_by_default: bool, walk_keys: Optional[bool], pallas_tiling: bool) -> str:
+                          pallas_tiling: bool) -> str:
     """"pallas" or "gluon" (`indexer_gluon`, Hopper: fp8, bf16 or fp16 inputs) for `indexer_scores_pallas`. "auto"
-    takes Gluon where it runs and the Pallas kernel would walk the keys (walk_keys, or when None its default:
-    `walks_keys_by_default`, given as `walks_by_default`), unless a Pallas tiling option is given; an explicit
-    "gluon" that cannot run is an error that says why."""
+    takes Gluon where it runs, unless a Pallas tiling option is given (pallas_tiling); an explicit "gluon" that
+    cannot run is an error that says why."""
     if scores_kernel not in SCORES_KERNELS:
         raise ValueError(f"scores_kernel must be one of {list(SCORES_KERNELS)}, got {scores_kernel!r}")
     if scores_kernel == "pallas":
@@ -231,8 +230,7 @@ def resolve_scores_kernel(scores_kernel: str, *, dtype, interpret: bool, heads: 
         if reason is not None:
             raise ValueError(f"scores_kernel='gluon' cannot run: {reason}")
         return "gluon"
-    walks = walk_keys if walk_keys is not None else walks_by_default
-    return "gluon" if reason is None and walks and not pallas_tiling else "pallas"
+    return "gluon" if reason is None and not pallas_tiling else "pallas"
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "rows_per_tile", "heads_per_step",
@@ -247,9 +245,10 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
     (default) or "fp32", as in `indexer_reference.indexer_scores_reference`.
 
     scores_kernel: "pallas" (this module), "gluon" (`indexer_gluon`, Hopper, fp8/bf16/fp16 inputs; at
-    DeepSeek-V3.2 shapes on an H100, fp8 with the bf16 head sum 1088-1116 TFLOP/s against this kernel's 898-921,
-    bf16 at the same power-capped ~550) or "auto" (`resolve_scores_kernel`). The options below tile the Pallas
-    kernel; giving any of them selects it under "auto".
+    DeepSeek-V3.2 shapes on an H100, prefill fp8 with the bf16 head sum 1088-1116 TFLOP/s against this kernel's
+    898-921, bf16 at the same power-capped ~550; decode and short chunks, which it walks in key splits,
+    1.3-1.8x faster than this kernel's per-tile programs) or "auto" (`resolve_scores_kernel`). The options below
+    (walk_keys included) tile the Pallas kernel; giving any of them selects it under "auto".
 
     One tensor-core dot covers rows_per_tile rows = block_q queries x heads_per_step heads (0 = all G); a program
     loops over the G / heads_per_step head groups of its block_q queries, so each key tile is read once per block_q
@@ -269,8 +268,7 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
         _check_fp8_inputs(q, k)
     kernel = resolve_scores_kernel(
         scores_kernel, dtype=q.dtype, interpret=interpret, heads=q.shape[2], width=q.shape[3],
-        walks_by_default=walks_keys_by_default(q.shape, k.shape[1], q.dtype.itemsize), walk_keys=walk_keys,
-        pallas_tiling=any((block_k, rows_per_tile, heads_per_step, num_warps, num_stages)))
+        pallas_tiling=any((block_k, rows_per_tile, heads_per_step, num_warps, num_stages)) or walk_keys is not None)
     if kernel == "gluon":
         from pallas_kernels._gluon import vmap_by_folding_into_batch
         from pallas_kernels.indexer_gluon import scores_gluon

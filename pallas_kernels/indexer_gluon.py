@@ -9,7 +9,10 @@ the fp8 indexer with fp8_head_sum "bf16" or "fp32", or 2-byte inputs).
 Both head sums share the walk:
   - one program = one warpgroup = BLOCK_Q queries (BLOCK_Q * G_p = ROWS rows of q, in shared memory), walking their
     visible key blocks of 64 through a STAGES-deep cp.async ring;
-  - logits [64 keys, ROWS] = k . q^T: one m64 n(ROWS) wgmma chain (k32 fp8, k16 bf16/fp16), fp32 accumulation.
+  - logits [64 keys, ROWS] = k . q^T: one m64 n(ROWS) wgmma chain (k32 fp8, k16 bf16/fp16), fp32 accumulation;
+  - where the query blocks alone cannot fill the GPU (decode, short chunks), each row is walked in key splits, one
+    program each (`key_splits`), and decode takes one query per program, not a padded pair: on an H100 1.3-1.8x
+    the Pallas kernel's per-tile programs, decode reading the keys at 2.5-2.8 TB/s (BENCHMARKS session 32).
 
 head_sum="tensor" (fp8, the fp8 indexer's default): the Pallas kernel (`indexer._scores_rows_kernel`) sums
 ReLU(logit) * w over the 64 heads on the CUDA cores, one FMNMX and one FFMA per (key, head): 128 of the ~245
@@ -51,7 +54,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._pallas import dot_size, pad_axis, round_up
+from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, dot_size, next_pow2, pad_axis, round_up
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 BLOCK_K = gl.constexpr(64)  # keys per step: the logits dot's M
@@ -61,6 +64,7 @@ STAGES = 4  # key blocks in flight, at most; fp8 3 measured 1042-1070 TFLOP/s ag
 # queries); bf16 with the fp32 head sum 2 / 3 / 4: 528-531 / 543-544 / 549-555
 MAX_HEADS = 256  # ROWS is the logits dot's N: at most 256
 MAX_WIDTH = 256  # keeps the query tile and the ring within shared memory
+MIN_SPLIT_BLOCKS = 4  # key blocks a split walks at least: its query tile is loaded once per split
 
 
 @gluon.jit
@@ -110,18 +114,21 @@ def _fp32_head_sum(logits, weights, BLOCK_Q: gl.constexpr, HEADS: gl.constexpr):
 def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl.constexpr,
                    NUM_KEYS: gl.constexpr, HEADS: gl.constexpr, DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
                    STAGES: gl.constexpr, TENSOR_HEAD_SUM: gl.constexpr, FILL_HIDDEN: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   SPLIT_BLOCKS: gl.constexpr, num_warps: gl.constexpr):
     # q_ptr [B, NUM_Q, HEADS, DIM], k_ptr [B, NUM_KEYS, DIM] (fp8 e4m3, bf16 or fp16), w_ptr [B, NUM_Q, HEADS] f32
     # (fp8: w * q_scale), k_scale_ptr [B, NUM_KEYS] f32 (fp8 only), pos_ptr [B, NUM_Q] i32 (-1: a padded query),
-    # out_ptr [B, NUM_Q, NUM_KEYS] f32. Grid (NUM_Q / BLOCK_Q, B), the latest query block first: a causal row's
-    # cost grows with its position, and the longest programs should not start last.
+    # out_ptr [B, NUM_Q, NUM_KEYS] f32. Grid (NUM_Q / BLOCK_Q, key splits, B), the latest query block first: a
+    # causal row's cost grows with its position, and the longest programs should not start last. Split j walks the
+    # key blocks [j * SPLIT_BLOCKS, (j + 1) * SPLIT_BLOCKS): one split (the whole row) in prefill; more where there
+    # are too few query blocks to fill the GPU (decode).
     ROWS: gl.constexpr = BLOCK_Q * HEADS
     BLOCK: gl.constexpr = BLOCK_K
     N: gl.constexpr = SUM_N
     dtype: gl.constexpr = k_ptr.dtype.element_ty
     FP8: gl.constexpr = dtype.primitive_bitwidth == 8
     query_block = NUM_Q // BLOCK_Q - 1 - gl.program_id(0)
-    batch = gl.program_id(1)
+    batch = gl.program_id(2)
+    first_block = gl.program_id(1) * SPLIT_BLOCKS
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * NUM_Q]
     logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                             instr_shape=[16, ROWS, 32 if FP8 else 16])
@@ -143,10 +150,12 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
     positions = gl.load(pos_ptr + first_query + gl.arange(0, BLOCK_Q, layout=gl.BlockedLayout([1], [32],
                                                                                               [num_warps], [0])))
     visible_blocks = gl.minimum((gl.max(positions, axis=0) + BLOCK) // BLOCK, total_blocks)  # 0: padded queries
+    end_block = gl.minimum(first_block + SPLIT_BLOCKS, total_blocks)
+    walked_end = gl.minimum(visible_blocks, end_block)
     keys_base = k_ptr + batch.to(gl.int64) * NUM_KEYS * DIM
     for stage in gl.static_range(STAGES - 1):
-        _copy_rows(keys_base + gl.minimum(stage, total_blocks - 1) * BLOCK * DIM, key_ring.index(stage), BLOCK, DIM,
-                   num_warps)
+        _copy_rows(keys_base + gl.minimum(first_block + stage, total_blocks - 1) * BLOCK * DIM, key_ring.index(stage),
+                   BLOCK, DIM, num_warps)
         async_copy.commit_group()
 
     if TENSOR_HEAD_SUM:
@@ -162,17 +171,18 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
     async_copy.wait_group(STAGES - 1)
     gl.thread_barrier()
     fence_async_shared()
-    for block in range(visible_blocks):
+    for block in range(first_block, walked_end):
+        step = block - first_block
         async_copy.wait_group(STAGES - 2)  # this block's keys have landed (for this thread's copies) ...
         gl.thread_barrier()  # ... and every thread's; every thread is also done with the block before last
         fence_async_shared()
-        logits = warpgroup_mma(key_ring.index(block % STAGES), q_tile.permute((1, 0)),
+        logits = warpgroup_mma(key_ring.index(step % STAGES), q_tile.permute((1, 0)),
                                gl.zeros([BLOCK, ROWS], gl.float32, layout=logits_layout), use_acc=False,
                                is_async=True, max_num_imprecise_acc=DIM if FP8 else 0)
         # the ring slot of the block before last is free: fetch the block STAGES - 1 ahead into it
-        ahead = block + STAGES - 1
-        _copy_rows(keys_base + gl.minimum(ahead, total_blocks - 1) * BLOCK * DIM, key_ring.index(ahead % STAGES),
-                   BLOCK, DIM, num_warps)
+        ahead = step + STAGES - 1
+        _copy_rows(keys_base + gl.minimum(first_block + ahead, total_blocks - 1) * BLOCK * DIM,
+                   key_ring.index(ahead % STAGES), BLOCK, DIM, num_warps)
         async_copy.commit_group()
         key_ids = block * BLOCK + key_offsets
         logits = warpgroup_mma_wait(0, deps=[logits])
@@ -188,7 +198,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
         gl.store(out_base + key_ids[:, None], gl.where(visible, scores, float("-inf")), mask=stored)
     async_copy.wait_group(0)
     if FILL_HIDDEN:
-        for block in range(visible_blocks, total_blocks):
+        for block in range(gl.maximum(walked_end, first_block), end_block):
             gl.store(out_base + (block * BLOCK + key_offsets)[:, None],
                      gl.full([BLOCK, columns.shape[0]], float("-inf"), gl.float32, sums_layout), mask=stored)
 
@@ -196,13 +206,23 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
 HEAD_SUMS = ("tensor", "fp32")
 
 
-def padded_sizes(heads: int, width: int, itemsize: int, head_sum: str) -> tuple[int, int, int]:
-    """(G_p, I_p, BLOCK_Q) for G heads of width I of `itemsize`-byte inputs: G_p a power of two >= 16, I_p one at
-    least a wgmma's k (32 fp8, 16 bf16); BLOCK_Q queries per program so that the logits dot's N (ROWS) is 128
-    where G_p allows, with "tensor" at most two (as measured; the head-sum dot's 8 columns would hold 8)."""
+def padded_sizes(heads: int, width: int, itemsize: int, head_sum: str, num_q: int = 1 << 30) -> tuple[int, int, int]:
+    """(G_p, I_p, BLOCK_Q) for G heads of width I of `itemsize`-byte inputs and num_q queries: G_p a power of two
+    >= 16, I_p one at least a wgmma's k (32 fp8, 16 bf16); BLOCK_Q queries per program so that the logits dot's N
+    (ROWS) is 128 where G_p allows, with "tensor" at most two (as measured; the head-sum dot's 8 columns would hold
+    8), and no more than num_q needs (decode: one)."""
     heads_p, width_p = dot_size(heads), max(32 // itemsize, dot_size(width))
     most = 2 if head_sum == "tensor" else 8
-    return heads_p, width_p, max(1, min(most, 128 // heads_p))
+    return heads_p, width_p, max(1, min(most, 128 // heads_p, next_pow2(num_q)))
+
+
+def key_splits(programs: int, key_blocks: int) -> tuple[int, int]:
+    """(splits, blocks per split): each of `programs` (query blocks x batch) walks its row in as many splits as
+    bring the grid to 2 x PROGRAMS_TO_FILL_GPU programs, each at least MIN_SPLIT_BLOCKS key blocks long; one split
+    where the query blocks alone fill the GPU (prefill)."""
+    wanted = max(1, min(-(-2 * PROGRAMS_TO_FILL_GPU // programs), key_blocks // MIN_SPLIT_BLOCKS))
+    split_blocks = -(-key_blocks // wanted)
+    return -(-key_blocks // split_blocks), split_blocks
 
 
 def unsupported_reason(heads: int, width: int):
@@ -221,13 +241,17 @@ def ring_stages(rows: int, width_p: int, itemsize: int, head_sum: str) -> int:
     return min(STAGES, (GLUON_SMEM_BYTES - fixed) // (BLOCK_K.value * width_p * itemsize))
 
 
-def kernel_constants(num_q_p: int, num_keys_p: int, heads: int, width: int, *, itemsize: int, head_sum: str,
-                     fill_hidden: bool) -> dict:
-    """The kernel's compile-time constants for padded sizes (also used by the CPU compile test)."""
-    heads_p, width_p, block_q = padded_sizes(heads, width, itemsize, head_sum)
-    return dict(NUM_Q=num_q_p, NUM_KEYS=num_keys_p, HEADS=heads_p, DIM=width_p, BLOCK_Q=block_q,
-                STAGES=ring_stages(block_q * heads_p, width_p, itemsize, head_sum),
-                TENSOR_HEAD_SUM=head_sum == "tensor", FILL_HIDDEN=fill_hidden)
+def kernel_constants(num_q: int, num_keys: int, heads: int, width: int, *, batch: int, itemsize: int,
+                     head_sum: str, fill_hidden: bool) -> dict:
+    """The kernel's compile-time constants (sizes padded here) and its grid, for num_q queries and num_keys keys
+    per batch row (also used by the CPU compile test)."""
+    heads_p, width_p, block_q = padded_sizes(heads, width, itemsize, head_sum, num_q)
+    num_q_p, num_keys_p = round_up(num_q, block_q), round_up(num_keys, BLOCK_K.value)
+    splits, split_blocks = key_splits(batch * num_q_p // block_q, num_keys_p // BLOCK_K.value)
+    constants = dict(NUM_Q=num_q_p, NUM_KEYS=num_keys_p, HEADS=heads_p, DIM=width_p, BLOCK_Q=block_q,
+                     STAGES=ring_stages(block_q * heads_p, width_p, itemsize, head_sum),
+                     TENSOR_HEAD_SUM=head_sum == "tensor", FILL_HIDDEN=fill_hidden, SPLIT_BLOCKS=split_blocks)
+    return constants, (num_q_p // block_q, splits, batch)
 
 
 def scores_gluon(q, w, k, q_positions, k_scale=None, *, head_sum: str, fill_hidden: bool = True):
@@ -245,10 +269,9 @@ def scores_gluon(q, w, k, q_positions, k_scale=None, *, head_sum: str, fill_hidd
                          f"k_scale {'given' if fp8 else 'None'}, head_sum={head_sum!r}")
     batch, num_q, heads, width = q.shape
     num_keys = k.shape[1]
-    constants = kernel_constants(0, 0, heads, width, itemsize=q.dtype.itemsize, head_sum=head_sum,
-                                 fill_hidden=fill_hidden)
-    heads_p, width_p, block_q = constants["HEADS"], constants["DIM"], constants["BLOCK_Q"]
-    num_q_p, num_keys_p = round_up(num_q, block_q), round_up(num_keys, BLOCK_K.value)
+    constants, grid = kernel_constants(num_q, num_keys, heads, width, batch=batch, itemsize=q.dtype.itemsize,
+                                       head_sum=head_sum, fill_hidden=fill_hidden)
+    heads_p, width_p, num_q_p, num_keys_p = (constants[c] for c in ("HEADS", "DIM", "NUM_Q", "NUM_KEYS"))
     # zero heads (w = 0) and zero dims change nothing; padded queries sit at position -1 and see no key
     q = pad_axis(pad_axis(pad_axis(q, 3, width_p), 2, heads_p), 1, num_q_p)
     w = pad_axis(pad_axis(w.astype(jnp.float32), 2, heads_p), 1, num_q_p)
@@ -258,6 +281,5 @@ def scores_gluon(q, w, k, q_positions, k_scale=None, *, head_sum: str, fill_hidd
     k_scale = pad_axis(k_scale.astype(jnp.float32), 1, num_keys_p) if fp8 else jnp.zeros((batch,), jnp.float32)
     out = gluon_call(q, w, k, k_scale, positions, kernel=_scores_kernel,
                      out_shape=jax.ShapeDtypeStruct((batch, num_q_p, num_keys_p), jnp.float32),
-                     grid=(num_q_p // block_q, batch), num_warps=NUM_WARPS,
-                     **{**constants, "NUM_Q": num_q_p, "NUM_KEYS": num_keys_p})
+                     grid=grid, num_warps=NUM_WARPS, **constants)
     return out[:, :num_q, :num_keys]

@@ -30,8 +30,10 @@ from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_
 
 SMEM_PER_SM = 233472  # an H100 SM's shared memory, bytes (each resident program also reserves 1 KB)
 
-# (queries, keys, heads, width) as the wrapper passes them: DeepSeek-V3.2, then padded small and wide shapes
-COMPILE_CASES = [(131072, 131072, 64, 128), (40, 128, 4, 16), (64, 256, 128, 64), (8, 64, 200, 200)]
+# (batch, queries, keys, heads, width): DeepSeek-V3.2 prefill, then ragged small and wide shapes, and decode (one
+# query per row, the keys walked in splits)
+COMPILE_CASES = [(1, 131072, 131072, 64, 128), (1, 37, 100, 4, 16), (2, 64, 256, 128, 64), (1, 8, 64, 200, 200),
+                 (64, 1, 131072, 64, 128)]
 # (Triton pointer type, head sum, programs per SM at the production shape, as measured on an H100)
 VARIANTS = {"fp8 tensor": ("fp8e4nv", "tensor", 4), "fp8 fp32": ("fp8e4nv", "fp32", 3),
             "bf16 fp32": ("bf16", "fp32", 2), "fp16 fp32": ("fp16", "fp32", 2)}
@@ -39,12 +41,13 @@ COMPILES = ([(case, "fp8 tensor") for case in COMPILE_CASES] + [(case, "bf16 fp3
             + [(COMPILE_CASES[0], "fp8 fp32"), (COMPILE_CASES[1], "fp16 fp32")])
 
 
-def _compile(num_q, num_keys, heads, width, variant):
+def _compile(batch, num_q, num_keys, heads, width, variant):
     pytest.importorskip("triton.experimental.gluon")
     from pallas_kernels import indexer_gluon
     pointer, head_sum, _ = VARIANTS[variant]
-    constants = indexer_gluon.kernel_constants(num_q, num_keys, heads, width, itemsize=1 if pointer == "fp8e4nv"
-                                               else 2, head_sum=head_sum, fill_hidden=True)
+    constants, _ = indexer_gluon.kernel_constants(num_q, num_keys, heads, width, batch=batch,
+                                                  itemsize=1 if pointer == "fp8e4nv" else 2, head_sum=head_sum,
+                                                  fill_hidden=True)
     compiled, _ = _gluon.compile_gluon(indexer_gluon._scores_kernel,
                                        [f"*{pointer}", "*fp32", f"*{pointer}", "*fp32", "*i32", "*fp32"],
                                        num_warps=indexer_gluon.NUM_WARPS, capability=90, constexprs=constants)
@@ -90,8 +93,8 @@ def test_the_widest_two_byte_tiles_take_fewer_ring_stages():
     from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
     for itemsize, head_sum, heads, width, stages in [(2, "fp32", 256, 256, 3), (2, "fp32", 64, 128, 4),
                                                      (1, "tensor", 256, 256, 4), (1, "fp32", 256, 256, 4)]:
-        constants = indexer_gluon.kernel_constants(64, 64, heads, width, itemsize=itemsize, head_sum=head_sum,
-                                                   fill_hidden=True)
+        constants, _ = indexer_gluon.kernel_constants(64, 64, heads, width, batch=1, itemsize=itemsize,
+                                                      head_sum=head_sum, fill_hidden=True)
         assert constants["STAGES"] == stages, (itemsize, heads, width)
         block_bytes = indexer_gluon.BLOCK_K.value * constants["DIM"] * itemsize
         used = constants["BLOCK_Q"] * constants["HEADS"] * constants["DIM"] * itemsize + stages * block_bytes
@@ -131,8 +134,7 @@ def test_fp8_head_sums_differ_by_bf16_rounding_only():
 
 
 def test_scores_kernel_choice_is_validated():
-    common = dict(dtype=jnp.float8_e4m3fn, interpret=False, heads=64, width=128, walks_by_default=True,
-                  walk_keys=None, pallas_tiling=False)
+    common = dict(dtype=jnp.float8_e4m3fn, interpret=False, heads=64, width=128, pallas_tiling=False)
     with pytest.raises(ValueError, match="scores_kernel must be one of .* got 'cuda'"):
         resolve_scores_kernel("cuda", **common)
     assert resolve_scores_kernel("pallas", **common) == "pallas"
@@ -147,38 +149,60 @@ def test_scores_kernel_choice_is_validated():
                 resolve_scores_kernel("gluon", **{**common, "dtype": dtype, "heads": 300})
         else:
             assert resolve_scores_kernel("auto", **{**common, "dtype": dtype}) == "pallas"
-    # the Pallas kernel's own tiling options, few query tiles (decode) or walk_keys=False keep it under "auto"
-    for change in (dict(pallas_tiling=True), dict(walks_by_default=False), dict(walk_keys=False)):
-        assert resolve_scores_kernel("auto", **{**common, **change}) == "pallas"
+    # the Pallas kernel's own tiling options keep it under "auto"
+    assert resolve_scores_kernel("auto", **{**common, "pallas_tiling": True}) == "pallas"
     assert indexer.gluon_head_sum(True, "bf16") == "tensor"
     assert indexer.gluon_head_sum(True, "fp32") == indexer.gluon_head_sum(False, "bf16") == "fp32"
+
+
+@pytest.mark.parametrize("option", [dict(walk_keys=False), dict(walk_keys=True), dict(block_k=64),
+                                    dict(num_warps=4), dict(rows_per_tile=128), dict(heads_per_step=16),
+                                    dict(num_stages=2), {}])
+def test_a_pallas_tiling_option_selects_the_pallas_kernel_under_auto(option, monkeypatch):
+    seen = []
+    real = indexer.resolve_scores_kernel
+    monkeypatch.setattr(indexer, "resolve_scores_kernel",
+                        lambda *a, **kw: seen.append(kw["pallas_tiling"]) or real(*a, **kw))
+    shaped = jax.ShapeDtypeStruct  # traced only: no kernel runs
+    jax.eval_shape(functools.partial(indexer.indexer_scores_pallas, interpret=True, **option),
+                   shaped((1, 300, 64, 128), jnp.bfloat16), shaped((1, 300, 64), jnp.float32),
+                   shaped((1, 64, 128), jnp.bfloat16), shaped((1, 300), jnp.int32))
+    assert seen == [bool(option)]
 
 
 @pytest.mark.parametrize("heads, queries, itemsize, walks", [
     (128, 300, 1, True), (64, 300, 1, False), (64, 600, 1, True), (32, 600, 1, False), (32, 1100, 1, True),
     (64, 1000, 2, False), (64, 1100, 2, True), (64, 100000, 4, False)])
-def test_the_kernel_choice_counts_the_query_tiles_the_pallas_kernel_walks(heads, queries, itemsize, walks,
-                                                                          monkeypatch):
+def test_the_pallas_kernel_walks_from_enough_query_tiles(heads, queries, itemsize, walks):
     # The Pallas kernel walks from PROGRAMS_TO_FILL_GPU (264) query tiles of 128 // heads fp8 queries (256 // heads
     # bf16); fp32 inputs never walk by default. Counting query pairs whatever the heads misjudged 32 and 128 heads.
     assert indexer.walks_keys_by_default((1, queries, heads, 128), 4096, itemsize) is walks
-    seen = []
-    real = indexer.resolve_scores_kernel
-    monkeypatch.setattr(indexer, "resolve_scores_kernel",
-                        lambda *a, **kw: seen.append(kw["walks_by_default"]) or real(*a, **kw))
-    dtype = {1: jnp.float8_e4m3fn, 2: jnp.bfloat16, 4: jnp.float32}[itemsize]
-    shaped = jax.ShapeDtypeStruct  # traced only: no kernel runs
-    jax.eval_shape(functools.partial(indexer.indexer_scores_pallas, interpret=True),
-                   shaped((1, queries, heads, 128), dtype), shaped((1, queries, heads), jnp.float32),
-                   shaped((1, 64, 128), dtype), shaped((1, queries), jnp.int32),
-                   shaped((1, 64), jnp.float32) if itemsize == 1 else None)
-    assert seen == [walks]
 
 
 def _inputs(seed, b, t, s, g, i):
     """fp8-quantised indexer inputs (q8, w * q_scale, k8, k_scale) and positions, some -1 (padded queries)."""
     q, w, k, pos = _indexer_inputs(seed, b, t, s, g, i, jnp.bfloat16)
     return (*quantize_fp8(q, w, k), pos)
+
+
+def test_rows_are_walked_in_splits_only_where_the_query_blocks_leave_the_gpu_idle():
+    pytest.importorskip("triton.experimental.gluon")
+    from pallas_kernels import indexer_gluon
+    from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU
+    assert indexer_gluon.key_splits(2048, 2048) == (1, 2048)  # prefill: 4096 queries of 128K, whole rows
+    for programs, blocks in [(64, 2048), (64, 512), (1, 5), (8, 64), (38, 5), (1, 1), (527, 4096), (1, 4096),
+                             (3, 1000)]:
+        splits, split_blocks = indexer_gluon.key_splits(programs, blocks)
+        assert (splits - 1) * split_blocks < blocks <= splits * split_blocks  # every block once, no empty split
+        assert split_blocks >= min(blocks, indexer_gluon.MIN_SPLIT_BLOCKS)
+        # no split longer than the target of 2 x PROGRAMS_TO_FILL_GPU programs needs, but for rows too short to
+        # cut into splits of the minimum length
+        target_blocks = -(-blocks * programs // (2 * PROGRAMS_TO_FILL_GPU))
+        assert split_blocks <= max(2 * indexer_gluon.MIN_SPLIT_BLOCKS - 1, target_blocks)
+    assert indexer_gluon.key_splits(64, 2048) == (9, 228)  # decode, B = 64 at 128K: 576 programs
+    constants, grid = indexer_gluon.kernel_constants(1, 131072, 64, 128, batch=64, itemsize=1, head_sum="tensor",
+                                                     fill_hidden=True)
+    assert grid == (1, 9, 64) and constants["BLOCK_Q"] == 1 and constants["NUM_Q"] == 1
 
 
 # ---- the wrapper, on CPU: padding, slicing and vmap around a stand-in for jax-triton's launch ------------------
@@ -189,7 +213,9 @@ def _stand_in_launch(q, w, k, k_scale, positions, *, kernel, out_shape, grid, nu
     del kernel, num_warps
     assert q.shape[1:] == (constants["NUM_Q"], constants["HEADS"], constants["DIM"])
     assert k.shape[1] == constants["NUM_KEYS"] and constants["NUM_KEYS"] % 64 == 0 and k.dtype == q.dtype
-    assert grid == (constants["NUM_Q"] // constants["BLOCK_Q"], q.shape[0])
+    splits = grid[1]  # the key blocks, cut into splits of SPLIT_BLOCKS, none empty
+    assert grid == (constants["NUM_Q"] // constants["BLOCK_Q"], splits, q.shape[0])
+    assert (splits - 1) * constants["SPLIT_BLOCKS"] < constants["NUM_KEYS"] // 64 <= splits * constants["SPLIT_BLOCKS"]
     fp8 = q.dtype == jnp.float8_e4m3fn
     assert k_scale.shape == ((q.shape[0], constants["NUM_KEYS"]) if fp8 else (q.shape[0],))
     head_sum = "bf16" if constants["TENSOR_HEAD_SUM"] else "fp32"
@@ -242,8 +268,10 @@ def _require_gluon():
         pytest.skip(f"Gluon kernels cannot run here: {_gluon.unavailable_reason()}")
 
 
+# ragged; padded heads and widths (rows walked in 4 splits); a 4096-key row in 16 splits; 200 heads of 200;
+# decode (one query, 16 splits); two queries per row of 5000 keys, in splits
 GPU_SHAPES = [(2, 37, 300, 64, 128), (1, 130, 1000, 4, 16), (2, 9, 200, 128, 64), (1, 64, 4096, 64, 128),
-              (1, 3, 70, 200, 200)]
+              (1, 3, 70, 200, 200), (8, 1, 4096, 64, 128), (3, 2, 5000, 64, 128)]
 
 
 @pytest.mark.gpu
