@@ -4,7 +4,7 @@ impl:
   "reference"  plain-jnp kernels (`*_reference.py`): the CPU/TPU fallback and the ground truth;
   "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
                forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
-               jax-triton are installed (bf16/fp16 inputs), as do the prefill indexer scores (`indexer_gluon.py`),
+               jax-triton are installed (bf16/fp16 inputs), as do the indexer scores (`indexer_gluon.py`),
                both passes of the top-k (`topk_gluon.py`) and the attention distribution given the forward's
                lse (`sparse_distribution_gluon.py`);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
@@ -47,8 +47,8 @@ class Kernels:
       sparse_forward   sparse MLA forward, prefill and decode (`sparse_attention.resolve_forward_kernel`)
       sparse_backward  its backward (`resolve_backward_kernel`)
       distribution     the sparse stages' distillation target (`sparse_distribution`)
-      indexer_scores   the prefill indexer's scores (`indexer.resolve_scores_kernel`: Gluon scores fp8, bf16
-                       and fp16)
+      indexer_scores   the indexer's scores, prefill and decode (`indexer.resolve_scores_kernel`: Gluon scores
+                       fp8, bf16 and fp16)
       indexer_backward the backward of the scores over every visible key, the dense warm-up's
                        (`indexer.resolve_backward_kernel`)
       topk             both passes of the prefill indexer's top-k, candidates and select

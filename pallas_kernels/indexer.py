@@ -32,6 +32,7 @@ from pallas_kernels._pallas import (PROGRAMS_TO_FILL_GPU, compiler_params, dot_s
 from pallas_kernels._triton_ops import fp8_dot_nt
 from pallas_kernels.indexer_backward import indexer_scores_backward_call
 from pallas_kernels.indexer_reference import check_fp8_head_sum, round_to_bf16, scored_inputs
+from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.topk import topk_pallas
 
 
@@ -185,7 +186,7 @@ MAX_ROWS_PER_TILE = 256  # 512-row bf16 tiles gave wrong scores (rel. error 0.88
 
 
 SCORES_KERNELS = ("auto", "pallas", "gluon")
-GLUON_SCORES_DTYPES = (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16)  # what `indexer_gluon` scores
+GLUON_SCORES_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),) + GLUON_DTYPES  # what `indexer_gluon` scores
 
 
 def _walks_keys(q_shape, tiles: _Tiling, itemsize: int) -> bool:
@@ -218,7 +219,7 @@ def resolve_scores_kernel(scores_kernel: str, *, dtype, interpret: bool, heads: 
         return "pallas"
     if interpret:
         reason = "the Pallas interpreter runs Pallas kernels only"
-    elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in GLUON_SCORES_DTYPES]:
+    elif jnp.dtype(dtype) not in GLUON_SCORES_DTYPES:
         reason = f"it scores float8_e4m3fn, bfloat16 and float16 inputs, got {jnp.dtype(dtype).name}"
     else:
         from pallas_kernels import _gluon
@@ -274,9 +275,7 @@ def indexer_scores_pallas(q, w, k, q_positions, k_scale=None, *, interpret: bool
         from pallas_kernels.indexer_gluon import scores_gluon
         gluon_scores = functools.partial(scores_gluon, head_sum=gluon_head_sum(fp8, fp8_head_sum),
                                          fill_hidden=fill_hidden)
-        if fp8:
-            return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions, k_scale)
-        return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions)
+        return vmap_by_folding_into_batch(gluon_scores)(q, w, k, q_positions, *([k_scale] if fp8 else []))
     epilogue = "bf16_head_sum" if fp8 and fp8_head_sum == "bf16" else "fp32_head_sum"
     return _scores(q, w, k, q_positions, k_scale, epilogue=epilogue, interpret=interpret,
                    block_k=block_k, rows_per_tile=rows_per_tile, heads_per_step=heads_per_step,

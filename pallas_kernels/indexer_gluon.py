@@ -1,4 +1,4 @@
-"""Lightning-indexer scores on Hopper, in Gluon: one program walks all the keys its queries see.
+"""Lightning-indexer scores on Hopper, in Gluon: one program walks the keys its queries see (or a split of them).
 
     I[b,t,s] = k_scale[b,s] * sum_g bf16(w[b,t,g]) * bf16(ReLU(q8[b,t,g,:] . k8[b,s,:]))   (head_sum="tensor", fp8)
     I[b,t,s] = k_scale[b,s] * sum_g w[b,t,g] * ReLU(q[b,t,g,:] . k[b,s,:])                 (head_sum="fp32")
@@ -29,7 +29,7 @@ head_sum="fp32" (bf16/fp16 inputs, and fp8 with fp8_head_sum="fp32"): ReLU(logit
 heads on the CUDA cores (`_fp32_head_sum`), the Pallas kernel's arithmetic. For bf16 the logits dot takes twice
 the fp8 one's tensor-core time, which covers the epilogue's ~300 instructions per warp per block; both kernels
 then run at the H100's power cap (bf16 549-555 TFLOP/s against Pallas's 537-550; fp8 886-893 against 830-842,
-docs/BENCHMARKS.md, session 32). It exists so that Hopper's prefill path does not depend on Pallas's Triton
+docs/BENCHMARKS.md, session 32). It exists so that Hopper's indexer does not depend on Pallas's Triton
 backend, which jax 0.11 deprecates.
 
 Numerics ("tensor"): products of e4m3 values are exact in fp32, but Hopper's fp8 tensor cores accumulate a k32
@@ -55,6 +55,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pallas_kernels._gluon import gluon_call
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels.indexer import GLUON_SCORES_DTYPES
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 BLOCK_K = gl.constexpr(64)  # keys per step: the logits dot's M
@@ -206,7 +207,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
 HEAD_SUMS = ("tensor", "fp32")
 
 
-def padded_sizes(heads: int, width: int, itemsize: int, head_sum: str, num_q: int = 1 << 30) -> tuple[int, int, int]:
+def padded_sizes(heads: int, width: int, itemsize: int, head_sum: str, num_q: int) -> tuple[int, int, int]:
     """(G_p, I_p, BLOCK_Q) for G heads of width I of `itemsize`-byte inputs and num_q queries: G_p a power of two
     >= 16, I_p one at least a wgmma's k (32 fp8, 16 bf16); BLOCK_Q queries per program so that the logits dot's N
     (ROWS) is 128 where G_p allows, with "tensor" at most two (as measured; the head-sum dot's 8 columns would hold
@@ -226,7 +227,7 @@ def key_splits(programs: int, key_blocks: int) -> tuple[int, int]:
 
 
 def unsupported_reason(heads: int, width: int):
-    """None when this kernel takes G heads of width I, else why not (its dtypes: `indexer.GLUON_SCORES_DTYPES`)."""
+    """None when this kernel takes G heads of width I, else why not (its dtypes: GLUON_SCORES_DTYPES)."""
     heads_p, width_p = dot_size(heads), dot_size(width)
     if heads_p > MAX_HEADS or width_p > MAX_WIDTH:
         return (f"it takes at most {MAX_HEADS} heads of width at most {MAX_WIDTH} (padded to powers of two), got "
@@ -242,7 +243,7 @@ def ring_stages(rows: int, width_p: int, itemsize: int, head_sum: str) -> int:
 
 
 def kernel_constants(num_q: int, num_keys: int, heads: int, width: int, *, batch: int, itemsize: int,
-                     head_sum: str, fill_hidden: bool) -> dict:
+                     head_sum: str, fill_hidden: bool) -> tuple[dict, tuple[int, int, int]]:
     """The kernel's compile-time constants (sizes padded here) and its grid, for num_q queries and num_keys keys
     per batch row (also used by the CPU compile test)."""
     heads_p, width_p, block_q = padded_sizes(heads, width, itemsize, head_sum, num_q)
@@ -262,7 +263,7 @@ def scores_gluon(q, w, k, q_positions, k_scale=None, *, head_sum: str, fill_hidd
     if head_sum not in HEAD_SUMS:
         raise ValueError(f"head_sum must be one of {list(HEAD_SUMS)}, got {head_sum!r}")
     fp8 = k_scale is not None
-    if q.dtype not in (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16):
+    if q.dtype not in GLUON_SCORES_DTYPES:
         raise ValueError(f"q must be float8_e4m3fn, bfloat16 or float16, got {q.dtype}")
     if (q.dtype == jnp.float8_e4m3fn) != fp8 or (head_sum == "tensor" and not fp8):
         raise ValueError(f"fp8 inputs take k_scale and either head sum, 2-byte inputs neither: got q {q.dtype}, "
