@@ -5,8 +5,8 @@ impl:
   "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
                forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
                jax-triton are installed (bf16/fp16 inputs), as do the indexer scores (`indexer_gluon.py`),
-               both passes of the top-k (`topk_gluon.py`) and the attention distribution given the forward's
-               lse (`sparse_distribution_gluon.py`);
+               both passes of the top-k (`topk_gluon.py`), the attention distribution given the forward's
+               lse (`sparse_distribution_gluon.py`) and the scores over selected slots (`indexer_slots_gluon.py`);
   "interpret"  the same Pallas kernels run by the Pallas interpreter on any platform, so CPU tests check the GPU
                logic;
   None         the platform default: "pallas" on a CUDA GPU, "reference" elsewhere.
@@ -53,6 +53,8 @@ class Kernels:
                        (`indexer.resolve_backward_kernel`)
       topk             both passes of the prefill indexer's top-k, candidates and select
                        (`topk.resolve_candidates_kernel`, `topk.resolve_select_kernel`)
+      slot_scores      the indexer's scores over selected slots, forward and backward: the sparse stages'
+                       distillation trains through them (`indexer_slots.resolve_kernel`)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -64,6 +66,7 @@ class Kernels:
     indexer_scores: KernelName = "auto"
     indexer_backward: KernelName = "auto"
     topk: KernelName = "auto"
+    slot_scores: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -75,7 +78,7 @@ class Kernels:
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
         for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward",
-                     "topk"):
+                     "topk", "slot_scores"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -143,10 +146,10 @@ def indexer_slot_scores(q, w, k, indices, *, impl: ImplArg = None):
     """Indexer scores over each query's selected slots, differentiable in q, w and k. q [B,T,G,I], w [B,T,G],
     k [B,S,I], indices int32[B,T,K] (-1 = no slot) -> f32[B,T,K] (0 at -1 slots). The kernels (`indexer_slots`)
     never store the gathered keys [B,T,K,I] or the per-head logits [B,T,K,G]."""
-    impl = resolve_impl(impl)
-    if impl == "reference":
+    options = kernels_of(impl)
+    if options.impl == "reference":
         return indexer_slot_scores_reference(q, w, k, indices)
-    return indexer_slot_scores_trainable(q, w, k, indices, impl == "interpret")
+    return indexer_slot_scores_trainable(q, w, k, indices, options.impl == "interpret", options.slot_scores)
 
 
 def sparse_mla(q, kv, indices, *, scale: float, value_dim: int, impl: ImplArg = None, return_lse: bool = False):

@@ -23,6 +23,11 @@ slots' keys block_k at a time inside the kernel, and the logits never leave regi
     slots only is skipped (`_pallas.skip_blocks_without_slots`: sent to the sink, the causal tails of the first
     K tokens' lists made every program add into that one row at once, 11.2 ms against 1.8 ms at T = 4096).
 
+On Hopper the same two passes run in Gluon (`indexer_slots_gluon`; `resolve_kernel`, `Kernels.slot_scores`) for
+bf16/fp16 inputs of at most 64 heads x 128: on an H100 at T = 32768 (64 x 128, K = 2048, causal) the forward takes
+2.4 ms against this module's 3.7, the backward 13.8 against 17.5, its d_k added with 16-byte atomics
+(docs/BENCHMARKS.md, session 33).
+
 A slot id repeated within a token (our top-k never repeats one, but it is valid input) counts once per occurrence,
 as in the reference. Shapes: B batch, T queries, S keys, G indexer heads (G_p padded), I head width (I_p padded),
 K slots (K_p padded with -1 to a multiple of block_k).
@@ -98,14 +103,17 @@ def _backward_kernel(q_ref, w_ref, k_ref, idx_ref, d_ref, _d_k_zeros_ref, d_q_re
     d_w_ref[...] = d_w
 
 
-def _pad(q, w, k, indices):
-    """Heads and width to tensor-core powers of two (zero queries and weights add nothing), slots to a multiple
-    of the slot block (-1). -> (q, w f32, k, indices, block_k)."""
+def _pad(q, w, k, indices, gluon: bool = False):
+    """Heads and width to tensor-core powers of two (zero queries and weights add nothing; the Gluon kernels take
+    64 heads), slots to a multiple of the slot block (-1). -> (q, w f32, k, indices, block_k)."""
     heads_p, width_p = dot_size(q.shape[2]), dot_size(q.shape[3])
+    if gluon:
+        from pallas_kernels.indexer_slots_gluon import BLOCK_K as GLUON_BLOCK_K, HEADS
+        heads_p = HEADS.value
     q = pad_axis(pad_axis(q, 2, heads_p), 3, width_p)
     w = pad_axis(w.astype(jnp.float32), 2, heads_p)
     k = pad_axis(k.astype(q.dtype), 2, width_p)
-    block_k = min(BLOCK_K, dot_size(indices.shape[-1]))
+    block_k = GLUON_BLOCK_K.value if gluon else min(BLOCK_K, dot_size(indices.shape[-1]))
     indices = pad_axis(indices.astype(jnp.int32), 2, round_up(indices.shape[-1], block_k), -1)
     return q, w, k, indices, block_k
 
@@ -123,12 +131,35 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def indexer_slot_scores_pallas(q, w, k, indices, *, interpret: bool = False):
+def resolve_kernel(kernel: str, *, interpret: bool, dtype, heads: int, width: int) -> str:
+    """The kernels that run, forward and backward: "gluon" (`indexer_slots_gluon`: Hopper, 2-byte inputs, at most
+    64 heads of width at most 128) or "pallas" (this module's). "auto" takes Gluon where it runs, "gluon" insists
+    (an error says why it cannot run), "pallas" always is; interpret mode is Pallas. heads, width: as given."""
+    from pallas_kernels.sparse_attention import resolve_kernel_choice
+
+    def reason():
+        from pallas_kernels import _gluon
+        why = _gluon.unavailable_reason()
+        if why is not None:
+            return why
+        from pallas_kernels.indexer_slots_gluon import unsupported_reason  # triton: only where it is installed
+        return unsupported_reason(dtype, heads, dot_size(width))
+
+    return resolve_kernel_choice("kernel", kernel, interpret, reason)
+
+
+def indexer_slot_scores_pallas(q, w, k, indices, *, interpret: bool = False, kernel: str = "auto"):
     """q [B,T,G,I], w [B,T,G], k [B,S,I], indices int32[B,T,K] (-1 = no slot) -> f32[B,T,K] (0 at -1 slots).
-    Not differentiable by itself: `indexer_slot_scores_trainable` is."""
+    kernel: "auto", "gluon" or "pallas" (`resolve_kernel`). Not differentiable by itself:
+    `indexer_slot_scores_trainable` is."""
     _check(q, w, k, indices)
     num_slots = indices.shape[2]
-    q, w, k, indices, block_k = _pad(q, w, k, indices)
+    gluon = resolve_kernel(kernel, interpret=interpret, dtype=q.dtype, heads=q.shape[2], width=q.shape[3]) == "gluon"
+    q, w, k, indices, block_k = _pad(q, w, k, indices, gluon)
+    if gluon:
+        from pallas_kernels import _gluon
+        from pallas_kernels.indexer_slots_gluon import slot_scores_gluon
+        return _gluon.vmap_by_folding_into_batch(slot_scores_gluon)(q, w, k, indices)[:, :, :num_slots]
     batch, num_q = q.shape[:2]
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block_k=block_k, num_keys=k.shape[1], precision=_precision(q.dtype)),
@@ -152,23 +183,32 @@ def _check(q, w, k, indices):
                              f"(q [B,T,G,I], w [B,T,G], k [B,S,I], indices [B,T,K])")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def indexer_slot_scores_trainable(q, w, k, indices, interpret: bool = False):
-    """`indexer_slot_scores_pallas`, differentiable in q, w and k (indices take no gradient), with the kernel
-    backward of this module: neither pass stores the per-head logits [B,T,K,G] or the gathered keys."""
-    return indexer_slot_scores_pallas(q, w, k, indices, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def indexer_slot_scores_trainable(q, w, k, indices, interpret: bool = False, kernel: str = "auto"):
+    """`indexer_slot_scores_pallas`, differentiable in q, w and k (indices take no gradient), with a kernel
+    backward (this module's, or `indexer_slots_gluon`'s: `kernel` chooses both passes, as in `resolve_kernel`):
+    neither pass stores the per-head logits [B,T,K,G] or the gathered keys."""
+    return indexer_slot_scores_pallas(q, w, k, indices, interpret=interpret, kernel=kernel)
 
 
-def _trainable_fwd(q, w, k, indices, interpret):
-    return indexer_slot_scores_pallas(q, w, k, indices, interpret=interpret), (q, w, k, indices)
+def _trainable_fwd(q, w, k, indices, interpret, kernel):
+    return indexer_slot_scores_pallas(q, w, k, indices, interpret=interpret, kernel=kernel), (q, w, k, indices)
 
 
-def _trainable_bwd(interpret, residuals, d_scores):
+def _trainable_bwd(interpret, kernel, residuals, d_scores):
     q, w, k, indices = residuals
     batch, num_q, heads, width = q.shape
     num_keys = k.shape[1]
-    q_p, w_p, k_p, idx_p, block_k = _pad(q, w, k, indices)
+    gluon = resolve_kernel(kernel, interpret=interpret, dtype=q.dtype, heads=heads, width=width) == "gluon"
+    q_p, w_p, k_p, idx_p, block_k = _pad(q, w, k, indices, gluon)
     d_scores = pad_axis(d_scores.astype(jnp.float32), 2, idx_p.shape[2])
+    if gluon:
+        from pallas_kernels import _gluon
+        from pallas_kernels.indexer_slots_gluon import slot_scores_backward_gluon
+        d_q, d_w, d_k = _gluon.vmap_by_folding_into_batch(slot_scores_backward_gluon)(q_p, w_p, k_p, idx_p,
+                                                                                        d_scores)
+        return (d_q[:, :, :heads, :width], d_w[:, :, :heads].astype(w.dtype), d_k[:, :, :width].astype(k.dtype),
+                None)
     heads_p, width_p = q_p.shape[2:]
     d_q, d_w, d_k = pl.pallas_call(
         functools.partial(_backward_kernel, block_k=block_k, num_keys=num_keys, precision=_precision(q_p.dtype)),

@@ -80,8 +80,10 @@ def _scatter_add(d_kv_ptr, rows, valid, acc, FIRST: gl.constexpr, WIDTH: gl.cons
     needed). The accumulator layout gives a thread 2 adjacent columns, so Triton would emit 8-byte atomics;
     converted (through shared memory) to 4 adjacent columns per thread and 8 threads per row, the adds are
     16-byte vector atomics, half as many: on an H100 the d_kv kernel took 3.8 ms instead of 5.3 (1024 tokens at
-    DeepSeek-V3.2 shapes), faster even than 8-byte plain stores (4.4 ms)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [gl.num_warps(), 1], [1, 0])
+    DeepSeek-V3.2 shapes), faster even than 8-byte plain stores (4.4 ms). (`indexer_slots_gluon` adds its d_k
+    the same way.)"""
+    across: gl.constexpr = min(8, acc.shape[1] // 4)  # threads along a row: 8 (128 bytes), fewer for narrow tiles
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // across, across], [gl.num_warps(), 1], [1, 0])
     tile = gl.convert_layout(acc, layout)
     rows = gl.convert_layout(rows, gl.SliceLayout(1, layout))
     valid = gl.convert_layout(valid, gl.SliceLayout(1, layout))

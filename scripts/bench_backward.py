@@ -14,8 +14,9 @@
   slots    forward, and the gradient function, of the indexer scores over each query's selected slots (what the
            sparse stage's distillation loss trains through; 64 heads x 128, K = 2048, T = S causal queries, each
            slot set a random K-subset of the visible keys in ascending order, as the top-k gives; bf16): the kernels
-           (`indexer_slots`) against autodiff of the plain-JAX reference, with XLA's temporary bytes of each
-           gradient function and each one's error against the float32 reference (up to `--reference-max`).
+           (`indexer_slots`: the default, Gluon on Hopper, and the Pallas ones) against autodiff of the plain-JAX
+           reference, with XLA's temporary bytes of each gradient function and each one's error against the
+           float32 reference (up to `--reference-max`).
   distribution
            the sparse stages' distillation target, the head-averaged attention distribution over each query's
            slots (128 heads, latent 512 + 64, K = 2048, T = S causal queries with `slots`' selection; bf16): the
@@ -154,7 +155,8 @@ def bench_slots(t: int, args) -> dict:
     idx = causal_selection(keys[3], t, K)
     d_scores = jax.random.normal(keys[4], idx.shape, jnp.float32)
     out = {"length": t, "slots": K}
-    forms = {"kernel": lambda q_, w_, k_: indexer_slot_scores_trainable(q_, w_, k_, idx),
+    forms = {"kernel": lambda q_, w_, k_: indexer_slot_scores_trainable(q_, w_, k_, idx),  # the default
+             "pallas": lambda q_, w_, k_: indexer_slot_scores_trainable(q_, w_, k_, idx, False, "pallas"),
              "reference": lambda q_, w_, k_: indexer_slot_scores_reference(q_, w_, k_, idx)}
     grads = {}
     for name, forward in forms.items():

@@ -59,3 +59,18 @@ def rel_err(a, b) -> float:
     """||a - b|| / ||b||, computed in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check_kernel_choice_rules(choose, which: str) -> None:
+    """The rules every Gluon-or-Pallas resolver follows (`sparse_attention.resolve_kernel_choice`), for inputs its
+    Gluon kernel takes. choose(kernel, interpret) -> "gluon" or "pallas"; which: the option's name in errors."""
+    assert choose("pallas", False) == "pallas"
+    assert choose("auto", True) == "pallas"  # the interpreter runs Pallas kernels only
+    with pytest.raises(ValueError, match=f"{which} must be one of"):
+        choose("cuda", False)
+    with pytest.raises(ValueError, match=f"{which}='gluon' cannot run: the Pallas interpreter"):
+        choose("gluon", True)
+    if jax.default_backend() != "gpu":
+        assert choose("auto", False) == "pallas"
+        with pytest.raises(ValueError, match=f"{which}='gluon' cannot run: the default backend"):
+            choose("gluon", False)

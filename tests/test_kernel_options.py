@@ -15,7 +15,8 @@ from test_pallas_kernels import _sparse_inputs
 
 @pytest.mark.parametrize("field,value", [("impl", "gpu"), ("sparse_forward", "cuda"), ("sparse_backward", "gpu"),
                                          ("distribution", None), ("indexer_scores", "triton"),
-                                         ("indexer_backward", "cuda"), ("topk", "radix"), ("backward_d_s_bytes", -1),
+                                         ("indexer_backward", "cuda"), ("topk", "radix"), ("slot_scores", "cuda"),
+                                         ("backward_d_s_bytes", -1),
                                          ("indexer_chunk_bytes", 0), ("indexer_chunk_bytes", 1.5),
                                          ("backward_d_s_bytes", True)])
 def test_bad_options_name_their_field(field, value):
@@ -39,17 +40,18 @@ def test_dispatch_hands_each_option_to_its_kernel(monkeypatch):
 
     def recorder(name):
         def record(*args, **kwargs):
-            calls[name] = kwargs if name != "indexer_scores_trainable" else args[4:]  # (interpret, backward)
+            # the trainable kernels take their options positionally: (interpret, kernel choice)
+            calls[name] = args[4:] if name.endswith("_trainable") else kwargs
             return (args[0], args[0]) if name == "sparse_mla_decode_pallas" else args[0]  # decode: (out, lse)
         return record
 
     for name in ("sparse_mla_pallas", "sparse_mla_decode_pallas", "sparse_attention_distribution_pallas",
-                 "indexer_topk_pallas", "indexer_scores_trainable"):
+                 "indexer_topk_pallas", "indexer_scores_trainable", "indexer_slot_scores_trainable"):
         monkeypatch.setattr(dispatch, name, recorder(name))
     q, kv, idx = _sparse_inputs(0, 1, 3, 20, 4, 8, 4, 5, np.float32)
     options = Kernels(impl="interpret", sparse_forward="pallas", sparse_backward="gluon", distribution="gluon",
-                      indexer_scores="pallas", indexer_backward="gluon", topk="pallas", backward_d_s_bytes=123,
-                      indexer_chunk_bytes=456)
+                      indexer_scores="pallas", indexer_backward="gluon", topk="pallas", slot_scores="gluon",
+                      backward_d_s_bytes=123, indexer_chunk_bytes=456)
     for impl, want_tiles in ((options, Tiles(forward_kernel="pallas", backward_kernel="gluon", backward_d_s_bytes=123)),
                              ("interpret", Tiles())):
         kernel = "gluon" if impl is options else "auto"
@@ -65,6 +67,8 @@ def test_dispatch_hands_each_option_to_its_kernel(monkeypatch):
         assert tuple(calls["indexer_topk_pallas"][name] for name in names) == want
         dispatch.indexer_scores(q, q[..., 0], kv, idx[..., 0], impl=impl)
         assert calls["indexer_scores_trainable"] == (True, kernel)
+        dispatch.indexer_slot_scores(q[..., 0, :], q[..., 0], kv, idx, impl=impl)
+        assert calls["indexer_slot_scores_trainable"] == (True, kernel)
 
 
 def test_the_model_passes_the_options_to_the_kernels(small_config, small_params):
