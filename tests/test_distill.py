@@ -165,3 +165,35 @@ def test_training_gradients_run_through_the_kernels(setup, attention, impl):
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         if np.linalg.norm(np.asarray(w)) > 0:
             assert rel_err(g, w) < (1e-4 if impl == "interpret" else 2e-3), jax.tree_util.keystr(path)
+
+
+@pytest.mark.gpu
+def test_bf16_sparse_stage_trains_the_indexer_through_the_gluon_slot_kernels(setup):
+    """In bf16 on Hopper the sparse stages' indexer loss runs the Gluon slot kernels ("auto") inside the layer
+    scan: the model's gradients equal those with the Pallas slot kernels (the same products; fp32 sums in another
+    order), and the indexer's are not zero."""
+    from pallas_kernels import _gluon
+    from pallas_kernels.indexer_slots import resolve_kernel
+    if not _gluon.available():
+        pytest.skip(f"the Gluon kernels cannot run here: {_gluon.unavailable_reason()}")
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    assert resolve_kernel("auto", interpret=False, dtype=jnp.bfloat16, heads=config.index_n_heads,
+                          width=config.index_head_dim) == "gluon"
+    params, tokens = setup
+
+    def objective(p, impl):
+        logits, indexer_loss = forward_with_indexer_loss(p, tokens, "FSFFS", config=config, impl=impl,
+                                                         attention="sparse")
+        return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0]) + indexer_loss
+
+    grad = jax.jit(jax.grad(objective), static_argnums=1)
+    got = grad(params, pallas_kernels.Kernels(impl="pallas"))
+    want = grad(params, pallas_kernels.Kernels(impl="pallas", slot_scores="pallas"))
+    indexer_norm = 0.0
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "indexer" in name:
+            indexer_norm += float(np.linalg.norm(np.asarray(g, np.float32)))
+        if np.linalg.norm(np.asarray(w, np.float32)) > 0:
+            assert rel_err(g, w) < 2e-2, name
+    assert indexer_norm > 0
