@@ -13,12 +13,13 @@ memory), so the head sum of the forward, and the backward's d_w, reduce within a
 registers, the A operand of the backward's row dot d_rows [64 slots, I] = G^T . q. The backward's d_q [64 heads, I]
 += G . rows takes G from a shared-memory copy of G^T read transposed. d_rows is added into an fp32 d_k with
 relaxed 16-byte vector atomics (`sparse_attention_backward_gluon._scatter_add`: the tile converted to 4 adjacent
-columns per thread first): many tokens select the same key. A block of -1 slots
-only, after the token's last valid slot, is not walked (the causal tails of the first K tokens' lists).
+columns per thread first): many tokens select the same key. Blocks of -1 slots only, after the token's last valid
+slot, are not walked (the causal tails of the first K tokens' lists).
 
-Why: the Pallas kernels (`indexer_slots`) run on Pallas's Triton backend, deprecated in jax 0.11; their backward
-adds d_k with 8-byte atomics at most. The backward is bound by its atomics (4 bytes per slot, head-summed column:
-512 bytes per slot at I = 128), so what pays is issuing them as few, wide instructions and keeping them flowing.
+Why: the Pallas kernels (`indexer_slots`) run on Pallas's Triton backend, deprecated in jax 0.11, and their
+backward adds d_k with 8-byte atomics at most. The backward is bound by writing d_k (512 bytes per slot at
+I = 128): on an H100 at T = 32768 it takes 13.5 ms, 11.9 with plain stores instead of the atomics (wrong results),
+5.3 with no d_k writes, 18.2 with 8-byte atomics (docs/BENCHMARKS.md, session 33).
 
 Limits (`unsupported_reason`): 2-byte inputs, at most 64 heads (padded to 64: the d_q dot's rows) and an index
 head dim of at most 128 (padded to a power of two >= 16). Gluon has no interpreter: the CPU tests compile both
@@ -74,10 +75,10 @@ def _gather_keys(k_base, ids_ptr, dst, NUM_KEYS: gl.constexpr, WIDTH: gl.constex
 
 
 @gluon.jit
-def _program(NUM_Q: gl.constexpr, NUM_KEYS: gl.constexpr, WIDTH: gl.constexpr, SLOTS: gl.constexpr):
-    """(batch, token row in [B * T], base of its batch's keys' rows offset) of this program; grid (T, B)."""
+def _program(NUM_Q: gl.constexpr, NUM_KEYS: gl.constexpr, WIDTH: gl.constexpr):
+    """(token row in [B * T], offset of its batch's keys [S, I]) of this program; grid (T, B)."""
     batch = gl.program_id(1)
-    return batch, batch * NUM_Q + gl.program_id(0), batch.to(gl.int64) * NUM_KEYS * WIDTH
+    return batch * NUM_Q + gl.program_id(0), batch.to(gl.int64) * NUM_KEYS * WIDTH
 
 
 @gluon.jit
@@ -86,7 +87,7 @@ def _forward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, out_ptr, NUM_Q: gl.constexpr, 
     # q [B, T, HEADS, I], w f32[B, T, HEADS], k [B, S, I], idx i32[B, T, K] -> out f32[B, T, K] (0 at -1 slots).
     # T = NUM_Q, S = NUM_KEYS, K = SLOTS (a multiple of BLOCK_K), I = WIDTH. Grid (T, B).
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    batch, token, k_offset = _program(NUM_Q, NUM_KEYS, WIDTH, SLOTS)
+    token, k_offset = _program(NUM_Q, NUM_KEYS, WIDTH)
     k_base = k_ptr + k_offset
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
     out_base = out_ptr + token.to(gl.int64) * SLOTS
@@ -132,7 +133,7 @@ def _backward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, d_ptr, d_k_in_ptr, d_q_ptr, d
     # Inputs as `_forward_kernel`'s, and d f32[B, T, K] (the scores' cotangent) -> d_q like q, d_w f32 like w,
     # d_k f32[B, S, I] added to (aliased with d_k_in: zeros). Grid (T, B).
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    batch, token, k_offset = _program(NUM_Q, NUM_KEYS, WIDTH, SLOTS)
+    token, k_offset = _program(NUM_Q, NUM_KEYS, WIDTH)
     k_base = k_ptr + k_offset
     d_k_base = d_k_ptr + k_offset
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
