@@ -25,9 +25,10 @@ d_kv goes out in pieces (PIECE value columns, then the rope columns; an fp32 acc
 fp32 d_kv with relaxed 16-byte atomic adds (`_scatter_add`) while the next piece's dots run. The atomics are per
 64-head block, twice per token at 128 heads; the Pallas kernel sums all heads first, but 128 heads of q and dO do
 not fit in shared memory. Those adds are half the backward's time over a whole causal layer (T = 32768 on an H100:
-162-168 ms, 145 with plain stores, 83 with none; docs/BENCHMARKS.md, session 33). While the first scatter dot
-runs, the block's dS (already rounded to the input dtype for the scatter) is stored too, [heads, slots] per token,
-in 16-byte pieces (`_store_d_logits`).
+162-168 ms, 145 with plain stores, 83 with none; storing P for a second kernel that adds each row once over all
+heads was slower, 174 ms: docs/BENCHMARKS.md, session 33). While the first scatter dot runs, the block's dS
+(already rounded to the input dtype for the scatter) is stored too, [heads, slots] per token, in 16-byte pieces
+(`_store_d_logits`).
 
 **d_q** (`_d_q_kernel`). The Pallas d_q kernel recomputed S and dP to rebuild dS, 1664 units of work per slot and
 head against the 576 of the product dS . rows itself (4.6 ms of an 8.9 ms backward on an H100 at DeepSeek-V3.2
