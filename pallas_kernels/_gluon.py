@@ -17,6 +17,7 @@ by folding the mapped axes into the kernel's own batch axis.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import tempfile
 from typing import Optional
@@ -60,6 +61,13 @@ def _import_jax_triton():
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def unavailable_or_unsupported(module: str, *args) -> Optional[str]:
+    """`unavailable_reason()`, else `module`'s unsupported_reason(*args) (why its kernels cannot take these inputs):
+    the Gluon module, which imports triton, is imported only where Gluon runs, so that a GPU install without
+    triton gets the Pallas kernel rather than an ImportError."""
+    return unavailable_reason() or importlib.import_module(module).unsupported_reason(*args)
 
 
 def gluon_call(*arrays, kernel, out_shape, grid, num_warps: int, **constexprs):

@@ -364,8 +364,8 @@ def resolve_backward_kernel(backward_kernel: str, *, interpret: bool, dtype, hea
 
     def reason():
         from pallas_kernels import _gluon
-        from pallas_kernels.indexer_backward_gluon import unsupported_reason  # triton: only where it is installed
-        return _gluon.unavailable_reason() or unsupported_reason(dtype, dot_size(heads), dot_size(width))
+        return _gluon.unavailable_or_unsupported("pallas_kernels.indexer_backward_gluon", dtype, dot_size(heads),
+                                                 dot_size(width))
 
     return resolve_kernel_choice("backward_kernel", backward_kernel, interpret, reason)
 

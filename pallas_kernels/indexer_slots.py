@@ -139,11 +139,7 @@ def resolve_kernel(kernel: str, *, interpret: bool, dtype, heads: int, width: in
 
     def reason():
         from pallas_kernels import _gluon
-        why = _gluon.unavailable_reason()
-        if why is not None:
-            return why
-        from pallas_kernels.indexer_slots_gluon import unsupported_reason  # triton: only where it is installed
-        return unsupported_reason(dtype, heads, dot_size(width))
+        return _gluon.unavailable_or_unsupported("pallas_kernels.indexer_slots_gluon", dtype, heads, dot_size(width))
 
     return resolve_kernel_choice("kernel", kernel, interpret, reason)
 

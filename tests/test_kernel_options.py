@@ -2,12 +2,15 @@
 Its fields are validated by name, the dispatch hands each to the kernel it names, and the model passes it through
 to the dispatch unchanged."""
 
+import sys
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from indexcache_jax import forward
-from pallas_kernels import dispatch
+from pallas_kernels import _gluon, dispatch, indexer, indexer_slots
 from pallas_kernels.dispatch import Kernels
 from pallas_kernels.sparse_attention import Tiles
 from test_pallas_kernels import _sparse_inputs
@@ -81,3 +84,16 @@ def test_the_model_passes_the_options_to_the_kernels(small_config, small_params)
     want = forward(small_params, tokens, config=small_config, impl="reference")
     got = forward(small_params, tokens, config=small_config, impl=Kernels(impl="reference", distribution="pallas"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("resolve", [indexer.resolve_backward_kernel, indexer_slots.resolve_kernel])
+def test_resolvers_import_their_gluon_module_only_where_gluon_runs(monkeypatch, resolve):
+    """On a GPU install without triton the resolvers whose limits live in a Gluon module (which imports triton)
+    give the Pallas kernel under "auto" and say why under "gluon", instead of failing to import that module."""
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: "no triton here (stand-in)")
+    for module in ("pallas_kernels.indexer_backward_gluon", "pallas_kernels.indexer_slots_gluon"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    options = dict(interpret=False, dtype=jnp.bfloat16, heads=64, width=128)
+    assert resolve("auto", **options) == "pallas"
+    with pytest.raises(ValueError, match="'gluon' cannot run: no triton here"):
+        resolve("gluon", **options)
