@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from indexcache_jax.cache import LayerCache
 from indexcache_jax.config import ModelConfig
@@ -19,6 +20,8 @@ from indexcache_jax.indexer import LightningIndexer, select_top_k
 from indexcache_jax.mla import MLAttention
 from indexcache_jax.nn import RMSNorm
 from pallas_kernels.dispatch import ImplArg
+
+TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by the layer rematerialisation (model.py)
 
 
 class LayerContext(NamedTuple):
@@ -76,9 +79,10 @@ class DSABlock(nnx.Module):
             def run_indexer(carry):
                 indices, distill = carry
                 q, w = self.indexer.queries(q_in, x_in, ctx.rope)
-                indices = select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl,
-                                       fp8=self.indexer.config.indexer_fp8, key_scales=key_scales,
-                                       fp8_head_sum=self.indexer.config.indexer_fp8_head_sum)
+                indices = checkpoint_name(
+                    select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl,
+                                 fp8=self.indexer.config.indexer_fp8, key_scales=key_scales,
+                                 fp8_head_sum=self.indexer.config.indexer_fp8_head_sum), TOPK_NAME)
                 if distill is not None:
                     distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices,
                                                                             impl=ctx.impl))

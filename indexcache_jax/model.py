@@ -4,6 +4,14 @@ LM head; and the functional entry points that build, bind and run it over parame
 The scan carry is (hidden [B,T,D], indices int32[B,T,K]): the top-k of the nearest Full layer so far, which a
 Shared layer reads instead of running its indexer. The pattern enters as a runtime bool[N] array, so one compiled
 function serves every pattern.
+
+Rematerialisation (`remat`, training at long context): without it the backward pass keeps every layer's
+activations, which at DeepSeek-V3.2's attention shapes is many GB per layer at 32K tokens. remat="layer" keeps
+only each layer's inputs (the scan carry) and its top-k indices (`SAVED_BY_LAYER_REMAT`), and recomputes the rest
+of the layer in the backward pass; the indices are kept because re-selecting them means re-running the indexer's
+scores over every visible key and the top-k (and they take no gradient). On an H100 with two DeepSeek-V3.2-shaped
+layers this halves the step's temporaries for 8-11% more time, and 32K tokens fit where 16K did without it
+(docs/BENCHMARKS.md, session 34).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indexcache_jax.block import DSABlock, LayerContext
+from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import indexer_loss, init_state
@@ -26,6 +34,8 @@ from indexcache_jax.rope import rope_angles
 from pallas_kernels.dispatch import ImplArg
 
 ATTENTION_MODES = ("sparse", "dense")
+REMAT_MODES = ("none", "layer")
+SAVED_BY_LAYER_REMAT = (TOPK_NAME,)
 
 
 def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> DSABlock:
@@ -35,10 +45,11 @@ def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> 
 
 
 def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cache, distill=None,
-                collect_indices: bool = False):
+                collect_indices: bool = False, remat: str = "none"):
     """Run a stack of blocks: hidden [B,T,D], indices int32[B,T,K], flags bool[N_run] (True = Full), cache: the
     run's stacked LayerCache or None, distill: a DistillState carried through the layers or None ->
-    (hidden, indices, updated cache, distill, every layer's indices int32[N_run,B,T,K] if collect_indices)."""
+    (hidden, indices, updated cache, distill, every layer's indices int32[N_run,B,T,K] if collect_indices).
+    remat: see the module docstring."""
     graphdef, stacked_params = nnx.split(stack)
 
     def layer_step(carry, layer_inputs):
@@ -48,6 +59,10 @@ def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cach
         hidden, indices, layer_cache, distill = block(hidden, indices, is_full, ctx, layer_cache, distill)
         return (hidden, indices, distill), (layer_cache, indices if collect_indices else None)
 
+    if remat == "layer":
+        # prevent_cse=False: inside a scan nothing can be CSE'd across the recomputation (jax.checkpoint's docs)
+        layer_step = jax.checkpoint(layer_step, prevent_cse=False,
+                                    policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_LAYER_REMAT))
     (hidden, indices, distill), (cache, per_layer) = jax.lax.scan(layer_step, (hidden, indices, distill),
                                                                   (stacked_params, flags, cache))
     return hidden, indices, cache, distill, per_layer
@@ -65,7 +80,7 @@ class DSATransformer(nnx.Module):
                                                                        config.vocab_size)  # [D,V]
 
     def __call__(self, tokens, flags, *, cache: Optional[KVCache] = None, logits_at=None, attention="sparse",
-                 impl=None):
+                 impl=None, remat: str = "none"):
         """tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], or [B,V] at positions logits_at int[B];
         the cache with this step's rows written (lengths unchanged) or None).
 
@@ -73,12 +88,13 @@ class DSATransformer(nnx.Module):
         positions cache.lengths[b] + t and attend over everything cached before them. Token ids outside the
         vocabulary embed as NaN, so they can never yield plausible-looking logits.
         """
-        hidden, new_cache, _, _ = self._layers(tokens, flags, cache, attention, impl, with_distill=False)
+        hidden, new_cache, _, _ = self._layers(tokens, flags, cache, attention, impl, with_distill=False,
+                                               remat=remat)
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
         return self._logits(hidden), new_cache
 
-    def with_indexer_loss(self, tokens, flags, *, attention="sparse", impl=None):
+    def with_indexer_loss(self, tokens, flags, *, attention="sparse", impl=None, remat: str = "none"):
         """Training: tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], the indexers' distillation loss f32[]).
 
         The loss is distill.py's: each Full layer's indexer against the attention distributions of the layers it
@@ -86,14 +102,16 @@ class DSATransformer(nnx.Module):
         visible keys ("dense", the warm-up). It reaches only the indexers' weights; the logits' gradient never
         reaches them.
         """
-        hidden, _, distill_state, _ = self._layers(tokens, flags, None, attention, impl, with_distill=True)
+        hidden, _, distill_state, _ = self._layers(tokens, flags, None, attention, impl, with_distill=True,
+                                                   remat=remat)
         return self._logits(hidden), indexer_loss(distill_state)
 
     def layer_indices(self, tokens, flags, *, impl=None):
         """The top-k indices every layer attends with, int32[N,B,T,K] (a Shared layer's are its Full layer's)."""
         return self._layers(tokens, flags, None, "sparse", impl, with_distill=False, collect_indices=True)[3]
 
-    def _layers(self, tokens, flags, cache, attention, impl, *, with_distill: bool, collect_indices: bool = False):
+    def _layers(self, tokens, flags, cache, attention, impl, *, with_distill: bool, collect_indices: bool = False,
+                remat: str = "none"):
         """-> (final hidden [B,T,D] before the norm, new cache or None, DistillState or None, per-layer indices
         int32[N,B,T,K] or None)."""
         c = self.config
@@ -116,7 +134,8 @@ class DSATransformer(nnx.Module):
         for run, (start, stop, ffn) in enumerate(c.layer_segments):
             run_cache = None if cache is None else cache.segments[run]
             hidden, indices, run_cache, distill_state, run_indices = scan_layers(
-                stacks[ffn], hidden, indices, flags[start:stop], ctx, run_cache, distill_state, collect_indices)
+                stacks[ffn], hidden, indices, flags[start:stop], ctx, run_cache, distill_state, collect_indices,
+                remat)
             new_segments.append(run_cache)
             per_layer.append(run_indices)
         new_cache = None if cache is None else cache.replace(segments=tuple(new_segments))
@@ -184,20 +203,27 @@ def pattern_flags(pattern: IndexCachePattern | str | np.ndarray | None, config: 
     return check_flags(as_flags(pattern, config.num_layers), config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "impl"))
-def _forward(params, tokens, flags, *, config, attention, impl):
-    return bind(config, params)(tokens, flags, attention=attention, impl=impl)[0]
+def check_modes(attention: str, remat: str) -> None:
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    if remat not in REMAT_MODES:
+        raise ValueError(f"remat must be one of {list(REMAT_MODES)}, got {remat!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat"))
+def _forward(params, tokens, flags, *, config, attention, impl, remat):
+    return bind(config, params)(tokens, flags, attention=attention, impl=impl, remat=remat)[0]
 
 
 def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
-            impl: ImplArg = None):
+            impl: ImplArg = None, remat: str = "none"):
     """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
-    attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model)."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model); remat: what
+    the gradient keeps ("none", or "layer": see the module docstring)."""
+    check_modes(attention, remat)
     check_tokens(tokens, config)
     return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,
-                    impl=impl)
+                    impl=impl, remat=remat)
 
 
 def next_token_loss(logits, tokens):
@@ -206,20 +232,20 @@ def next_token_loss(logits, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "impl"))
-def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl):
-    return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl)
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat"))
+def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl, remat):
+    return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl, remat=remat)
 
 
 def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config: ModelConfig,
-                              attention: str = "sparse", impl: ImplArg = None):
+                              attention: str = "sparse", impl: ImplArg = None, remat: str = "none"):
     """Training: (logits f32[B,T,V], the indexers' distillation loss f32[]) of a whole sequence; see
-    DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form; remat as in
+    `forward`."""
+    check_modes(attention, remat)
     check_tokens(tokens, config)
     return _forward_with_indexer_loss(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config,
-                                      attention=attention, impl=impl)
+                                      attention=attention, impl=impl, remat=remat)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))

@@ -1,7 +1,9 @@
 """Helpers of `scripts/bench_kernels.py` whose output goes into docs/BENCHMARKS.md: the causal slot ids of the
-measured whole-layer sparse prefill, and the nvidia-smi power sampler's summary."""
+measured whole-layer sparse prefill, and the nvidia-smi power sampler's summary; and `scripts/bench_train.py`
+run end to end on the tiny model."""
 
 import importlib.util
+import json
 import os
 import stat
 import time
@@ -68,3 +70,24 @@ def test_timed_steady_runs_for_its_warm_up_before_timing_and_times_the_calls(ben
     # warmed for the full 0.3 s, then timed over about as long again, each timed call ~4 ms
     assert len(starts) - len(timed_calls) >= 0.3 / 0.006 and len(timed_calls) >= 5
     assert 0.004 <= seconds < 0.02
+
+
+def test_train_bench_runs_the_job_step_and_layer_remat_needs_less_memory(tmp_path):
+    """scripts/bench_train.py on the tiny config: each (stage, remat) run compiles and times the job's step; the
+    two rematerialisations train the same (same loss after the same steps) with less compiled memory for
+    "layer"; the JSON file holds what was printed."""
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    out = tmp_path / "train.json"
+    runs = bench_train.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--contexts", "96", "--layers", "3",
+                             "--steps", "1", "--stages", "sparse", "indexcache", "--json", str(out)])
+    assert [(r["stage"], r["remat"], r["pattern"]) for r in runs] == [
+        ("sparse", "none", "FFF"), ("sparse", "layer", "FFF"), ("indexcache", "none", "FSS"),
+        ("indexcache", "layer", "FSS")]
+    for plain, remat in (runs[:2], runs[2:]):
+        assert plain["step_ms"] > 0 and remat["step_ms"] > 0 and np.isfinite(plain["loss"])
+        assert abs(remat["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"]), (plain, remat)
+        assert abs(remat["loss"] - plain["loss"]) <= 1e-3, (plain, remat)
+        assert remat["compiled_temp_bytes"] < 0.8 * plain["compiled_temp_bytes"], (plain, remat)
+    assert json.loads(out.read_text())["runs"] == runs

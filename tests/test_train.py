@@ -235,6 +235,7 @@ def test_indexer_and_routing_bias_get_their_own_labels_and_the_bias_stays_fixed(
     ("kernels.sparse_backward=cuda", "kernels.sparse_backward"),
     ("kernels.backward_d_s_bytes=-1", "kernels.backward_d_s_bytes"),
     ("kernels.impl=gpu", "kernels.impl"),
+    ("remat=all", "remat"),
 ])
 def test_bad_config_values_name_the_field(override, field):
     if override == "stage=indexcache":

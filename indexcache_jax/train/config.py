@@ -133,6 +133,9 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     # The kernels the job runs and their memory bounds (the implementation too: the CLI's --impl overrides it)
     kernels: Kernels = Kernels()
+    # What the backward pass keeps: "none" (every activation) or "layer" (each layer's inputs and top-k indices,
+    # the rest recomputed; what long contexts need to fit in memory: indexcache_jax/model.py, docs/BENCHMARKS.md)
+    remat: Literal["none", "layer"] = "none"
     seed: int = 0
 
     def validate(self, where: str = "") -> None:

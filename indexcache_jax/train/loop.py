@@ -120,21 +120,29 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 # ---- the step ---------------------------------------------------------------------------------------------------
 
 def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_loss_weight: float,
-                 impl: ImplArg):
+                 impl: ImplArg, remat: str = "none"):
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
     logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
-                                                     attention=STAGE_ATTENTION[stage], impl=impl)
+                                                     attention=STAGE_ATTENTION[stage], impl=impl, remat=remat)
     lm = next_token_loss(logits, tokens)
     objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 
 
+def _donated_arguments() -> tuple[int, ...]:
+    """The train step's params and opt_state are replaced by its outputs: on an accelerator their buffers are
+    handed to it, so that the step holds one copy of the weights and the optimiser state, not two (14.5 GB at
+    DeepSeek-V3.2's attention shapes with two layers; docs/BENCHMARKS.md). Not on CPU, where an array and the
+    host view that an async checkpoint writes from in the background may share memory."""
+    return (0, 1) if jax.default_backend() != "cpu" else ()
+
+
 def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: ImplArg):
     losses = functools.partial(stage_losses, model_config=model_config, stage=config.stage,
-                               indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl)
+                               indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl, remat=config.remat)
     grad_fn = jax.value_and_grad(losses, has_aux=True)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=_donated_arguments())
     def train_step(params, opt_state, micro_batches, flags):
         """micro_batches int32[A, B, L+1] -> (params, opt_state, metrics: mean loss, lm_loss, indexer_loss over
         the micro-batches, and the gradient norm)."""
@@ -231,11 +239,16 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def master_weights_config(model):
+    """The model config that training keeps its weights in: fp32 master weights, the config's compute dtype."""
+    return dataclasses.replace(model, param_dtype="float32")
+
+
 def _initial_model(config: TrainConfig):
     if config.init_from is not None:
         base, params = load_model(config.init_from, dtype="float32")  # fp32 master weights
         return base.model, params
-    model = dataclasses.replace(config.model, param_dtype="float32")
+    model = master_weights_config(config.model)
     return model, init_params(model, seed=config.seed)
 
 

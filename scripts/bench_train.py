@@ -1,0 +1,151 @@
+"""Time the training job's own step at long context on the GPU, per stage and rematerialisation, with its memory.
+
+The step is `train.loop.make_train_step`'s (forward with the distillation losses in the layer scan, backward,
+clipping and AdamW), on the model of `--config` (default DeepSeek-V3.2's attention and indexer: 128 heads, latent
+512 + 64, 64 indexer heads x 128, top-2048, hidden 7168) cut to `--layers` layers with its dense FFN (no MoE) and
+a vocabulary of `--vocab` (the embedding and the LM head are not what this measures); fp32 master weights, the
+config's compute dtype; one sequence of T random tokens per step.
+
+Per (stage, T, remat), one line of JSON:
+  - compiled_temp_gb: XLA's temporaries of the compiled step (what the backward keeps lives here);
+    compiled_args_gb: its arguments (weights, optimiser state, tokens); both also in bytes;
+  - step_ms: median of `--steps` steps after a warm-up step (each step's output parameters feed the next), and
+    tokens_per_s = T / step; first_loss, the warm-up step's objective (the same initial weights and tokens in
+    every run: runs that differ only in remat should agree), and loss, the last step's;
+  - peak_gb: the device's peak memory so far in this process (runs go smallest first), where the backend tells;
+  - power: the SM clock and power while the steps ran (nvidia-smi), where there is one;
+  - "OOM" where the step does not fit (the error's first line is kept).
+`--compile-only` records the compiled memory alone, for sizes that would not fit.
+Stages: sparse (every layer Full), indexcache (the first layer Full, the rest Shared: one indexer serving all),
+dense_warmup (dense attention; the indexers distil the whole [T, T] distributions).
+
+    python scripts/bench_train.py --contexts 8192 32768 --stages sparse indexcache --remat none layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_kernels import PowerSampler  # noqa: E402
+from indexcache_jax.configlib import from_mapping, read_yaml  # noqa: E402
+from indexcache_jax.model import pattern_flags  # noqa: E402
+from indexcache_jax.train.config import TrainConfig, apply_overrides  # noqa: E402
+from indexcache_jax.train.loop import (_initial_model, make_optimizer, make_train_step,  # noqa: E402
+                                       master_weights_config)
+
+STAGES = ("sparse", "indexcache", "dense_warmup")
+GB = 1e9
+
+
+def job_config(args, stage: str, remat: str) -> TrainConfig:
+    """The bench's job: --config's model with --layers, --vocab, no MoE and the --set overrides."""
+    model = dict(read_yaml(args.config)["model"])
+    model.update(num_layers=args.layers, vocab_size=args.vocab, moe=None)
+    model = apply_overrides(model, args.set)  # "key=value" strings, values parsed as YAML
+    pattern = "F" + ("S" if stage == "indexcache" else "F") * (args.layers - 1)
+    return from_mapping(TrainConfig, {"stage": stage, "steps": 1000, "model": model, "remat": remat,
+                                      "indexcache": {"pattern": pattern}}, "")
+
+
+def _out_of_memory(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _peak_gb():
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / GB, 2) if "peak_bytes_in_use" in stats else None
+
+
+def run_one(args, stage: str, length: int, remat: str) -> dict:
+    config = job_config(args, stage, remat)
+    record = {"stage": stage, "tokens": length, "remat": remat, "layers": args.layers,
+              "pattern": config.indexcache.pattern}
+    try:
+        if args.compile_only:  # shapes alone: no weights are materialised
+            model_config = master_weights_config(config.model)
+            params = jax.eval_shape(lambda: _initial_model(config)[1])
+        else:
+            model_config, params = _initial_model(config)
+        flags = pattern_flags(config.indexcache.pattern, model_config)
+        optimizer = make_optimizer(config, params)
+        opt_state = jax.eval_shape(optimizer.init, params) if args.compile_only else optimizer.init(params)
+        step = make_train_step(config, model_config, optimizer, impl=config.kernels)
+        batch = jax.random.randint(jax.random.key(0), (1, 1, length + 1), 0, model_config.vocab_size)
+        compiled = step.lower(params, opt_state, batch, flags).compile()
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            record.update(compiled_temp_gb=round(memory.temp_size_in_bytes / GB, 2),
+                          compiled_args_gb=round(memory.argument_size_in_bytes / GB, 2),
+                          compiled_temp_bytes=int(memory.temp_size_in_bytes),
+                          compiled_args_bytes=int(memory.argument_size_in_bytes))
+        if args.compile_only:
+            return record
+        params, opt_state, metrics = compiled(params, opt_state, batch, flags)  # warm-up
+        record["first_loss"] = float(metrics["loss"])  # from the same initial weights in every run
+        times = []
+        with PowerSampler() as power:
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                params, opt_state, metrics = compiled(params, opt_state, batch, flags)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - start)
+        step_s = statistics.median(times)
+        record.update(step_ms=round(step_s * 1e3, 1), tokens_per_s=round(length / step_s),
+                      loss=round(float(metrics["loss"]), 4), power=power.summary)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is a result; anything else is re-raised
+        if not _out_of_memory(err):
+            raise
+        record["error"] = "OOM: " + str(err).strip().splitlines()[0][:300]
+    finally:
+        params = opt_state = None
+        gc.collect()
+    record["peak_gb"] = _peak_gb()
+    return record
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "deepseek_v32_shapes.yaml"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field, e.g. --set intermediate_size=2048")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=["sparse", "indexcache"])
+    parser.add_argument("--remat", nargs="+", choices=("none", "layer"), default=["none", "layer"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile-only", action="store_true",
+                        help="record the compiled memory only (no steps): what a model of --layers would need")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.layers < 1 or args.steps < 1:
+        parser.error("--layers and --steps must be >= 1")
+    header = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "argv": sys.argv[1:] if argv is None else list(argv)}
+    print(json.dumps(header), flush=True)
+    results = []
+    for length in sorted(args.contexts):
+        for stage in args.stages:
+            for remat in args.remat:
+                results.append(run_one(args, stage, length, remat))
+                print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"header": header, "runs": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Layer rematerialisation (`remat="layer"`): the same loss and gradients as keeping every activation, less memory
+for the backward pass, and a Full layer's top-k is kept rather than selected again (the indexer's scores over
+every visible key are the most expensive thing a layer could recompute). Reference kernels on CPU. The op counts
+and memory ratios are those of XLA's CPU compile: on a GPU these tests skip them, and `scripts/bench_train.py`
+measures the memory at real shapes (docs/BENCHMARKS.md)."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import indexcache_jax.model as model
+from conftest import rel_err
+from indexcache_jax import init_params
+from indexcache_jax.model import forward_with_indexer_loss, next_token_loss
+from indexcache_jax.train import load_train_config
+from indexcache_jax.train.loop import make_optimizer, make_train_step
+from test_train import JOB, SMALL as SMALL_JOB
+
+
+ON_CPU = jax.default_backend() == "cpu"
+cpu_compile_only = pytest.mark.skipif(not ON_CPU, reason="counts XLA's CPU compile (see the module docstring)")
+
+
+def _objective(config, tokens, pattern, attention, remat):
+    def objective(params):
+        logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], pattern, config=config,
+                                                         attention=attention, remat=remat)
+        return next_token_loss(logits, tokens) + 0.5 * indexer_loss
+    return objective
+
+
+def _tokens(config, batch, length, seed=3):
+    return jax.random.randint(jax.random.key(seed), (batch, length + 1), 0, config.vocab_size)
+
+
+@pytest.mark.parametrize("attention,pattern", [("sparse", "FSFS"), ("dense", "FFFF")])
+def test_layer_remat_gives_the_same_loss_and_gradients(small_config, small_params, attention, pattern):
+    """The MoE model (a dense-FFN run, then an MoE run: two scans), with the distillation loss in the objective."""
+    tokens = _tokens(small_config, 2, 24)
+    kept = jax.jit(jax.value_and_grad(_objective(small_config, tokens, pattern, attention, "none")))(small_params)
+    remat = jax.jit(jax.value_and_grad(_objective(small_config, tokens, pattern, attention, "layer")))(small_params)
+    assert abs(float(remat[0]) - float(kept[0])) <= 1e-6 * abs(float(kept[0]))
+    checked = 0
+    for got, want in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(kept[1]), strict=True):
+        if np.abs(np.asarray(want)).max() > 0:
+            assert rel_err(got, want) < 1e-5
+            checked += 1
+        else:  # gradients that are exactly zero (e.g. the routing bias) stay exactly zero
+            assert np.abs(np.asarray(got)).max() == 0
+    assert checked > 20
+
+
+def _compiled_gradient(config, params, tokens, remat):
+    return jax.jit(jax.value_and_grad(_objective(config, tokens, "FSFS", "sparse", remat))).lower(params).compile()
+
+
+@cpu_compile_only
+def test_layer_remat_keeps_the_top_k_instead_of_selecting_again(dense_config, monkeypatch):
+    """Counted in the compiled gradient (dense FFN, so the indexer's is the only top-k): as many top-k ops with
+    remat as without. The count is shown to see a recomputed selection: with the indices not kept, it grows."""
+    params = init_params(dense_config, seed=1)
+    tokens = _tokens(dense_config, 2, 32)
+
+    def top_k_ops(remat):
+        jax.clear_caches()
+        return len(re.findall(r"\bTopK\b|topk\(|custom_call_target=\"TopK\"", _compiled_gradient(
+            dense_config, params, tokens, remat).as_text()))
+
+    kept = top_k_ops("none")
+    assert kept >= 1 and top_k_ops("layer") == kept
+    monkeypatch.setattr(model, "SAVED_BY_LAYER_REMAT", ())
+    assert top_k_ops("layer") > kept
+
+
+@cpu_compile_only
+def test_layer_remat_lowers_the_memory_of_the_backward_pass(small_config, small_params):
+    tokens = _tokens(small_config, 2, 128)
+    temp = {remat: _compiled_gradient(small_config, small_params, tokens, remat).memory_analysis().temp_size_in_bytes
+            for remat in ("none", "layer")}
+    assert temp["layer"] < 0.7 * temp["none"], temp
+
+
+def test_train_step_with_layer_remat_matches_the_plain_step():
+    """One optimiser step of the training job's own step function, from the same parameters and batch; the job's
+    `remat` reaches the step (its compiled backward needs less memory)."""
+    steps, temp = {}, {}
+    for remat in ("none", "layer"):
+        config = load_train_config(JOB, SMALL_JOB + ["stage=indexcache", f"remat={remat}"])
+        model_config = config.model_config(config.model)
+        params = init_params(model_config.model, seed=0)
+        optimizer = make_optimizer(config, params)
+        step = make_train_step(config, model_config.model, optimizer, impl=None)
+        batch = _tokens(model_config.model, 2, 48, seed=5)[None]
+        flags = model.pattern_flags(config.indexcache.pattern, model_config.model)
+        opt_state = optimizer.init(params)
+        # lowered before the call: on an accelerator the step takes params' and opt_state's buffers
+        temp[remat] = step.lower(params, opt_state, batch, flags).compile().memory_analysis().temp_size_in_bytes
+        steps[remat] = step(params, opt_state, batch, flags)
+    if ON_CPU:
+        assert temp["layer"] < 0.8 * temp["none"], temp
+    (p_none, _, m_none), (p_layer, _, m_layer) = steps["none"], steps["layer"]
+    for name in ("loss", "lm_loss", "indexer_loss", "grad_norm"):
+        assert abs(float(m_layer[name]) - float(m_none[name])) <= 1e-5 * abs(float(m_none[name])), name
+    for got, want in zip(jax.tree.leaves(p_layer), jax.tree.leaves(p_none), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_remat_mode_is_named(small_config, small_params):
+    tokens = _tokens(small_config, 1, 8)
+    with pytest.raises(ValueError, match="remat must be one of \\['none', 'layer'\\], got 'all'"):
+        forward_with_indexer_loss(small_params, tokens, config=small_config, remat="all")
+    with pytest.raises(ValueError, match="remat"):
+        model.forward(small_params, tokens, config=small_config, remat="everything")
