@@ -59,6 +59,8 @@ def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cach
         hidden, indices, layer_cache, distill = block(hidden, indices, is_full, ctx, layer_cache, distill)
         return (hidden, indices, distill), (layer_cache, indices if collect_indices else None)
 
+    if remat not in REMAT_MODES:  # checked here, where every entry point's layers pass
+        raise ValueError(f"remat must be one of {list(REMAT_MODES)}, got {remat!r}")
     if remat == "layer":
         # prevent_cse=False: inside a scan nothing can be CSE'd across the recomputation (jax.checkpoint's docs)
         layer_step = jax.checkpoint(layer_step, prevent_cse=False,
@@ -203,11 +205,9 @@ def pattern_flags(pattern: IndexCachePattern | str | np.ndarray | None, config: 
     return check_flags(as_flags(pattern, config.num_layers), config)
 
 
-def check_modes(attention: str, remat: str) -> None:
+def _check_attention(attention: str) -> None:
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
-    if remat not in REMAT_MODES:
-        raise ValueError(f"remat must be one of {list(REMAT_MODES)}, got {remat!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat"))
@@ -220,7 +220,7 @@ def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, att
     """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
     attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model); remat: what
     the gradient keeps ("none", or "layer": see the module docstring)."""
-    check_modes(attention, remat)
+    _check_attention(attention)
     check_tokens(tokens, config)
     return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,
                     impl=impl, remat=remat)
@@ -242,7 +242,7 @@ def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config
     """Training: (logits f32[B,T,V], the indexers' distillation loss f32[]) of a whole sequence; see
     DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form; remat as in
     `forward`."""
-    check_modes(attention, remat)
+    _check_attention(attention)
     check_tokens(tokens, config)
     return _forward_with_indexer_loss(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config,
                                       attention=attention, impl=impl, remat=remat)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import pathlib
@@ -40,10 +41,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_kernels import PowerSampler  # noqa: E402
 from indexcache_jax.configlib import from_mapping, read_yaml  # noqa: E402
-from indexcache_jax.model import pattern_flags  # noqa: E402
+from indexcache_jax.model import init_params, pattern_flags  # noqa: E402
 from indexcache_jax.train.config import TrainConfig, apply_overrides  # noqa: E402
-from indexcache_jax.train.loop import (_initial_model, make_optimizer, make_train_step,  # noqa: E402
-                                       master_weights_config)
+from indexcache_jax.train.loop import make_optimizer, make_train_step, master_weights_config  # noqa: E402
 
 STAGES = ("sparse", "indexcache", "dense_warmup")
 GB = 1e9
@@ -74,11 +74,9 @@ def run_one(args, stage: str, length: int, remat: str) -> dict:
     record = {"stage": stage, "tokens": length, "remat": remat, "layers": args.layers,
               "pattern": config.indexcache.pattern}
     try:
-        if args.compile_only:  # shapes alone: no weights are materialised
-            model_config = master_weights_config(config.model)
-            params = jax.eval_shape(lambda: _initial_model(config)[1])
-        else:
-            model_config, params = _initial_model(config)
+        model_config = master_weights_config(config.model)  # what the job trains: fp32 master weights
+        init = functools.partial(init_params, model_config, seed=config.seed)
+        params = jax.eval_shape(init) if args.compile_only else init()  # compile only: shapes, no weights
         flags = pattern_flags(config.indexcache.pattern, model_config)
         optimizer = make_optimizer(config, params)
         opt_state = jax.eval_shape(optimizer.init, params) if args.compile_only else optimizer.init(params)

@@ -113,3 +113,6 @@ def test_unknown_remat_mode_is_named(small_config, small_params):
         forward_with_indexer_loss(small_params, tokens, config=small_config, remat="all")
     with pytest.raises(ValueError, match="remat"):
         model.forward(small_params, tokens, config=small_config, remat="everything")
+    with pytest.raises(ValueError, match="remat must be one of"):  # a bound module checks it too
+        model.bind(small_config, small_params).with_indexer_loss(tokens, model.pattern_flags(None, small_config),
+                                                                 remat="layers")
