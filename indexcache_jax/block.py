@@ -1,7 +1,14 @@
 """One DSA transformer block: MLA attention whose keys are chosen by the lightning indexer, then the FFN.
 
-IndexCache (SPEC §2) lives in `DSABlock.__call__`: a Full layer runs its indexer and passes its top-k on; a Shared
-layer skips the indexer and attends with the indices carried from the nearest preceding Full layer.
+IndexCache (SPEC §2) lives in `DSABlock`: a Full layer runs its indexer and passes its top-k on; a Shared layer
+skips the indexer and attends with the indices carried from the nearest preceding Full layer.
+
+A block has two parts. The sequence-wide part normalises the input and projects every token's latent KV row and
+indexer key (and appends them to the cache). Everything after it is per query token: its queries, its top-k, its
+attention over the rows, the output projection and the FFN. That per-token part can run in chunks of queries
+(`LayerContext.query_chunk`, `over_query_chunks`), each rematerialised in the backward pass: at DeepSeek-V3.2's
+shapes the per-token part holds [T, 128 heads, 576] tensors (9.7 GB in bf16 at 64K tokens, several live at once),
+which chunking bounds by the chunk instead of the sequence.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -21,7 +29,8 @@ from indexcache_jax.mla import MLAttention
 from indexcache_jax.nn import RMSNorm
 from pallas_kernels.dispatch import ImplArg
 
-TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by the layer rematerialisation (model.py)
+TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by every rematerialisation (here and model.py)
+SAVED_BY_CHUNK_REMAT = (TOPK_NAME,)
 
 
 class LayerContext(NamedTuple):
@@ -33,6 +42,15 @@ class LayerContext(NamedTuple):
     topk: int  # index slots per query (static)
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
     impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
+    query_chunk: int = 0  # queries per chunk of the per-token part (static); 0: all at once (over_query_chunks)
+
+
+class _Keys(NamedTuple):
+    """What a layer's queries attend to and select from (the whole sequence or cache)."""
+
+    kv_rows: jax.Array  # [B,S,L] latent KV rows
+    index_keys: jax.Array  # [B,S,I] indexer keys (fp8 with key_scales, from an fp8 cache)
+    key_scales: Optional[jax.Array]  # f32[B,S] or None
 
 
 class DSABlock(nnx.Module):
@@ -53,53 +71,115 @@ class DSABlock(nnx.Module):
         attention distribution over the same keys (see distill.py).
         """
         x = self.input_layernorm(hidden)
-        q_resid, q_nope, q_rope = self.self_attn.queries(x, ctx.rope)
         # The indexer reads the block's activations through a stop-gradient: only the distillation loss trains
         # it, and it never trains anything but the indexer.
-        x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
-        kv_rows, index_keys = self.self_attn.latent(x, ctx.rope), self.indexer.keys(x_in, ctx.rope)
-        key_scales = None  # with an fp8 key cache: the keys come quantised, one scale per token
+        keys = _Keys(self.self_attn.latent(x, ctx.rope), self.indexer.keys(jax.lax.stop_gradient(x), ctx.rope),
+                     None)
         if cache is not None:  # attend over everything cached so far, this step's tokens included
-            cache = cache.append(ctx.write_offsets, kv_rows, index_keys)
-            kv_rows, index_keys, key_scales = cache.latent, cache.index_keys, cache.index_key_scales
+            cache = cache.append(ctx.write_offsets, keys.kv_rows, keys.index_keys)
+            keys = _Keys(cache.latent, cache.index_keys, cache.index_key_scales)
+
+        def per_token(hidden, x, positions, rope, indices, keys):
+            return self._per_token(hidden, x, positions, rope, indices, keys, is_full, ctx,
+                                   with_distribution=distill is not None)
+
+        hidden, indices, probs, indexer_logp = over_query_chunks(
+            per_token, (hidden, x, ctx.positions, ctx.rope, indices), keys, ctx.query_chunk,
+            differentiable=cache is None)
+        if distill is not None:
+            distill = jax.lax.cond(is_full, lambda d: start_group(d, indexer_logp), lambda d: d, distill)
+            distill = add_layer(distill, probs)
+        return hidden, indices, cache, distill
+
+    def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, is_full, ctx: LayerContext, *,
+                   with_distribution: bool):
+        """The block after its sequence-wide part, for C queries: hidden and x (its normed form) [B,C,D], positions
+        int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried) ->
+        (hidden [B,C,D], indices [B,C,K], and with_distribution: the attention distribution f32[B,C,K'] and the
+        indexer's log-probabilities f32[B,C,K'] over the same keys, 0 on a Shared layer; else None, None).
+        K' = K, or S (every key) in dense mode."""
+        q_resid, q_nope, q_rope = self.self_attn.queries(x, rope)
+        x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
+        probs = indexer_logp = None
 
         if ctx.attention == "dense":
-            if distill is None:
-                attn = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions)
+            if not with_distribution:
+                attn = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions)
             else:
-                attn, probs = self.self_attn.attend_dense(q_nope, q_rope, kv_rows, ctx.positions,
+                attn, probs = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions,
                                                           with_distribution=True)
-                def start_dense_group(d):
-                    q, w = self.indexer.queries(q_in, x_in, ctx.rope)
-                    return start_group(d, self.indexer.log_probs(q, w, index_keys, ctx.positions, impl=ctx.impl))
 
-                distill = jax.lax.cond(is_full, start_dense_group, lambda d: d, distill)
-                distill = add_layer(distill, probs)
+                def indexer_log_probs():
+                    q, w = self.indexer.queries(q_in, x_in, rope)
+                    return self.indexer.log_probs(q, w, keys.index_keys, positions, impl=ctx.impl)
+
+                indexer_logp = jax.lax.cond(is_full, indexer_log_probs, lambda: jnp.zeros(probs.shape, jnp.float32))
         else:
-            def run_indexer(carry):
-                indices, distill = carry
-                q, w = self.indexer.queries(q_in, x_in, ctx.rope)
+            def run_indexer(indices):
+                q, w = self.indexer.queries(q_in, x_in, rope)
                 indices = checkpoint_name(
-                    select_top_k(q, w, index_keys, ctx.positions, topk=ctx.topk, impl=ctx.impl,
-                                 fp8=self.indexer.config.indexer_fp8, key_scales=key_scales,
+                    select_top_k(q, w, keys.index_keys, positions, topk=ctx.topk, impl=ctx.impl,
+                                 fp8=self.indexer.config.indexer_fp8, key_scales=keys.key_scales,
                                  fp8_head_sum=self.indexer.config.indexer_fp8_head_sum), TOPK_NAME)
-                if distill is not None:
-                    distill = start_group(distill, self.indexer.log_probs(q, w, index_keys, ctx.positions, indices,
-                                                                            impl=ctx.impl))
-                return indices, distill
+                if not with_distribution:
+                    return indices, None
+                return indices, self.indexer.log_probs(q, w, keys.index_keys, positions, indices, impl=ctx.impl)
 
-            def reuse_carried(carry):
-                return carry
+            def reuse_carried(indices):
+                return indices, (jnp.zeros(indices.shape, jnp.float32) if with_distribution else None)
 
             # lax.cond on the runtime flag executes one branch: Shared layers never score or select.
-            indices, distill = jax.lax.cond(is_full, run_indexer, reuse_carried, (indices, distill))
-            if distill is None:
-                attn = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl)
+            indices, indexer_logp = jax.lax.cond(is_full, run_indexer, reuse_carried, indices)
+            if not with_distribution:
+                attn = self.self_attn.attend_sparse(q_nope, q_rope, keys.kv_rows, indices, impl=ctx.impl)
             else:
-                attn, probs = self.self_attn.attend_sparse(q_nope, q_rope, kv_rows, indices, impl=ctx.impl,
+                attn, probs = self.self_attn.attend_sparse(q_nope, q_rope, keys.kv_rows, indices, impl=ctx.impl,
                                                            with_distribution=True)
-                distill = add_layer(distill, probs)
 
         hidden = hidden + attn.astype(hidden.dtype)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden)).astype(hidden.dtype)
-        return hidden, indices, cache, distill
+        return hidden, indices, probs, indexer_logp
+
+
+def over_query_chunks(fn, per_query, keys: _Keys, chunk: int, *, differentiable: bool):
+    """fn(*per_query, keys) over chunks of `chunk` queries -> its outputs, concatenated over queries.
+
+    per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: passed whole to every chunk. chunk 0
+    (or >= T): one call over all T. Otherwise every chunk is one `jax.checkpoint`ed call, which keeps only its
+    inputs and its top-k (SAVED_BY_CHUNK_REMAT) for the backward pass, so one chunk's activations are live at a time;
+    the price is one more forward pass of fn (and no more inside a layer rematerialisation, whose recomputation
+    needs only the chunks' inputs). Chunks run in a `lax.map`, and a last partial chunk (T not a multiple of
+    chunk) in a call of its own.
+
+    differentiable: the gradient may flow to `keys`. Every chunk adds its part of the keys' gradient into one sum,
+    which autodiff keeps in the keys' dtype; the keys then enter as float32, so that a bf16 model sums its chunks'
+    key gradients in float32 as the unchunked kernels do, and each chunk casts them back (exactly). Not for a
+    cache (inference), which would copy the cache to float32 in every layer.
+    """
+    num_q = jax.tree.leaves(per_query)[0].shape[1]
+    if not chunk or chunk >= num_q:
+        return fn(*per_query, keys)
+    dtypes = jax.tree.map(lambda k: k.dtype, keys)
+    if differentiable:
+        keys = jax.tree.map(lambda k: k.astype(jnp.float32) if jnp.issubdtype(k.dtype, jnp.floating) else k, keys)
+
+    def one_chunk(per_query, keys):
+        return fn(*per_query, jax.tree.map(lambda k, dtype: k.astype(dtype), keys, dtypes))
+
+    # prevent_cse=False: inside a scan (the layers', and lax.map's) nothing can be CSE'd across the recomputation
+    one_chunk = jax.checkpoint(one_chunk, prevent_cse=False,
+                               policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_CHUNK_REMAT))
+    whole = num_q // chunk * chunk
+
+    def chunks(x):  # [B, whole, ...] -> [whole/chunk, B, chunk, ...]
+        return jnp.moveaxis(x[:, :whole].reshape(x.shape[0], whole // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def unchunk(y):  # [n, B, chunk, ...] -> [B, n * chunk, ...]
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape(y.shape[0], -1, *y.shape[3:])
+
+    out = jax.tree.map(unchunk, jax.lax.map(lambda xs: one_chunk(xs, keys), jax.tree.map(chunks, per_query)))
+    if whole < num_q:
+        tail = one_chunk(jax.tree.map(lambda x: x[:, whole:], per_query), keys)
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), out, tail)
+    return out

@@ -27,19 +27,22 @@ from indexcache_jax.sampling import sample_tokens
 from pallas_kernels.dispatch import ImplArg
 
 
-def _extend(params, tokens, lengths, cache, flags, *, config, impl, all_logits):
+def _extend(params, tokens, lengths, cache, flags, *, config, impl, all_logits, query_chunk=0):
     """Append `tokens [B,T]` (lengths[b] real ones per row) to the cache; the core of prefill and decode."""
     overflow = cache.lengths + tokens.shape[1] > cache.max_len  # bool[B]
     logits_at = None if all_logits else jnp.maximum(lengths - 1, 0)
-    logits, new_cache = bind(config, params)(tokens, flags, cache=cache, logits_at=logits_at, impl=impl)
+    logits, new_cache = bind(config, params)(tokens, flags, cache=cache, logits_at=logits_at, impl=impl,
+                                             query_chunk=query_chunk)
     bad_rows = overflow.reshape((-1,) + (1,) * (logits.ndim - 1))
     logits = jnp.where(bad_rows, jnp.nan, logits)
     return logits, new_cache.replace(lengths=jnp.where(overflow, cache.lengths, cache.lengths + lengths))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "all_logits"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, flags, *, config, impl, all_logits):
-    return _extend(params, tokens, lengths, cache, flags, config=config, impl=impl, all_logits=all_logits)
+@functools.partial(jax.jit, static_argnames=("config", "impl", "all_logits", "query_chunk"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, flags, *, config, impl, all_logits, query_chunk):
+    return _extend(params, tokens, lengths, cache, flags, config=config, impl=impl, all_logits=all_logits,
+                   query_chunk=query_chunk)
 
 
 def _decode(params, tokens, cache, flags, *, config, impl):
@@ -76,12 +79,14 @@ def _check_capacity(cache: KVCache, new_tokens: int) -> None:
 
 
 def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, lengths=None,
-            impl: ImplArg = None, all_logits: bool = False):
+            impl: ImplArg = None, all_logits: bool = False, query_chunk: int = 0):
     """Run a batch of prompts through the model and fill the cache.
 
     tokens int[B,T] (right-padded), lengths int[B] (default: all T), cache from init_cache (or partly filled:
     the prompt continues each row) -> (logits f32[B,V] at each row's last real token, or f32[B,T,V] with
-    all_logits=True; the updated cache). The input cache is donated: use the returned one.
+    all_logits=True; the updated cache). The input cache is donated: use the returned one. query_chunk: run each
+    layer's per-token part over this many prompt tokens at a time (0: all at once), which bounds its per-head
+    activations for long prompts (indexcache_jax/model.py).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -92,7 +97,7 @@ def prefill(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig
     _check_capacity(cache, tokens.shape[1])
     lengths = _prompt_lengths(lengths, tokens.shape[0], tokens.shape[1], "lengths")
     return _prefill(params, tokens, lengths, cache, pattern_flags(pattern, config),
-                    config=config, impl=impl, all_logits=all_logits)
+                    config=config, impl=impl, all_logits=all_logits, query_chunk=query_chunk)
 
 
 def decode_step(params, tokens, cache: KVCache, pattern=None, *, config: ModelConfig, impl: ImplArg = None):

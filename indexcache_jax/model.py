@@ -12,6 +12,16 @@ of the layer in the backward pass; the indices are kept because re-selecting the
 scores over every visible key and the top-k (and they take no gradient). On an H100 with two DeepSeek-V3.2-shaped
 layers this halves the step's temporaries for 8-11% more time, and 32K tokens fit where 16K did without it
 (docs/BENCHMARKS.md, session 34).
+
+Query chunks (`query_chunk`, long contexts): what remat="layer" still holds at once is one layer's per-token
+tensors over the whole sequence, the [T, heads, latent] queries and outputs of the absorbed attention (and the
+[heads, T, T] logits of the dense warm-up). query_chunk=C runs each layer's per-token part (everything after the
+latent KV rows and indexer keys: queries, selection, attention, FFN) over C queries at a time, each chunk
+rematerialised on its own (block.over_query_chunks): the same function, for one more forward pass of that part.
+With remat="layer" too, that part still runs forward twice, not three times: the layer's recomputation needs
+nothing of the chunks but their inputs, so autodiff drops its copy of them. On an H100 with two DeepSeek-V3.2-
+shaped layers, remat="layer" with query_chunk=8192 trains 128K tokens (44 GB of temporaries), and at 32K it
+takes the same time per step as remat="layer" alone, with 25 instead of 37 GB (docs/BENCHMARKS.md, session 35).
 """
 
 from __future__ import annotations
@@ -82,7 +92,7 @@ class DSATransformer(nnx.Module):
                                                                        config.vocab_size)  # [D,V]
 
     def __call__(self, tokens, flags, *, cache: Optional[KVCache] = None, logits_at=None, attention="sparse",
-                 impl=None, remat: str = "none"):
+                 impl=None, remat: str = "none", query_chunk: int = 0):
         """tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], or [B,V] at positions logits_at int[B];
         the cache with this step's rows written (lengths unchanged) or None).
 
@@ -91,12 +101,13 @@ class DSATransformer(nnx.Module):
         vocabulary embed as NaN, so they can never yield plausible-looking logits.
         """
         hidden, new_cache, _, _ = self._layers(tokens, flags, cache, attention, impl, with_distill=False,
-                                               remat=remat)
+                                               remat=remat, query_chunk=query_chunk)
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
         return self._logits(hidden), new_cache
 
-    def with_indexer_loss(self, tokens, flags, *, attention="sparse", impl=None, remat: str = "none"):
+    def with_indexer_loss(self, tokens, flags, *, attention="sparse", impl=None, remat: str = "none",
+                          query_chunk: int = 0):
         """Training: tokens int[B,T], flags bool[N] -> (logits f32[B,T,V], the indexers' distillation loss f32[]).
 
         The loss is distill.py's: each Full layer's indexer against the attention distributions of the layers it
@@ -105,17 +116,20 @@ class DSATransformer(nnx.Module):
         reaches them.
         """
         hidden, _, distill_state, _ = self._layers(tokens, flags, None, attention, impl, with_distill=True,
-                                                   remat=remat)
+                                                   remat=remat, query_chunk=query_chunk)
         return self._logits(hidden), indexer_loss(distill_state)
 
-    def layer_indices(self, tokens, flags, *, impl=None):
+    def layer_indices(self, tokens, flags, *, impl=None, query_chunk: int = 0):
         """The top-k indices every layer attends with, int32[N,B,T,K] (a Shared layer's are its Full layer's)."""
-        return self._layers(tokens, flags, None, "sparse", impl, with_distill=False, collect_indices=True)[3]
+        return self._layers(tokens, flags, None, "sparse", impl, with_distill=False, collect_indices=True,
+                            query_chunk=query_chunk)[3]
 
     def _layers(self, tokens, flags, cache, attention, impl, *, with_distill: bool, collect_indices: bool = False,
-                remat: str = "none"):
+                remat: str = "none", query_chunk: int = 0):
         """-> (final hidden [B,T,D] before the norm, new cache or None, DistillState or None, per-layer indices
-        int32[N,B,T,K] or None)."""
+        int32[N,B,T,K] or None). query_chunk: see the module docstring."""
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 0:
+            raise ValueError(f"query_chunk must be an int >= 0 (0: all queries at once), got {query_chunk!r}")
         c = self.config
         batch, num_q = tokens.shape
         offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
@@ -123,7 +137,7 @@ class DSATransformer(nnx.Module):
         num_keys = num_q if cache is None else cache.max_len
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
                            rope=rope_angles(positions, c),
-                           topk=c.topk_for(num_keys), attention=attention, impl=impl)
+                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)
@@ -210,20 +224,22 @@ def _check_attention(attention: str) -> None:
         raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat"))
-def _forward(params, tokens, flags, *, config, attention, impl, remat):
-    return bind(config, params)(tokens, flags, attention=attention, impl=impl, remat=remat)[0]
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat", "query_chunk"))
+def _forward(params, tokens, flags, *, config, attention, impl, remat, query_chunk):
+    return bind(config, params)(tokens, flags, attention=attention, impl=impl, remat=remat,
+                                query_chunk=query_chunk)[0]
 
 
 def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
-            impl: ImplArg = None, remat: str = "none"):
+            impl: ImplArg = None, remat: str = "none", query_chunk: int = 0):
     """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
     attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model); remat: what
-    the gradient keeps ("none", or "layer": see the module docstring)."""
+    the gradient keeps ("none", or "layer"); query_chunk: queries per chunk of each layer's per-token part (0:
+    all at once). See the module docstring for both."""
     _check_attention(attention)
     check_tokens(tokens, config)
     return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,
-                    impl=impl, remat=remat)
+                    impl=impl, remat=remat, query_chunk=query_chunk)
 
 
 def next_token_loss(logits, tokens):
@@ -232,28 +248,33 @@ def next_token_loss(logits, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat"))
-def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl, remat):
-    return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl, remat=remat)
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat", "query_chunk"))
+def _forward_with_indexer_loss(params, tokens, flags, *, config, attention, impl, remat, query_chunk):
+    return bind(config, params).with_indexer_loss(tokens, flags, attention=attention, impl=impl, remat=remat,
+                                                  query_chunk=query_chunk)
 
 
 def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config: ModelConfig,
-                              attention: str = "sparse", impl: ImplArg = None, remat: str = "none"):
+                              attention: str = "sparse", impl: ImplArg = None, remat: str = "none",
+                              query_chunk: int = 0):
     """Training: (logits f32[B,T,V], the indexers' distillation loss f32[]) of a whole sequence; see
-    DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form; remat as in
-    `forward`."""
+    DSATransformer.with_indexer_loss and distill.py. attention="dense" is the warm-up's form; remat and
+    query_chunk as in `forward`."""
     _check_attention(attention)
     check_tokens(tokens, config)
     return _forward_with_indexer_loss(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config,
-                                      attention=attention, impl=impl, remat=remat)
+                                      attention=attention, impl=impl, remat=remat, query_chunk=query_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"))
-def _layer_indices(params, tokens, flags, *, config, impl):
-    return bind(config, params).layer_indices(tokens, flags, impl=impl)
+@functools.partial(jax.jit, static_argnames=("config", "impl", "query_chunk"))
+def _layer_indices(params, tokens, flags, *, config, impl, query_chunk):
+    return bind(config, params).layer_indices(tokens, flags, impl=impl, query_chunk=query_chunk)
 
 
-def layer_indices(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, impl: ImplArg = None):
-    """The top-k indices each layer attends with, int32[N,B,T,K] (ascending ids, then -1; see topk_reference)."""
+def layer_indices(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, impl: ImplArg = None,
+                  query_chunk: int = 0):
+    """The top-k indices each layer attends with, int32[N,B,T,K] (ascending ids, then -1; see topk_reference);
+    query_chunk as in `forward`."""
     check_tokens(tokens, config)
-    return _layer_indices(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, impl=impl)
+    return _layer_indices(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, impl=impl,
+                          query_chunk=query_chunk)

@@ -1,4 +1,5 @@
-"""Time the training job's own step at long context on the GPU, per stage and rematerialisation, with its memory.
+"""Time the training job's own step at long context on the GPU, per stage, rematerialisation and query chunk, with
+its memory.
 
 The step is `train.loop.make_train_step`'s (forward with the distillation losses in the layer scan, backward,
 clipping and AdamW), on the model of `--config` (default DeepSeek-V3.2's attention and indexer: 128 heads, latent
@@ -6,12 +7,12 @@ clipping and AdamW), on the model of `--config` (default DeepSeek-V3.2's attenti
 a vocabulary of `--vocab` (the embedding and the LM head are not what this measures); fp32 master weights, the
 config's compute dtype; one sequence of T random tokens per step.
 
-Per (stage, T, remat), one line of JSON:
+Per (stage, T, remat, query chunk), one line of JSON:
   - compiled_temp_gb: XLA's temporaries of the compiled step (what the backward keeps lives here);
     compiled_args_gb: its arguments (weights, optimiser state, tokens); both also in bytes;
   - step_ms: median of `--steps` steps after a warm-up step (each step's output parameters feed the next), and
     tokens_per_s = T / step; first_loss, the warm-up step's objective (the same initial weights and tokens in
-    every run: runs that differ only in remat should agree), and loss, the last step's;
+    every run: runs that differ only in remat or query chunk should agree), and loss, the last step's;
   - peak_gb: the device's peak memory so far in this process (runs go smallest first), where the backend tells;
   - power: the SM clock and power while the steps ran (nvidia-smi), where there is one;
   - "OOM" where the step does not fit (the error's first line is kept).
@@ -20,6 +21,7 @@ Stages: sparse (every layer Full), indexcache (the first layer Full, the rest Sh
 dense_warmup (dense attention; the indexers distil the whole [T, T] distributions).
 
     python scripts/bench_train.py --contexts 8192 32768 --stages sparse indexcache --remat none layer
+    python scripts/bench_train.py --contexts 65536 --remat layer --query-chunks 0 8192
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ STAGES = ("sparse", "indexcache", "dense_warmup")
 GB = 1e9
 
 
-def job_config(args, stage: str, remat: str) -> TrainConfig:
+def job_config(args, stage: str, remat: str, query_chunk: int = 0) -> TrainConfig:
     """The bench's job: --config's model with --layers, --vocab, no MoE and the --set overrides."""
     model = dict(read_yaml(args.config)["model"])
     model.update(num_layers=args.layers, vocab_size=args.vocab, moe=None)
     model = apply_overrides(model, args.set)  # "key=value" strings, values parsed as YAML
     pattern = "F" + ("S" if stage == "indexcache" else "F") * (args.layers - 1)
     return from_mapping(TrainConfig, {"stage": stage, "steps": 1000, "model": model, "remat": remat,
-                                      "indexcache": {"pattern": pattern}}, "")
+                                      "query_chunk": query_chunk, "indexcache": {"pattern": pattern}}, "")
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -69,9 +71,9 @@ def _peak_gb():
     return round(stats["peak_bytes_in_use"] / GB, 2) if "peak_bytes_in_use" in stats else None
 
 
-def run_one(args, stage: str, length: int, remat: str) -> dict:
-    config = job_config(args, stage, remat)
-    record = {"stage": stage, "tokens": length, "remat": remat, "layers": args.layers,
+def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> dict:
+    config = job_config(args, stage, remat, query_chunk)
+    record = {"stage": stage, "tokens": length, "remat": remat, "query_chunk": query_chunk, "layers": args.layers,
               "pattern": config.indexcache.pattern}
     try:
         model_config = master_weights_config(config.model)  # what the job trains: fp32 master weights
@@ -124,6 +126,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=["sparse", "indexcache"])
     parser.add_argument("--remat", nargs="+", choices=("none", "layer"), default=["none", "layer"])
+    parser.add_argument("--query-chunks", type=int, nargs="+", default=[0], metavar="C",
+                        help="the job's query_chunk (0: all queries at once)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile-only", action="store_true",
                         help="record the compiled memory only (no steps): what a model of --layers would need")
@@ -131,6 +135,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.layers < 1 or args.steps < 1:
         parser.error("--layers and --steps must be >= 1")
+    if min(args.query_chunks) < 0:
+        parser.error("--query-chunks must be >= 0")
     header = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "argv": sys.argv[1:] if argv is None else list(argv)}
     print(json.dumps(header), flush=True)
@@ -138,8 +144,9 @@ def main(argv=None) -> list[dict]:
     for length in sorted(args.contexts):
         for stage in args.stages:
             for remat in args.remat:
-                results.append(run_one(args, stage, length, remat))
-                print(json.dumps(results[-1]), flush=True)
+                for query_chunk in args.query_chunks:
+                    results.append(run_one(args, stage, length, remat, query_chunk))
+                    print(json.dumps(results[-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"header": header, "runs": results}, indent=1))
     return results

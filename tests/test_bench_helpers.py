@@ -73,21 +73,24 @@ def test_timed_steady_runs_for_its_warm_up_before_timing_and_times_the_calls(ben
 
 
 def test_train_bench_runs_the_job_step_and_layer_remat_needs_less_memory(tmp_path):
-    """scripts/bench_train.py on the tiny config: each (stage, remat) run compiles and times the job's step; the
-    two rematerialisations train the same (same loss after the same steps) with less compiled memory for
-    "layer"; the JSON file holds what was printed."""
+    """scripts/bench_train.py on the tiny config: each (stage, remat, query chunk) run compiles and times the job's
+    step; the ways to save memory train the same (same loss after the same steps) with less compiled memory than
+    neither; the JSON file holds what was printed."""
     spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
     out = tmp_path / "train.json"
     runs = bench_train.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--contexts", "96", "--layers", "3",
-                             "--steps", "1", "--stages", "sparse", "indexcache", "--json", str(out)])
-    assert [(r["stage"], r["remat"], r["pattern"]) for r in runs] == [
-        ("sparse", "none", "FFF"), ("sparse", "layer", "FFF"), ("indexcache", "none", "FSS"),
-        ("indexcache", "layer", "FSS")]
-    for plain, remat in (runs[:2], runs[2:]):
-        assert plain["step_ms"] > 0 and remat["step_ms"] > 0 and np.isfinite(plain["loss"])
-        assert abs(remat["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"]), (plain, remat)
-        assert abs(remat["loss"] - plain["loss"]) <= 1e-3, (plain, remat)
-        assert remat["compiled_temp_bytes"] < 0.8 * plain["compiled_temp_bytes"], (plain, remat)
+                             "--steps", "1", "--stages", "sparse", "indexcache", "--query-chunks", "0", "32",
+                             "--json", str(out)])
+    assert [(r["stage"], r["remat"], r["query_chunk"], r["pattern"]) for r in runs] == [
+        (stage, remat, chunk, pattern) for stage, pattern in (("sparse", "FFF"), ("indexcache", "FSS"))
+        for remat in ("none", "layer") for chunk in (0, 32)]
+    for plain, *saving in (runs[:4], runs[4:]):
+        assert plain["step_ms"] > 0 and np.isfinite(plain["loss"])
+        for run in saving:
+            assert run["step_ms"] > 0
+            assert abs(run["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"]), (plain, run)
+            assert abs(run["loss"] - plain["loss"]) <= 1e-3, (plain, run)
+            assert run["compiled_temp_bytes"] < 0.8 * plain["compiled_temp_bytes"], (plain, run)
     assert json.loads(out.read_text())["runs"] == runs

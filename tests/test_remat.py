@@ -82,12 +82,14 @@ def test_layer_remat_lowers_the_memory_of_the_backward_pass(small_config, small_
     assert temp["layer"] < 0.7 * temp["none"], temp
 
 
-def test_train_step_with_layer_remat_matches_the_plain_step():
+@pytest.mark.parametrize("variant", [["remat=layer"], ["query_chunk=20"]])
+def test_train_step_with_less_memory_matches_the_plain_step(variant):
     """One optimiser step of the training job's own step function, from the same parameters and batch; the job's
-    `remat` reaches the step (its compiled backward needs less memory)."""
+    `remat` or `query_chunk` (48 tokens: two chunks and a partial one) reaches the step (its compiled backward
+    needs less memory)."""
     steps, temp = {}, {}
-    for remat in ("none", "layer"):
-        config = load_train_config(JOB, SMALL_JOB + ["stage=indexcache", f"remat={remat}"])
+    for name, overrides in (("plain", []), ("variant", variant)):
+        config = load_train_config(JOB, SMALL_JOB + ["stage=indexcache"] + overrides)
         model_config = config.model_config(config.model)
         params = init_params(model_config.model, seed=0)
         optimizer = make_optimizer(config, params)
@@ -96,13 +98,15 @@ def test_train_step_with_layer_remat_matches_the_plain_step():
         flags = model.pattern_flags(config.indexcache.pattern, model_config.model)
         opt_state = optimizer.init(params)
         # lowered before the call: on an accelerator the step takes params' and opt_state's buffers
-        temp[remat] = step.lower(params, opt_state, batch, flags).compile().memory_analysis().temp_size_in_bytes
-        steps[remat] = step(params, opt_state, batch, flags)
+        temp[name] = step.lower(params, opt_state, batch, flags).compile().memory_analysis().temp_size_in_bytes
+        steps[name] = step(params, opt_state, batch, flags)
     if ON_CPU:
-        assert temp["layer"] < 0.8 * temp["none"], temp
-    (p_none, _, m_none), (p_layer, _, m_layer) = steps["none"], steps["layer"]
+        assert temp["variant"] < 0.8 * temp["plain"], temp
+    (p_none, _, m_none), (p_layer, _, m_layer) = steps["plain"], steps["variant"]
     for name in ("loss", "lm_loss", "indexer_loss", "grad_norm"):
-        assert abs(float(m_layer[name]) - float(m_none[name])) <= 1e-5 * abs(float(m_none[name])), name
+        # + 1e-7: the tiny job's indexer loss is a KL of ~6e-5, the difference of two float32 sums of ~log K per
+        # token; chunks round those at other places, which moves it by up to ~1e-7 absolute
+        assert abs(float(m_layer[name]) - float(m_none[name])) <= 1e-5 * abs(float(m_none[name])) + 1e-7, name
     for got, want in zip(jax.tree.leaves(p_layer), jax.tree.leaves(p_none), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 

@@ -236,6 +236,8 @@ def test_indexer_and_routing_bias_get_their_own_labels_and_the_bias_stays_fixed(
     ("kernels.backward_d_s_bytes=-1", "kernels.backward_d_s_bytes"),
     ("kernels.impl=gpu", "kernels.impl"),
     ("remat=all", "remat"),
+    ("query_chunk=-4", "query_chunk"),
+    ("query_chunk=1.5", "query_chunk"),
 ])
 def test_bad_config_values_name_the_field(override, field):
     if override == "stage=indexcache":

@@ -136,10 +136,14 @@ class TrainConfig:
     # What the backward pass keeps: "none" (every activation) or "layer" (each layer's inputs and top-k indices,
     # the rest recomputed; what long contexts need to fit in memory: indexcache_jax/model.py, docs/BENCHMARKS.md)
     remat: Literal["none", "layer"] = "none"
+    # Queries per chunk of each layer's per-token part (0: all at once): bounds the per-head activations of one
+    # layer by the chunk instead of the sequence, for one more forward pass of that part (indexcache_jax/model.py)
+    query_chunk: int = 0
     seed: int = 0
 
     def validate(self, where: str = "") -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.query_chunk >= 0, "query_chunk", f"must be >= 0 (0: all queries at once), got {self.query_chunk}")
         check((self.model is None) != (self.init_from is None), "model",
               "give exactly one of model (a fresh model) and init_from (a checkpoint path)")
         if self.init_from is not None:

@@ -120,10 +120,11 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 # ---- the step ---------------------------------------------------------------------------------------------------
 
 def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_loss_weight: float,
-                 impl: ImplArg, remat: str = "none"):
+                 impl: ImplArg, remat: str = "none", query_chunk: int = 0):
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
     logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
-                                                     attention=STAGE_ATTENTION[stage], impl=impl, remat=remat)
+                                                     attention=STAGE_ATTENTION[stage], impl=impl, remat=remat,
+                                                     query_chunk=query_chunk)
     lm = next_token_loss(logits, tokens)
     objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
@@ -139,7 +140,8 @@ def _donated_arguments() -> tuple[int, ...]:
 
 def make_train_step(config: TrainConfig, model_config, optimizer, *, impl: ImplArg):
     losses = functools.partial(stage_losses, model_config=model_config, stage=config.stage,
-                               indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl, remat=config.remat)
+                               indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl, remat=config.remat,
+                               query_chunk=config.query_chunk)
     grad_fn = jax.value_and_grad(losses, has_aux=True)
 
     @functools.partial(jax.jit, donate_argnums=_donated_arguments())
@@ -172,7 +174,8 @@ def make_eval_step(config: TrainConfig, model_config, *, impl: ImplArg):
     """-> jitted (params, tokens, flags) -> {"loss", "lm_loss", "indexer_loss"} of the stage."""
     def evaluate(params, tokens, flags):
         loss, parts = stage_losses(params, tokens, flags, model_config=model_config, stage=config.stage,
-                                   indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl)
+                                   indexer_loss_weight=config.optim.indexer_loss_weight, impl=impl,
+                                   query_chunk=config.query_chunk)
         return {"loss": loss, **parts}
     return jax.jit(evaluate)
 

@@ -1,0 +1,227 @@
+"""Query chunks (`query_chunk`): each layer's per-token part over chunks of queries, each rematerialised
+(block.over_query_chunks). The same function as running all queries at once, for less memory.
+
+Two levels. The kernels: every query-side kernel the per-token part calls (the indexer's top-k, its scores over
+all keys and over the slots, the sparse attention and its distribution), run on consecutive chunks of queries
+against all keys, equals the kernel on all queries: outputs concatenated, the keys' gradients summed. In
+interpret mode on CPU; on a GPU also compiled, at DeepSeek-V3.2's shapes (the Gluon kernels). The model: the same
+loss and gradients (the MoE model, sparse and dense stages, the distillation loss, a last partial chunk, with and
+without layer remat), the same prefill with a cache, less memory, the top-k not selected again in the chunks'
+recomputation, and a bad chunk named."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import indexcache_jax.block as block
+import pallas_kernels
+from conftest import rel_err
+from indexcache_jax import init_params
+from indexcache_jax.cache import init_cache
+from indexcache_jax.inference import prefill
+from indexcache_jax.model import (bind, forward, forward_with_indexer_loss, layer_indices, next_token_loss,
+                                  pattern_flags)
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_CPU = jax.default_backend() == "cpu"
+cpu_compile_only = pytest.mark.skipif(not ON_CPU, reason="counts XLA's CPU compile")
+
+# (B, T = S, indexer heads G, width I, attention heads H, latent R, rope P, slots K), chunk boundaries
+SMALL = ((2, 40, 4, 16, 4, 16, 8, 8), (0, 16, 29, 40))
+DEEPSEEK = ((1, 4096, 64, 128, 128, 512, 64, 2048), (0, 1024, 2560, 4096))
+KERNEL_CASES = [("interpret", SMALL)] + ([(None, SMALL), (None, DEEPSEEK)] if ON_GPU else [])
+
+
+def _kernel_inputs(shape):
+    b, t, g, i, h, r, p, _ = shape
+    ks = jax.random.split(jax.random.key(0), 6)
+    bf16 = jnp.bfloat16
+    return dict(q_i=jax.random.normal(ks[0], (b, t, g, i), bf16), w=jax.random.normal(ks[1], (b, t, g), jnp.float32),
+                k_i=jax.random.normal(ks[2], (b, t, i), bf16),
+                q=(jax.random.normal(ks[3], (b, t, h, r + p), jnp.float32) * (r + p) ** -0.25).astype(bf16),
+                kv=(jax.random.normal(ks[4], (b, t, r + p), jnp.float32) * (r + p) ** -0.25).astype(bf16),
+                pos=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+
+
+def _query_side(x, idx, impl, r, cotangents):
+    """Every query-side kernel on x's queries (against all keys) -> (outputs, the gradients (d_q_i, d_w, d_k_i, d_q,
+    d_kv) of the differentiable ones' inner product with `cotangents`, [B, T, ...] like their outputs)."""
+    scale = (x["q"].shape[-1]) ** -0.5
+
+    def differentiable(q_i, w, k_i, q, kv):
+        out = pallas_kernels.sparse_mla(q, kv, idx, scale=scale, value_dim=r, impl=impl)
+        slot = pallas_kernels.indexer_slot_scores(q_i, w, k_i, idx, impl=impl)
+        scores = pallas_kernels.indexer_scores(q_i, w, k_i, x["pos"], impl=impl)
+        return out, slot, jnp.where(jnp.isfinite(scores), scores, 0.0)
+
+    outputs, vjp = jax.vjp(differentiable, x["q_i"], x["w"], x["k_i"], x["q"], x["kv"])
+    grads = vjp(cotangents)
+    _, lse = pallas_kernels.sparse_mla(x["q"], x["kv"], idx, scale=scale, value_dim=r, impl=impl, return_lse=True)
+    dist = pallas_kernels.sparse_attention_distribution(x["q"], x["kv"], idx, scale=scale, value_dim=r, lse=lse,
+                                                        impl=impl)
+    return dict(zip(("out", "slot", "scores"), outputs, strict=True)) | dict(lse=lse, dist=dist), grads
+
+
+@pytest.mark.parametrize("impl,case", KERNEL_CASES, ids=lambda v: f"T{v[0][1]}" if isinstance(v, tuple) else str(v))
+def test_query_side_kernels_on_chunks_of_queries_equal_the_whole(impl, case):
+    """Forward outputs concatenated; gradients: the per-query ones concatenated, the keys' summed over chunks.
+    Bounds: bf16 outputs and gradients are rounded once per chunk rather than once, so they may differ by a bf16
+    rounding (2^-8 relative); everything accumulated in float32 agrees to float32 rounding."""
+    shape, bounds = case
+    r, topk = shape[5], shape[7]
+    x = _kernel_inputs(shape)
+    idx = pallas_kernels.indexer_topk(x["q_i"], x["w"], x["k_i"], x["pos"], topk=topk, impl=impl)
+    assert (np.asarray(idx) >= 0).sum(-1).max() == topk  # late queries fill every slot: the selection matters
+    b, t = shape[:2]
+    ks = jax.random.split(jax.random.key(1), 3)
+    cotangents = (jax.random.normal(ks[0], (b, t, shape[4], r), jnp.bfloat16),
+                  jax.random.normal(ks[1], (b, t, topk)), jax.random.normal(ks[2], (b, t, t)))
+    whole, whole_grads = _query_side(x, idx, impl, r, cotangents)
+
+    per_query = ("q_i", "w", "pos", "q")
+    chunks = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        chunk = dict(x) | {name: x[name][:, start:stop] for name in per_query}
+        chunk_idx = pallas_kernels.indexer_topk(chunk["q_i"], chunk["w"], x["k_i"], chunk["pos"], topk=topk,
+                                                impl=impl)
+        np.testing.assert_array_equal(chunk_idx, idx[:, start:stop])  # the same selection, query by query
+        chunks.append(_query_side(chunk, chunk_idx, impl, r, tuple(c[:, start:stop] for c in cotangents)))
+
+    for name, bound in (("out", 8e-3), ("lse", 1e-6), ("slot", 1e-6), ("scores", 1e-6), ("dist", 1e-5)):
+        got = np.concatenate([np.asarray(out[name], np.float32) for out, _ in chunks], axis=1)
+        assert rel_err(got, whole[name]) < bound, name
+    for i, name in enumerate(("d_q_i", "d_w", "d_k_i", "d_q", "d_kv")):
+        if name in ("d_k_i", "d_kv"):  # every chunk adds to every key's gradient
+            got = sum(np.asarray(grads[i], np.float32) for _, grads in chunks)
+        else:
+            got = np.concatenate([np.asarray(grads[i], np.float32) for _, grads in chunks], axis=1)
+        bound = 1e-6 if whole_grads[i].dtype == jnp.float32 else 8e-3
+        assert rel_err(got, whole_grads[i]) < bound, name
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+def _tokens(config, batch, length, seed=3):
+    return jax.random.randint(jax.random.key(seed), (batch, length + 1), 0, config.vocab_size)
+
+
+def _objective(config, tokens, pattern, attention, remat, query_chunk):
+    def objective(params):
+        logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], pattern, config=config,
+                                                         attention=attention, remat=remat, query_chunk=query_chunk)
+        return next_token_loss(logits, tokens) + 0.5 * indexer_loss, indexer_loss
+    return objective
+
+
+@pytest.mark.parametrize("attention,pattern,query_chunk,remat", [
+    ("sparse", "FSFS", 7, "none"),  # 24 queries: three chunks of 7 and a partial one of 3
+    ("sparse", "FSFS", 8, "layer"),  # three whole chunks, inside the layers' rematerialisation
+    ("dense", "FFFF", 7, "layer")])  # the warm-up's dense attention and its distillation over every key
+def test_query_chunks_give_the_same_loss_and_gradients(small_config, small_params, attention, pattern, query_chunk,
+                                                       remat):
+    """The MoE model (its routing is per token, so chunks route alike), float32, distillation loss included."""
+    tokens = _tokens(small_config, 2, 24)
+
+    def value_and_grad(chunk, remat):
+        return jax.jit(jax.value_and_grad(_objective(small_config, tokens, pattern, attention, remat, chunk),
+                                          has_aux=True))(small_params)
+
+    (loss, indexer_loss), grads = value_and_grad(0, "none")
+    (chunked_loss, chunked_indexer_loss), chunked_grads = value_and_grad(query_chunk, remat)
+    assert abs(float(chunked_loss) - float(loss)) <= 1e-6 * abs(float(loss))
+    assert float(indexer_loss) > 0 and abs(float(chunked_indexer_loss) - float(indexer_loss)) <= 1e-5 * float(
+        indexer_loss)
+    checked = 0
+    for got, want in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(grads), strict=True):
+        if np.abs(np.asarray(want)).max() > 0:
+            assert rel_err(got, want) < 2e-5
+            checked += 1
+        else:
+            assert np.abs(np.asarray(got)).max() == 0
+    assert checked > 20
+
+
+def test_query_chunks_give_the_same_logits_indices_and_prefill(small_config, small_params):
+    """Without gradients: the forward's logits, every layer's indices, and a prefill into a partly filled cache
+    (its logits, the cache it writes, and the next decoded step)."""
+    tokens = _tokens(small_config, 2, 21)[:, :-1]
+    assert rel_err(forward(small_params, tokens, "FSSF", config=small_config, query_chunk=6),
+                   forward(small_params, tokens, "FSSF", config=small_config)) < 1e-6
+    np.testing.assert_array_equal(layer_indices(small_params, tokens, "FSFS", config=small_config, query_chunk=8),
+                                  layer_indices(small_params, tokens, "FSFS", config=small_config))
+    results = []
+    for chunk in (0, 4):
+        cache = init_cache(small_config, batch_size=2, max_len=32)
+        _, cache = prefill(small_params, tokens[:, :5], cache, "FSFS", config=small_config)
+        logits, cache = prefill(small_params, tokens[:, 5:], cache, "FSFS", config=small_config,
+                                lengths=jnp.array([15, 11]), all_logits=True, query_chunk=chunk)
+        results.append((logits, cache))
+    (logits, cache), (chunked_logits, chunked_cache) = results
+    assert rel_err(chunked_logits, logits) < 1e-6
+    for got, want in zip(jax.tree.leaves(chunked_cache), jax.tree.leaves(cache), strict=True):
+        assert rel_err(got, want) < 1e-6 if np.abs(np.asarray(want)).max() > 0 else (np.asarray(got) == 0).all()
+
+
+def _compiled_gradient(config, params, tokens, remat, query_chunk, attention="sparse"):
+    pattern = "FSFS" if attention == "sparse" else "FFFF"
+    objective = _objective(config, tokens, pattern, attention, remat, query_chunk)
+    return jax.jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
+
+
+@cpu_compile_only
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_query_chunks_lower_the_memory_of_the_backward_pass(dense_config, attention):
+    params = init_params(dense_config, seed=1)
+    tokens = _tokens(dense_config, 2, 128)
+    temp = {(remat, chunk): _compiled_gradient(dense_config, params, tokens, remat, chunk, attention)
+            .memory_analysis().temp_size_in_bytes for remat in ("none", "layer") for chunk in (0, 16)}
+    assert temp["none", 16] < 0.5 * temp["none", 0], temp
+    assert temp["layer", 16] < 0.7 * temp["layer", 0], temp
+
+
+@cpu_compile_only
+def test_query_chunks_keep_the_top_k_instead_of_selecting_again(dense_config, monkeypatch):
+    """Counted in the compiled gradient (dense FFN: the indexer's is the only top-k; 32 queries in 4 whole chunks,
+    so the chunks are one loop body): one top-k, as without chunks; with the indices not kept it is two."""
+    params = init_params(dense_config, seed=1)
+    tokens = _tokens(dense_config, 2, 32)
+
+    def top_k_ops(query_chunk):
+        jax.clear_caches()
+        return len(re.findall(r"\bTopK\b|topk\(|custom_call_target=\"TopK\"", _compiled_gradient(
+            dense_config, params, tokens, "none", query_chunk).as_text()))
+
+    assert top_k_ops(0) == top_k_ops(8) == 1
+    monkeypatch.setattr(block, "SAVED_BY_CHUNK_REMAT", ())
+    assert top_k_ops(8) == 2
+
+
+@cpu_compile_only
+def test_chunks_inside_layer_remat_run_forward_twice_not_three_times(dense_config):
+    """Counted as dot ops in the compiled gradient: layer remat with chunks has no more than layer remat alone. A
+    third forward pass of the chunks (the layer's recomputation running them again) would add every dot of a
+    chunk (the queries, the indexer, the attention and the FFN)."""
+    params = init_params(dense_config, seed=1)
+    tokens = _tokens(dense_config, 2, 64)
+
+    def dots(remat, query_chunk):
+        return len(re.findall(r"= \S+ dot\(", _compiled_gradient(dense_config, params, tokens, remat,
+                                                                 query_chunk).as_text()))
+
+    per_chunk = dots("none", 16) - dots("none", 0)  # the chunks' loop body: its own copy of every dot
+    assert per_chunk >= 8
+    assert dots("layer", 16) <= dots("layer", 0)
+
+
+def test_bad_query_chunk_is_named(small_config, small_params):
+    tokens = _tokens(small_config, 1, 8)[:, :-1]
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=f"query_chunk must be an int >= 0 .*got {re.escape(repr(bad))}"):
+            forward(small_params, tokens, config=small_config, query_chunk=bad)
+    with pytest.raises(ValueError, match="query_chunk"):
+        forward_with_indexer_loss(small_params, tokens, config=small_config, query_chunk=-8)
+    with pytest.raises(ValueError, match="query_chunk"):  # a bound module checks it too
+        bind(small_config, small_params).with_indexer_loss(tokens, pattern_flags(None, small_config), query_chunk=-2)
