@@ -23,12 +23,12 @@ from indexcache_jax.config import Config, IndexCacheConfig, ModelConfig, MoEConf
 from indexcache_jax.configlib import ConfigError
 from indexcache_jax.inference import Generation, decode_step, generate, prefill
 from indexcache_jax.model import (DSATransformer, bind, forward, forward_with_indexer_loss, init_params, layer_indices,
-                                  model_graphdef, pattern_flags)
+                                  model_graphdef, pattern_flags, training_losses)
 from indexcache_jax.pattern import IndexCachePattern
 
 __all__ = [
     "Config", "ConfigError", "DSATransformer", "Generation", "IndexCacheConfig", "IndexCachePattern", "KVCache",
     "LayerCache", "ModelConfig", "MoEConfig", "RopeScaling", "bind", "decode_step", "forward",
     "forward_with_indexer_loss", "generate", "init_cache", "init_params", "layer_indices", "load_config",
-    "load_model", "model_graphdef", "pattern_flags", "prefill", "save_model",
+    "load_model", "model_graphdef", "pattern_flags", "prefill", "save_model", "training_losses",
 ]

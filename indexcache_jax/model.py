@@ -21,7 +21,7 @@ rematerialised on its own (block.over_query_chunks): the same function, for one 
 With remat="layer" too, that part still runs forward twice, not three times: the layer's recomputation needs
 nothing of the chunks but their inputs, so autodiff drops its copy of them. On an H100 with two DeepSeek-V3.2-
 shaped layers, remat="layer" with query_chunk=8192 trains 128K tokens (44 GB of temporaries), and at 32K it
-takes the same time per step as remat="layer" alone, with 25 instead of 37 GB (docs/BENCHMARKS.md, session 35).
+takes 1.4% more time per step than remat="layer" alone, with 25 instead of 36 GB (docs/BENCHMARKS.md, session 35).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext
+from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext, over_query_chunks
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import indexer_loss, init_state
@@ -119,6 +119,23 @@ class DSATransformer(nnx.Module):
                                                    remat=remat, query_chunk=query_chunk)
         return self._logits(hidden), indexer_loss(distill_state)
 
+    def training_losses(self, tokens, flags, *, attention="sparse", impl=None, remat: str = "none",
+                        query_chunk: int = 0):
+        """Training: tokens int[B,T+1] -> (the mean next-token cross-entropy of tokens[:, 1:] given tokens[:, :-1],
+        the indexers' distillation loss), both f32[]: `next_token_loss` of `with_indexer_loss`, except that with
+        query_chunk the LM head and its loss run over the chunks too (each rematerialised), so the f32 [B,T,V*]
+        logits never exist at once (67 GB at 128K tokens with DeepSeek-V3.2's vocabulary of 129280)."""
+        hidden, _, distill_state, _ = self._layers(tokens[:, :-1], flags, None, attention, impl, with_distill=True,
+                                                   remat=remat, query_chunk=query_chunk)
+        token_losses = over_query_chunks(lambda h, targets, _: self._token_losses(h, targets),
+                                         (hidden, tokens[:, 1:]), (), query_chunk, differentiable=True)
+        return jnp.mean(token_losses), indexer_loss(distill_state)
+
+    def _token_losses(self, hidden, targets):
+        """hidden [B,C,D], targets int[B,C] -> each token's cross-entropy f32[B,C]."""
+        logp = jax.nn.log_softmax(self._logits(hidden), axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
     def layer_indices(self, tokens, flags, *, impl=None, query_chunk: int = 0):
         """The top-k indices every layer attends with, int32[N,B,T,K] (a Shared layer's are its Full layer's)."""
         return self._layers(tokens, flags, None, "sparse", impl, with_distill=False, collect_indices=True,
@@ -128,8 +145,9 @@ class DSATransformer(nnx.Module):
                 remat: str = "none", query_chunk: int = 0):
         """-> (final hidden [B,T,D] before the norm, new cache or None, DistillState or None, per-layer indices
         int32[N,B,T,K] or None). query_chunk: see the module docstring."""
-        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 0:
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 0:
             raise ValueError(f"query_chunk must be an int >= 0 (0: all queries at once), got {query_chunk!r}")
+        query_chunk = int(query_chunk)
         c = self.config
         batch, num_q = tokens.shape
         offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
@@ -264,6 +282,28 @@ def forward_with_indexer_loss(params: nnx.State, tokens, pattern=None, *, config
     check_tokens(tokens, config)
     return _forward_with_indexer_loss(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config,
                                       attention=attention, impl=impl, remat=remat, query_chunk=query_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat", "query_chunk"))
+def _training_losses(params, tokens, flags, *, config, attention, impl, remat, query_chunk):
+    return bind(config, params).training_losses(tokens, flags, attention=attention, impl=impl, remat=remat,
+                                                query_chunk=query_chunk)
+
+
+def training_losses(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
+                    impl: ImplArg = None, remat: str = "none", query_chunk: int = 0):
+    """Training: tokens int[B,L+1] (inputs [:L], targets [1:]) -> (LM loss, the indexers' distillation loss), both
+    f32[]. The values of `next_token_loss(forward_with_indexer_loss(...))` without the [B,L,V*] logits: with
+    query_chunk the LM head runs per chunk of tokens too (DSATransformer.training_losses). Arguments as in
+    `forward`."""
+    _check_attention(attention)
+    check_tokens(tokens, config)
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [batch, length + 1] with length >= 1 (inputs and their next tokens), "
+                         f"got shape {tokens.shape}")
+    return _training_losses(params, tokens, pattern_flags(pattern, config), config=config, attention=attention,
+                            impl=impl, remat=remat, query_chunk=query_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl", "query_chunk"))

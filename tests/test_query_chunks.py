@@ -9,6 +9,7 @@ loss and gradients (the MoE model, sparse and dense stages, the distillation los
 without layer remat), the same prefill with a cache, less memory, the top-k not selected again in the chunks'
 recomputation, and a bad chunk named."""
 
+import dataclasses
 import re
 
 import jax
@@ -23,7 +24,7 @@ from indexcache_jax import init_params
 from indexcache_jax.cache import init_cache
 from indexcache_jax.inference import prefill
 from indexcache_jax.model import (bind, forward, forward_with_indexer_loss, layer_indices, next_token_loss,
-                                  pattern_flags)
+                                  pattern_flags, training_losses)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_CPU = jax.default_backend() == "cpu"
@@ -223,5 +224,56 @@ def test_bad_query_chunk_is_named(small_config, small_params):
             forward(small_params, tokens, config=small_config, query_chunk=bad)
     with pytest.raises(ValueError, match="query_chunk"):
         forward_with_indexer_loss(small_params, tokens, config=small_config, query_chunk=-8)
+    with pytest.raises(ValueError, match="query_chunk"):
+        forward(small_params, tokens, config=small_config, query_chunk=np.int64(-3))
+    assert rel_err(forward(small_params, tokens, config=small_config, query_chunk=np.int64(3)),
+                   forward(small_params, tokens, config=small_config)) < 1e-6  # numpy integers are integers
     with pytest.raises(ValueError, match="query_chunk"):  # a bound module checks it too
         bind(small_config, small_params).with_indexer_loss(tokens, pattern_flags(None, small_config), query_chunk=-2)
+
+
+def test_training_losses_equal_the_loss_of_the_logits(small_config, small_params):
+    """`training_losses` (the job's objective: with chunks, the LM head runs per chunk too) against
+    `next_token_loss` of `forward_with_indexer_loss`'s logits: the same two losses and the same gradients."""
+    tokens = _tokens(small_config, 2, 24)
+
+    def from_logits(params):
+        logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], "FSFS", config=small_config)
+        return next_token_loss(logits, tokens) + 0.5 * indexer_loss, indexer_loss
+
+    def chunked(params, query_chunk):
+        lm, indexer_loss = training_losses(params, tokens, "FSFS", config=small_config, query_chunk=query_chunk)
+        return lm + 0.5 * indexer_loss, indexer_loss
+
+    (want, want_indexer), want_grads = jax.jit(jax.value_and_grad(from_logits, has_aux=True))(small_params)
+    for query_chunk in (0, 7):
+        (got, got_indexer), grads = jax.jit(jax.value_and_grad(
+            lambda p, c=query_chunk: chunked(p, c), has_aux=True))(small_params)
+        assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
+        assert abs(float(got_indexer) - float(want_indexer)) <= 1e-5 * float(want_indexer)
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            assert rel_err(g, w) < 2e-5 if np.abs(np.asarray(w)).max() > 0 else np.abs(np.asarray(g)).max() == 0
+    with pytest.raises(ValueError, match="length \\+ 1"):
+        training_losses(small_params, tokens[:, :1], config=small_config)
+
+
+@cpu_compile_only
+def test_training_losses_never_hold_the_whole_logits(dense_config):
+    """With a vocabulary of 8192, the gradient of `training_losses` with chunks needs less memory than that of the
+    loss of the whole logits (the layers chunked alike) by more than one f32 [B, T, V*] logits array."""
+    config = dataclasses.replace(dense_config, vocab_size=8192)
+    params = init_params(config, seed=1)
+    tokens = _tokens(config, 2, 256)
+
+    def temp(objective):
+        return jax.jit(jax.grad(objective)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    def from_logits(p):
+        logits, indexer_loss = forward_with_indexer_loss(p, tokens[:, :-1], "FSFS", config=config, query_chunk=16)
+        return next_token_loss(logits, tokens) + indexer_loss
+
+    def chunked(p):
+        return sum(training_losses(p, tokens, "FSFS", config=config, query_chunk=16))
+
+    logits_bytes = 2 * 256 * 8192 * 4
+    assert temp(chunked) < temp(from_logits) - logits_bytes

@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from indexcache_jax.checkpoint import load_model, save_model
-from indexcache_jax.model import forward_with_indexer_loss, init_params, next_token_loss, pattern_flags
+from indexcache_jax.model import init_params, pattern_flags, training_losses
 from indexcache_jax.train.config import TrainConfig, dump_train_config
 from indexcache_jax.train.data import Splits, batches, load_sequences
 from pallas_kernels.dispatch import ImplArg, Kernels
@@ -122,10 +122,8 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_loss_weight: float,
                  impl: ImplArg, remat: str = "none", query_chunk: int = 0):
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
-    logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], flags, config=model_config,
-                                                     attention=STAGE_ATTENTION[stage], impl=impl, remat=remat,
-                                                     query_chunk=query_chunk)
-    lm = next_token_loss(logits, tokens)
+    lm, indexer_loss = training_losses(params, tokens, flags, config=model_config, attention=STAGE_ATTENTION[stage],
+                                       impl=impl, remat=remat, query_chunk=query_chunk)
     objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 
