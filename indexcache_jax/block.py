@@ -141,10 +141,11 @@ class DSABlock(nnx.Module):
         return hidden, indices, probs, indexer_logp
 
 
-def over_query_chunks(fn, per_query, keys: _Keys, chunk: int, *, differentiable: bool):
+def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable: bool):
     """fn(*per_query, keys) over chunks of `chunk` queries -> its outputs, concatenated over queries.
 
-    per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: passed whole to every chunk. chunk 0
+    per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: a pytree (a layer's `_Keys`; () for
+    the LM head, model.py) passed whole to every chunk. chunk 0
     (or >= T): one call over all T. Otherwise every chunk is one `jax.checkpoint`ed call, which keeps only its
     inputs and its top-k (SAVED_BY_CHUNK_REMAT) for the backward pass, so one chunk's activations are live at a time;
     the price is one more forward pass of fn (and no more inside a layer rematerialisation, whose recomputation

@@ -127,14 +127,9 @@ class DSATransformer(nnx.Module):
         logits never exist at once (67 GB at 128K tokens with DeepSeek-V3.2's vocabulary of 129280)."""
         hidden, _, distill_state, _ = self._layers(tokens[:, :-1], flags, None, attention, impl, with_distill=True,
                                                    remat=remat, query_chunk=query_chunk)
-        token_losses = over_query_chunks(lambda h, targets, _: self._token_losses(h, targets),
+        token_losses = over_query_chunks(lambda h, targets, _: token_cross_entropy(self._logits(h), targets),
                                          (hidden, tokens[:, 1:]), (), query_chunk, differentiable=True)
         return jnp.mean(token_losses), indexer_loss(distill_state)
-
-    def _token_losses(self, hidden, targets):
-        """hidden [B,C,D], targets int[B,C] -> each token's cross-entropy f32[B,C]."""
-        logp = jax.nn.log_softmax(self._logits(hidden), axis=-1)
-        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
     def layer_indices(self, tokens, flags, *, impl=None, query_chunk: int = 0):
         """The top-k indices every layer attends with, int32[N,B,T,K] (a Shared layer's are its Full layer's)."""
@@ -260,10 +255,15 @@ def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, att
                     impl=impl, remat=remat, query_chunk=query_chunk)
 
 
+def token_cross_entropy(logits, targets):
+    """logits [..., V], targets int[...] -> each position's cross-entropy f32[...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def next_token_loss(logits, tokens):
     """Mean next-token cross-entropy: logits f32[B,L,V] of inputs tokens[:, :-1], targets tokens[:, 1:] (int[B,L+1])."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jnp.mean(token_cross_entropy(logits, tokens[:, 1:]))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "impl", "remat", "query_chunk"))
