@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from indexcache_jax.cache import LayerCache
 from indexcache_jax.config import ModelConfig
-from indexcache_jax.distill import DistillState, add_layer, start_group
+from indexcache_jax.distill import DistillState, add_layer, token_kl
 from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer, select_top_k
 from indexcache_jax.mla import MLAttention
@@ -66,9 +66,9 @@ class DSABlock(nnx.Module):
         """hidden [B,T,D], indices int32[B,T,K] (from the nearest preceding Full layer), is_full bool[] ->
         (hidden, indices for the next layer, this layer's updated cache slice or None, distill).
 
-        With a DistillState (training, no cache) a Full layer starts a new distillation group with its indexer's
-        distribution over the keys it selected (all visible keys in dense mode), and every layer adds its
-        attention distribution over the same keys (see distill.py).
+        With a DistillState (training, no cache; its source from `initial_distill_source`) the layer adds its
+        KL terms to the group of its Full layer (itself when Full, which then makes its indexer the group's
+        source), over the keys that layer selected (all visible keys in dense mode); see distill.py.
         """
         x = self.input_layernorm(hidden)
         # The indexer reads the block's activations through a stop-gradient: only the distillation loss trains
@@ -78,67 +78,89 @@ class DSABlock(nnx.Module):
         if cache is not None:  # attend over everything cached so far, this step's tokens included
             cache = cache.append(ctx.write_offsets, keys.kv_rows, keys.index_keys)
             keys = _Keys(cache.latent, cache.index_keys, cache.index_key_scales)
+        # The source's per-query part is split into the chunks; its whole part (the dense warm-up's indexer keys)
+        # goes to every chunk beside the layer's keys.
+        source_per_query, source_whole = distill.source if distill is not None else (None, None)
 
-        def per_token(hidden, x, positions, rope, indices, keys):
-            return self._per_token(hidden, x, positions, rope, indices, keys, is_full, ctx,
-                                   with_distribution=distill is not None)
+        def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
+            return self._per_token(hidden, x, positions, rope, indices, *keys_and_source, source_per_query,
+                                   is_full, ctx)
 
-        hidden, indices, probs, indexer_logp = over_query_chunks(
-            per_token, (hidden, x, ctx.positions, ctx.rope, indices), keys, ctx.query_chunk,
-            differentiable=cache is None)
+        hidden, indices, source_per_query, token_kls = over_query_chunks(
+            per_token, (hidden, x, ctx.positions, ctx.rope, indices, source_per_query), (keys, source_whole),
+            ctx.query_chunk, differentiable=cache is None)
         if distill is not None:
-            distill = jax.lax.cond(is_full, lambda d: start_group(d, indexer_logp), lambda d: d, distill)
-            distill = add_layer(distill, probs)
+            if ctx.attention == "dense":
+                source_whole = jnp.where(is_full, keys.index_keys, source_whole)
+            distill = add_layer(distill, is_full, (source_per_query, source_whole), token_kls)
         return hidden, indices, cache, distill
 
-    def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, is_full, ctx: LayerContext, *,
-                   with_distribution: bool):
+    def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, source_whole, source_per_query, is_full,
+                   ctx: LayerContext):
         """The block after its sequence-wide part, for C queries: hidden and x (its normed form) [B,C,D], positions
-        int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried) ->
-        (hidden [B,C,D], indices [B,C,K], and with_distribution: the attention distribution f32[B,C,K'] and the
-        indexer's log-probabilities f32[B,C,K'] over the same keys, 0 on a Shared layer; else None, None).
-        K' = K, or S (every key) in dense mode."""
+        int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried), and the carried distillation
+        source's two parts (None, None without distillation) ->
+        (hidden [B,C,D], indices [B,C,K], the group's source_per_query (this layer's own when Full), and
+        distill.token_kl f32[B,C]; the last two None without distillation).
+
+        Sources (`initial_distill_source`): sparse: per query the Full layer's log q f32[B,C,K], whole (); dense:
+        per query its indexer queries and head weights (q [B,C,G,I], w f32[B,C,G]), whole its keys [B,S,I], from
+        which every layer of the group recomputes log q [B,C,S] over the chunk's visible keys."""
         q_resid, q_nope, q_rope = self.self_attn.queries(x, rope)
         x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
-        probs = indexer_logp = None
+        distill = source_per_query is not None
+        log_q = probs = None
 
         if ctx.attention == "dense":
-            if not with_distribution:
+            if not distill:
                 attn = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions)
             else:
+                def own_indexer(_carried):
+                    return self.indexer.queries(q_in, x_in, rope), keys.index_keys
+
+                (q, w), index_keys = jax.lax.cond(is_full, own_indexer, lambda carried: carried,
+                                                  (source_per_query, source_whole))
+                source_per_query = (q, w)
+                log_q = self.indexer.log_probs(q, w, index_keys, positions, impl=ctx.impl)
                 attn, probs = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions,
                                                           with_distribution=True)
-
-                def indexer_log_probs():
-                    q, w = self.indexer.queries(q_in, x_in, rope)
-                    return self.indexer.log_probs(q, w, keys.index_keys, positions, impl=ctx.impl)
-
-                indexer_logp = jax.lax.cond(is_full, indexer_log_probs, lambda: jnp.zeros(probs.shape, jnp.float32))
         else:
-            def run_indexer(indices):
+            def run_indexer(indices, _carried_log_q):
                 q, w = self.indexer.queries(q_in, x_in, rope)
                 indices = checkpoint_name(
                     select_top_k(q, w, keys.index_keys, positions, topk=ctx.topk, impl=ctx.impl,
                                  fp8=self.indexer.config.indexer_fp8, key_scales=keys.key_scales,
                                  fp8_head_sum=self.indexer.config.indexer_fp8_head_sum), TOPK_NAME)
-                if not with_distribution:
+                if not distill:
                     return indices, None
                 return indices, self.indexer.log_probs(q, w, keys.index_keys, positions, indices, impl=ctx.impl)
 
-            def reuse_carried(indices):
-                return indices, (jnp.zeros(indices.shape, jnp.float32) if with_distribution else None)
-
             # lax.cond on the runtime flag executes one branch: Shared layers never score or select.
-            indices, indexer_logp = jax.lax.cond(is_full, run_indexer, reuse_carried, indices)
-            if not with_distribution:
+            indices, log_q = jax.lax.cond(is_full, run_indexer, lambda indices, carried: (indices, carried),
+                                          indices, source_per_query)
+            source_per_query = log_q
+            if not distill:
                 attn = self.self_attn.attend_sparse(q_nope, q_rope, keys.kv_rows, indices, impl=ctx.impl)
             else:
                 attn, probs = self.self_attn.attend_sparse(q_nope, q_rope, keys.kv_rows, indices, impl=ctx.impl,
                                                            with_distribution=True)
 
+        token_kls = token_kl(probs, log_q) if distill else None
         hidden = hidden + attn.astype(hidden.dtype)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden)).astype(hidden.dtype)
-        return hidden, indices, probs, indexer_logp
+        return hidden, indices, source_per_query, token_kls
+
+
+def initial_distill_source(config: ModelConfig, batch: int, num_q: int, num_keys: int, attention: str,
+                           topk: int):
+    """Placeholders of a DistillState's source (layer 0 is Full and replaces them): (per-query part, whole part),
+    shaped as `DSABlock._per_token` documents."""
+    if attention == "dense":
+        c = config
+        queries = (jnp.zeros((batch, num_q, c.index_n_heads, c.index_head_dim), c.compute_dtype),
+                   jnp.zeros((batch, num_q, c.index_n_heads), jnp.float32))
+        return queries, jnp.zeros((batch, num_keys, c.index_head_dim), c.compute_dtype)
+    return jnp.zeros((batch, num_q, topk), jnp.float32), ()
 
 
 def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable: bool):

@@ -7,19 +7,23 @@ A Full layer l's indexer serves layers l..l+m (itself and the Shared layers afte
 
 p^(l+j): layer l+j's attention distribution, summed over heads and L1-normalised, over the keys the layers attend
 (the shared selected set in the sparse stages, all visible keys in the dense warm-up); a stop-gradient target.
-q^(l) = softmax of the indexer's scores over the same keys (log-probabilities `indexer_logp`).
+q^(l) = softmax of the indexer's scores over the same keys (log-probabilities `log q`).
 
-Since sum_j KL(p_j || q) = sum_j sum p_j log p_j - sum (sum_j p_j) log q, the scan carries only the running sum
-of the served layers' distributions and of their negative entropies: O(T*K) per step, O(L*T*K) of residuals for
-the backward pass, never the L^2 pairs. The gradient with respect to the indexer is that of KL(mean_j p_j || q)
-(tested against that form). The job's indexer loss is the mean of L_l over Full layers.
+Each KL(p_j || q) = sum p_j (log p_j - log q) is a sum over its own layer's tokens and keys, so every layer adds
+it as soon as its p_j exists (`token_kl`, inside the block's query chunks) and the scan carries scalars plus the
+Full layer's `source`: what gives log q to the layers it serves. In the sparse stages that is
+log q itself, f32[B,T,K]; in the dense warm-up, where log q would be [B,T,S] (16 GB in f32 at 64K tokens), it is
+the indexer's queries, head weights and keys, from which each layer recomputes log q one query chunk at a time
+(block.py). Neither the served layers' distributions nor their sum is ever kept whole. The gradient with respect
+to the indexer is that of KL(mean_j p_j || q) (tested against that form). The job's indexer loss is the mean of
+L_l over Full layers.
 
 Shape letters: B batch, T queries, K keys of the distribution (top-k slots, or S keys in the dense warm-up).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +31,19 @@ from jax.scipy.special import xlogy
 
 
 class DistillState(NamedTuple):
-    """The scan carry of the distillation (all float32)."""
+    """The scan carry of the distillation (scalars float32)."""
 
-    indexer_logp: jax.Array  # [B,T,K] log q of the current Full layer (0 where a key is not in the set)
-    sum_p: jax.Array  # [B,T,K] sum of the served layers' distributions so far (stop-gradient)
-    sum_neg_entropy: jax.Array  # [] sum over served layers, tokens and keys of p log p
+    source: Any  # a pytree: what gives the current Full layer's log q (block.py)
+    kl: jax.Array  # [] sum over the group's layers of mean_{b,t} KL(p_j || q)
     served: jax.Array  # [] layers served by the current Full layer so far (m+1 when complete)
     loss_sum: jax.Array  # [] sum of L_l over finished Full layers
     num_groups: jax.Array  # [] finished Full layers
 
 
-def init_state(batch: int, num_q: int, num_keys: int) -> DistillState:
-    zeros = jnp.zeros((batch, num_q, num_keys), jnp.float32)
+def init_state(source) -> DistillState:
+    """Before layer 0 (a Full layer, which replaces `source`, a pytree of placeholder arrays)."""
     scalar = jnp.float32(0)
-    return DistillState(zeros, zeros, scalar, scalar, scalar, scalar)
+    return DistillState(source, scalar, scalar, scalar, scalar)
 
 
 def masked_log_softmax(scores, valid):
@@ -54,38 +57,31 @@ def masked_log_softmax(scores, valid):
     return jnp.where(valid, shifted - log_norm, 0.0)
 
 
-def _group_loss(state: DistillState):
-    """L_l of the finished group (0 when no layer was served), and whether there was a group."""
-    num_tokens = state.sum_p.shape[0] * state.sum_p.shape[1]
-    cross = jnp.sum(state.sum_p * state.indexer_logp)  # sum_j sum p_j log q
-    served = jnp.maximum(state.served, 1.0)
-    return (state.sum_neg_entropy - cross) / (served * num_tokens), state.served > 0
+def token_kl(p, log_q):
+    """One layer's distribution p [B,C,K] (rows sum to 1 over the set; stop-gradient) and its Full layer's log q
+    [B,C,K] (0 outside the set) -> KL(p || q) = sum_k p (log p - log q), f32[B,C]. Differenced per key before the
+    sum: when q is close to p, sum p log p and sum p log q are each O(log K) and their difference is not."""
+    p = jax.lax.stop_gradient(p.astype(jnp.float32))
+    return jnp.sum(xlogy(p, p) - p * log_q, axis=-1)
 
 
-def finish_group(state: DistillState) -> DistillState:
-    loss, had_group = _group_loss(state)
+def _finish_group(state: DistillState) -> DistillState:
+    had_group = state.served > 0
+    loss = state.kl / jnp.maximum(state.served, 1.0)
     return state._replace(loss_sum=state.loss_sum + jnp.where(had_group, loss, 0.0),
                           num_groups=state.num_groups + had_group.astype(jnp.float32),
-                          served=jnp.float32(0))
+                          kl=jnp.float32(0), served=jnp.float32(0))
 
 
-def start_group(state: DistillState, indexer_logp) -> DistillState:
-    """A Full layer: close the previous layer's group and start distilling `indexer_logp` [B,T,K]."""
-    state = finish_group(state)
-    return state._replace(indexer_logp=indexer_logp.astype(jnp.float32), sum_p=jnp.zeros_like(state.sum_p),
-                          sum_neg_entropy=jnp.float32(0))
-
-
-def add_layer(state: DistillState, p) -> DistillState:
-    """Every layer: add its attention distribution p [B,T,K] (rows sum to 1 over the set) to the current group."""
-    p = jax.lax.stop_gradient(p.astype(jnp.float32))
-    return state._replace(sum_p=state.sum_p + p,
-                          sum_neg_entropy=state.sum_neg_entropy + jnp.sum(xlogy(p, p)),
-                          served=state.served + 1.0)
+def add_layer(state: DistillState, is_full, source, kl) -> DistillState:
+    """Every layer, after its token_kl f32[B,T] (against `source`'s log q): a Full layer (is_full bool[]) first
+    closes the previous layer's group; `source` is the group's from here on (a Shared layer passes the carried one
+    through)."""
+    state = jax.lax.cond(is_full, _finish_group, lambda s: s, state)
+    return state._replace(source=source, kl=state.kl + jnp.mean(kl), served=state.served + 1.0)
 
 
 def indexer_loss(state: DistillState):
     """After the last layer: mean over Full layers of L_l."""
-    state = finish_group(state)
+    state = _finish_group(state)
     return state.loss_sum / jnp.maximum(state.num_groups, 1.0)
-

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext, over_query_chunks
+from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext, initial_distill_source, over_query_chunks
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import indexer_loss, init_state
@@ -157,7 +157,7 @@ class DSATransformer(nnx.Module):
         indices = jnp.full((batch, num_q, ctx.topk), -1, jnp.int32)  # layer 0 is Full and overwrites this
         distill_state = None
         if with_distill:
-            distill_state = init_state(batch, num_q, num_keys if attention == "dense" else ctx.topk)
+            distill_state = init_state(initial_distill_source(c, batch, num_q, num_keys, attention, ctx.topk))
         stacks = {"dense": self.dense_layers, "moe": self.moe_layers}
         new_segments, per_layer = [], []
         for run, (start, stop, ffn) in enumerate(c.layer_segments):

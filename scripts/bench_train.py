@@ -16,7 +16,9 @@ Per (stage, T, remat, query chunk), one line of JSON:
   - peak_gb: the device's peak memory so far in this process (runs go smallest first), where the backend tells;
   - power: the SM clock and power while the steps ran (nvidia-smi), where there is one;
   - "OOM" where the step does not fit (the error's first line is kept).
-`--compile-only` records the compiled memory alone, for sizes that would not fit.
+`--compile-only` records the compiled memory alone, for sizes that would not fit; on a CPU with `--impl interpret`
+it is XLA's CPU buffer assignment of the kernels' buffers, which differs from the GPU's (sparse, 2 layers, chunks
+of 8192: 26.8 GB at 32K and 64.4 at 128K, where an H100 measured 25.0 and 44.0): compare CPU runs with each other.
 Stages: sparse (every layer Full), indexcache (the first layer Full, the rest Shared: one indexer serving all),
 dense_warmup (dense attention; the indexers distil the whole [T, T] distributions).
 
@@ -57,8 +59,11 @@ def job_config(args, stage: str, remat: str, query_chunk: int = 0) -> TrainConfi
     model.update(num_layers=args.layers, vocab_size=args.vocab, moe=None)
     model = apply_overrides(model, args.set)  # "key=value" strings, values parsed as YAML
     pattern = "F" + ("S" if stage == "indexcache" else "F") * (args.layers - 1)
-    return from_mapping(TrainConfig, {"stage": stage, "steps": 1000, "model": model, "remat": remat,
-                                      "query_chunk": query_chunk, "indexcache": {"pattern": pattern}}, "")
+    job = {"stage": stage, "steps": 1000, "model": model, "remat": remat, "query_chunk": query_chunk,
+           "indexcache": {"pattern": pattern}}
+    if args.impl:
+        job["kernels"] = {"impl": args.impl}
+    return from_mapping(TrainConfig, job, "")
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -131,6 +136,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile-only", action="store_true",
                         help="record the compiled memory only (no steps): what a model of --layers would need")
+    parser.add_argument("--impl", choices=("pallas", "interpret", "reference"),
+                        help="the kernels' implementation (default: by platform). On a CPU, --impl interpret "
+                             "--compile-only gives the memory of the kernels' buffers, which the references' "
+                             "per-head temporaries would hide")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.steps < 1:

@@ -2,7 +2,9 @@
 first layer, Shared layers), and the --runslow switch."""
 
 import dataclasses
+import os
 import pathlib
+import tempfile
 
 import jax
 import numpy as np
@@ -13,6 +15,17 @@ from indexcache_jax import ModelConfig, MoEConfig, init_params
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 jax.config.update("jax_enable_x64", False)
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the session's processes (xdist workers and the CLI subprocesses the
+    job tests start, through the environment): many tests compile the same small training step."""
+    cache_dir = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(
+        pathlib.Path(tempfile.gettempdir()) / f"indexcache-jax-test-xla-cache-{os.getuid()}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_addoption(parser):

@@ -82,7 +82,7 @@ def setup():
     return params, tokens
 
 
-@pytest.mark.parametrize("pattern,attention", [("FSSFS", "sparse"), ("FFFFF", "sparse"), ("FFFFF", "dense")])
+@pytest.mark.parametrize("pattern,attention", [("FSSFS", "sparse"), ("FFFFF", "sparse"), ("FSSFS", "dense")])
 def test_scan_loss_matches_the_per_layer_loop_in_value_and_gradient(setup, pattern, attention):
     params, tokens = setup
 
@@ -90,8 +90,9 @@ def test_scan_loss_matches_the_per_layer_loop_in_value_and_gradient(setup, patte
         return forward_with_indexer_loss(p, tokens, pattern, config=CONFIG, attention=attention)[1]
 
     value, grads = jax.value_and_grad(ours)(params)
-    ref_value = _reference_losses(params, tokens, pattern, attention)[0]
-    ref_grads = jax.grad(lambda p: _reference_losses(p, tokens, pattern, attention)[1])(params)
+    # the value of the multi-layer form, the gradient of the mean form
+    (_, ref_value), ref_grads = jax.jit(jax.value_and_grad(
+        lambda p: _reference_losses(p, tokens, pattern, attention)[::-1], has_aux=True))(params)
     assert float(ref_value) > 1e-3  # the distributions differ: the check is not 0 == 0
     assert abs(float(value) - float(ref_value)) <= 1e-4 * float(ref_value), (value, ref_value)
 
