@@ -12,9 +12,9 @@ q^(l) = softmax of the indexer's scores over the same keys (log-probabilities `l
 Each KL(p_j || q) = sum p_j (log p_j - log q) is a sum over its own layer's tokens and keys, so every layer adds
 it as soon as its p_j exists (`token_kl`, inside the block's query chunks) and the scan carries scalars plus the
 Full layer's `source`: what gives log q to the layers it serves. In the sparse stages that is
-log q itself, f32[B,T,K]; in the dense warm-up, where log q would be [B,T,S] (16 GB in f32 at 64K tokens), it is
+log q itself, f32[B,T,K]; in the dense warm-up, where log q would be [B,T,S] (17 GB in f32 at 64K tokens), it is
 the indexer's queries, head weights and keys, from which each layer recomputes log q one query chunk at a time
-(block.py). Neither the served layers' distributions nor their sum is ever kept whole. The gradient with respect
+(block.py). No layer's distribution, nor a sum of them, passes from layer to layer. The gradient with respect
 to the indexer is that of KL(mean_j p_j || q) (tested against that form). The job's indexer loss is the mean of
 L_l over Full layers.
 

@@ -2,15 +2,31 @@
 first layer, Shared layers), and the --runslow switch."""
 
 import dataclasses
+import importlib.metadata
 import os
 import pathlib
 import tempfile
 
-import jax
-import numpy as np
-import pytest
 
-from indexcache_jax import ModelConfig, MoEConfig, init_params
+def _cpu_only() -> bool:
+    """JAX is told to use the CPU, or no GPU plugin is installed."""
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        return True
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return not any(name.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")) for name in names)
+
+
+if _cpu_only():
+    # Before jax starts its backend, and inherited by the CLI subprocesses of the job tests. The tests compile
+    # hundreds of small programs and run most once: LLVM's optimisation of the CPU code costs more than it saves
+    # (tests/test_train.py: 130 -> 98 s). It changes the machine code, not XLA's buffers or what is computed.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from indexcache_jax import ModelConfig, MoEConfig, init_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
