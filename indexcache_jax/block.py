@@ -78,9 +78,11 @@ class DSABlock(nnx.Module):
         if cache is not None:  # attend over everything cached so far, this step's tokens included
             cache = cache.append(ctx.write_offsets, keys.kv_rows, keys.index_keys)
             keys = _Keys(cache.latent, cache.index_keys, cache.index_key_scales)
-        # The source's per-query part is split into the chunks; its whole part (the dense warm-up's indexer keys)
-        # goes to every chunk beside the layer's keys.
+        # The source's per-query part is split into the chunks; its whole part (the dense warm-up's indexer keys,
+        # chosen here once for all chunks: this layer's own when Full) goes to every chunk beside the layer's keys.
         source_per_query, source_whole = distill.source if distill is not None else (None, None)
+        if distill is not None and ctx.attention == "dense":
+            source_whole = jnp.where(is_full, keys.index_keys, source_whole)
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
             return self._per_token(hidden, x, positions, rope, indices, *keys_and_source, source_per_query,
@@ -90,16 +92,14 @@ class DSABlock(nnx.Module):
             per_token, (hidden, x, ctx.positions, ctx.rope, indices, source_per_query), (keys, source_whole),
             ctx.query_chunk, differentiable=cache is None)
         if distill is not None:
-            if ctx.attention == "dense":
-                source_whole = jnp.where(is_full, keys.index_keys, source_whole)
             distill = add_layer(distill, is_full, (source_per_query, source_whole), token_kls)
         return hidden, indices, cache, distill
 
     def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, source_whole, source_per_query, is_full,
                    ctx: LayerContext):
         """The block after its sequence-wide part, for C queries: hidden and x (its normed form) [B,C,D], positions
-        int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried), and the carried distillation
-        source's two parts (None, None without distillation) ->
+        int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried), and the distillation source's two
+        parts (None, None without distillation): the per-query part carried, the whole part already the group's ->
         (hidden [B,C,D], indices [B,C,K], the group's source_per_query (this layer's own when Full), and
         distill.token_kl f32[B,C]; the last two None without distillation).
 
@@ -115,13 +115,9 @@ class DSABlock(nnx.Module):
             if not distill:
                 attn = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions)
             else:
-                def own_indexer(_carried):
-                    return self.indexer.queries(q_in, x_in, rope), keys.index_keys
-
-                (q, w), index_keys = jax.lax.cond(is_full, own_indexer, lambda carried: carried,
-                                                  (source_per_query, source_whole))
-                source_per_query = (q, w)
-                log_q = self.indexer.log_probs(q, w, index_keys, positions, impl=ctx.impl)
+                source_per_query = jax.lax.cond(is_full, lambda _: self.indexer.queries(q_in, x_in, rope),
+                                                lambda carried: carried, source_per_query)
+                log_q = self.indexer.log_probs(*source_per_query, source_whole, positions, impl=ctx.impl)
                 attn, probs = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions,
                                                           with_distribution=True)
         else:

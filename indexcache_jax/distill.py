@@ -65,19 +65,21 @@ def token_kl(p, log_q):
     return jnp.sum(xlogy(p, p) - p * log_q, axis=-1)
 
 
-def _finish_group(state: DistillState) -> DistillState:
-    had_group = state.served > 0
+def _finish_group(state: DistillState, close=True) -> DistillState:
+    """Where `close` (bool[]: a Full layer begins, or the stack ends): add the group's L_l, if it served any
+    layer, and start an empty group. Scalars only: the source is left as it is."""
+    had_group = close & (state.served > 0)
     loss = state.kl / jnp.maximum(state.served, 1.0)
     return state._replace(loss_sum=state.loss_sum + jnp.where(had_group, loss, 0.0),
                           num_groups=state.num_groups + had_group.astype(jnp.float32),
-                          kl=jnp.float32(0), served=jnp.float32(0))
+                          kl=jnp.where(close, 0.0, state.kl), served=jnp.where(close, 0.0, state.served))
 
 
 def add_layer(state: DistillState, is_full, source, kl) -> DistillState:
     """Every layer, after its token_kl f32[B,T] (against `source`'s log q): a Full layer (is_full bool[]) first
     closes the previous layer's group; `source` is the group's from here on (a Shared layer passes the carried one
     through)."""
-    state = jax.lax.cond(is_full, _finish_group, lambda s: s, state)
+    state = _finish_group(state, close=is_full)
     return state._replace(source=source, kl=state.kl + jnp.mean(kl), served=state.served + 1.0)
 
 
