@@ -43,6 +43,10 @@ class LayerContext(NamedTuple):
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
     impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
     query_chunk: int = 0  # queries per chunk of the per-token part (static); 0: all at once (over_query_chunks)
+    # No gradient reaches the main model (the dense warm-up: `model.training_losses(frozen_main=True)`) (static).
+    # Dense attention then expands its per-head keys and values once per layer, for all chunks, in the compute
+    # dtype: no chunk's gradient has to be summed into them.
+    frozen_main: bool = False
 
 
 class _Keys(NamedTuple):
@@ -83,20 +87,26 @@ class DSABlock(nnx.Module):
         source_per_query, source_whole = distill.source if distill is not None else (None, None)
         if distill is not None and ctx.attention == "dense":
             source_whole = jnp.where(is_full, keys.index_keys, source_whole)
+        # With the main model frozen, the dense attention's expanded keys and values ([B,S,H,N], [B,S,P],
+        # [B,S,H,V]) are made here once, not in every chunk (XLA need not hoist a size-inflating product out of
+        # the chunks' loop), and stay in the compute dtype: they get no gradient.
+        expanded = None
+        if ctx.attention == "dense" and ctx.frozen_main:
+            expanded = jax.lax.stop_gradient(self.self_attn.expand_keys(keys.kv_rows))
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
             return self._per_token(hidden, x, positions, rope, indices, *keys_and_source, source_per_query,
                                    is_full, ctx)
 
         hidden, indices, source_per_query, token_kls = over_query_chunks(
-            per_token, (hidden, x, ctx.positions, ctx.rope, indices, source_per_query), (keys, source_whole),
-            ctx.query_chunk, differentiable=cache is None)
+            per_token, (hidden, x, ctx.positions, ctx.rope, indices, source_per_query),
+            (keys, source_whole, expanded), ctx.query_chunk, differentiable=(cache is None, cache is None, False))
         if distill is not None:
             distill = add_layer(distill, is_full, (source_per_query, source_whole), token_kls)
         return hidden, indices, cache, distill
 
-    def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, source_whole, source_per_query, is_full,
-                   ctx: LayerContext):
+    def _per_token(self, hidden, x, positions, rope, indices, keys: _Keys, source_whole, expanded, source_per_query,
+                   is_full, ctx: LayerContext):
         """The block after its sequence-wide part, for C queries: hidden and x (its normed form) [B,C,D], positions
         int32[B,C], rope (cos, sin) [B,C,P/2], indices int32[B,C,K] (carried), and the distillation source's two
         parts (None, None without distillation): the per-query part carried, the whole part already the group's ->
@@ -105,7 +115,9 @@ class DSABlock(nnx.Module):
 
         Sources (`initial_distill_source`): sparse: per query the Full layer's log q f32[B,C,K], whole (); dense:
         per query its indexer queries and head weights (q [B,C,G,I], w f32[B,C,G]), whole its keys [B,S,I], from
-        which every layer of the group recomputes log q [B,C,S] over the chunk's visible keys."""
+        which every layer of the group recomputes log q [B,C,S] over the chunk's visible keys. expanded: the dense
+        attention's keys and values (`MLAttention.expand_keys`) when the block made them once for all chunks,
+        else None."""
         q_resid, q_nope, q_rope = self.self_attn.queries(x, rope)
         x_in, q_in = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
         distill = source_per_query is not None
@@ -113,13 +125,14 @@ class DSABlock(nnx.Module):
 
         if ctx.attention == "dense":
             if not distill:
-                attn = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions)
+                attn = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions, impl=ctx.impl,
+                                                   expanded=expanded)
             else:
                 source_per_query = jax.lax.cond(is_full, lambda _: self.indexer.queries(q_in, x_in, rope),
                                                 lambda carried: carried, source_per_query)
                 log_q = self.indexer.log_probs(*source_per_query, source_whole, positions, impl=ctx.impl)
                 attn, probs = self.self_attn.attend_dense(q_nope, q_rope, keys.kv_rows, positions,
-                                                          with_distribution=True)
+                                                          with_distribution=True, impl=ctx.impl, expanded=expanded)
         else:
             def run_indexer(indices, _carried_log_q):
                 q, w = self.indexer.queries(q_in, x_in, rope)
@@ -159,7 +172,7 @@ def initial_distill_source(config: ModelConfig, batch: int, num_q: int, num_keys
     return jnp.zeros((batch, num_q, topk), jnp.float32), ()
 
 
-def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable: bool):
+def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable):
     """fn(*per_query, keys) over chunks of `chunk` queries -> its outputs, concatenated over queries.
 
     per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: a pytree (a layer's `_Keys`; () for
@@ -170,17 +183,22 @@ def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable: bool):
     needs only the chunks' inputs). Chunks run in a `lax.map`, and a last partial chunk (T not a multiple of
     chunk) in a call of its own.
 
-    differentiable: the gradient may flow to `keys`. Every chunk adds its part of the keys' gradient into one sum,
-    which autodiff keeps in the keys' dtype; the keys then enter as float32, so that a bf16 model sums its chunks'
-    key gradients in float32 as the unchunked kernels do, and each chunk casts them back (exactly). Not for a
-    cache (inference), which would copy the cache to float32 in every layer.
+    differentiable: the gradient may flow to `keys` (a bool, or a tree of bools that is a prefix of `keys`: per
+    part). Every chunk adds its part of the keys' gradient into one sum, which autodiff keeps in the keys' dtype;
+    such keys then enter as float32, so that a bf16 model sums its chunks' key gradients in float32 as the
+    unchunked kernels do, and each chunk casts them back (exactly). Not for a cache (inference), which would copy
+    the cache to float32 in every layer, nor for keys that get no gradient.
     """
     num_q = jax.tree.leaves(per_query)[0].shape[1]
     if not chunk or chunk >= num_q:
         return fn(*per_query, keys)
     dtypes = jax.tree.map(lambda k: k.dtype, keys)
-    if differentiable:
-        keys = jax.tree.map(lambda k: k.astype(jnp.float32) if jnp.issubdtype(k.dtype, jnp.floating) else k, keys)
+
+    def in_float32(part, grows_gradient):
+        if not grows_gradient:
+            return part
+        return jax.tree.map(lambda k: k.astype(jnp.float32) if jnp.issubdtype(k.dtype, jnp.floating) else k, part)
+    keys = jax.tree.map(lambda grows_gradient, part: in_float32(part, grows_gradient), differentiable, keys)
 
     def one_chunk(per_query, keys):
         return fn(*per_query, jax.tree.map(lambda k, dtype: k.astype(dtype), keys, dtypes))

@@ -12,7 +12,6 @@ Shape letters: B T S D H, Q q_lora_rank, R kv_lora_rank, N qk_nope_head_dim, P q
 L = R + P, K top-k slots.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -82,27 +81,29 @@ class MLAttention(nnx.Module):
         q_latent = jnp.einsum("bthn,rhn->bthr", q_nope.astype(w_uk.dtype), w_uk)
         return jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
 
-    def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None, with_distribution=False):
-        """Training-form causal attention over all keys: per-head keys and values expanded from c_kv.
-
-        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], q_positions int[B,T]; key s is visible to query t
-        when s <= q_positions[b,t] and (if given) mask[b,t,s]. Materialises [B,H,T,S] logits: a reference and
-        dense-warm-up path, not a long-context one. -> [B,T,D], or with_distribution: ([B,T,D], the head-averaged
-        attention distribution f32[B,T,S], stop-gradient: the dense warm-up's distillation target).
-        """
+    def expand_keys(self, kv_rows):
+        """Latent rows [B,S,L] -> the training form's keys and values, in the compute dtype: k_nope [B,S,H,N] (c_kv
+        W_uk), k_rope [B,S,P] (shared by the heads), values [B,S,H,V] (c_kv W_uv)."""
         c = self.config
         w_uk, w_uv = self._kv_b()
         c_kv, k_rope = jnp.split(kv_rows.astype(w_uk.dtype), [c.kv_lora_rank], axis=-1)
-        k_nope = jnp.einsum("bsr,rhn->bshn", c_kv, w_uk)
-        values = jnp.einsum("bsr,rhv->bshv", c_kv, w_uv)
-        logits = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthp,bsp->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-        visible = jnp.arange(kv_rows.shape[1])[None, None, :] <= q_positions[:, :, None]  # [B,T,S]
-        if mask is not None:
-            visible = visible & mask
-        logits = jnp.where(visible[:, None], logits * c.softmax_scale, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = self._output(jnp.einsum("bhts,bshv->bthv", probs.astype(values.dtype), values))
+        return jnp.einsum("bsr,rhn->bshn", c_kv, w_uk), k_rope, jnp.einsum("bsr,rhv->bshv", c_kv, w_uv)
+
+    def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None, with_distribution=False, impl=None,
+                     expanded=None):
+        """Training-form causal attention over all keys: per-head keys and values expanded from c_kv.
+
+        q_nope [B,T,H,N], q_rope [B,T,H,P], kv_rows [B,S,L], q_positions int[B,T]; key s is visible to query t
+        when s <= q_positions[b,t] and (if given) mask[b,t,s]. -> [B,T,D], or with_distribution: ([B,T,D], the
+        head-averaged attention distribution f32[B,T,S], stop-gradient: the dense warm-up's distillation target).
+        `pallas_kernels.dense_attention` (`impl`): on a GPU its kernels never store the [B,H,T,S] logits; the
+        reference (and any mask) materialises them. expanded: `expand_keys(kv_rows)`, where the caller made it.
+        """
+        c = self.config
+        k_nope, k_rope, values = self.expand_keys(kv_rows) if expanded is None else expanded
+        result = pallas_kernels.dense_attention(q_nope, q_rope.astype(k_rope.dtype), k_nope, k_rope, values,
+                                                q_positions, scale=c.softmax_scale, impl=impl, mask=mask,
+                                                with_distribution=with_distribution)
         if with_distribution:
-            return out, jax.lax.stop_gradient(jnp.mean(probs, axis=1))
-        return out
+            return self._output(result[0]), result[1]
+        return self._output(result)

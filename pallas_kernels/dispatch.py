@@ -2,8 +2,9 @@
 
 impl:
   "reference"  plain-jnp kernels (`*_reference.py`): the CPU/TPU fallback and the ground truth;
-  "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`, whose
-               forward runs as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
+  "pallas"     the GPU kernels: Pallas (Triton backend) `indexer.py`, `topk.py`, `sparse_attention.py`,
+               `dense_attention.py` (the dense stages' attention and distribution), the sparse attention's
+               forward running as the Gluon kernel of `sparse_attention_gluon.py` on Hopper when triton and
                jax-triton are installed (bf16/fp16 inputs), as do the indexer scores (`indexer_gluon.py`),
                both passes of the top-k (`topk_gluon.py`), the attention distribution given the forward's
                lse (`sparse_distribution_gluon.py`) and the scores over selected slots (`indexer_slots_gluon.py`);
@@ -22,6 +23,9 @@ from typing import Literal, Optional, Union
 
 import jax
 
+from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas
+from pallas_kernels.dense_attention_reference import (dense_attention_reference,
+                                                      dense_attention_with_distribution_reference)
 from pallas_kernels.indexer import indexer_scores_trainable, indexer_topk_pallas
 from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_slot_scores_reference,
                                               indexer_topk_decode_reference, indexer_topk_reference)
@@ -190,3 +194,27 @@ def sparse_attention_distribution(q, kv, indices, *, scale: float, value_dim: in
         return sparse_attention_distribution_reference(q, kv, indices, scale=scale, lse=lse)
     return sparse_attention_distribution_pallas(q, kv, indices, lse, scale=scale, value_dim=value_dim,
                                                 interpret=impl == "interpret", kernel=options.distribution)
+
+
+def dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float, impl: ImplArg = None,
+                    mask=None, with_distribution: bool = False):
+    """Causal dense MLA attention in its training form (`dense_attention_reference`): q_nope [B,T,H,N], q_rope
+    [B,T,H,P], k_nope [B,S,H,N], k_rope [B,S,P], values [B,S,H,V], q_positions int[B,T] (key s is visible to query
+    t when s <= q_positions[b,t]) -> out [B,T,H,V], differentiable; with_distribution: (out, the head-averaged
+    attention distribution f32[B,T,S], a constant: no gradient flows through it). The kernels never store the
+    [B,H,T,S] logits; mask bool[B,T,S] (also hide where False) runs the reference in every implementation."""
+    impl = kernels_of(impl).impl
+    if impl == "reference" or mask is not None:
+        if with_distribution:
+            return dense_attention_with_distribution_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions,
+                                                               scale=scale, mask=mask)
+        return dense_attention_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
+                                         mask=mask)
+    interpret = impl == "interpret"
+    out, lse = dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
+                                      interpret=interpret, return_lse=True)
+    if not with_distribution:
+        return out
+    q_nope, q_rope, k_nope, k_rope, lse = jax.lax.stop_gradient((q_nope, q_rope, k_nope, k_rope, lse))
+    return out, dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, scale=scale,
+                                                    interpret=interpret)

@@ -9,10 +9,10 @@ the keys listed in indices[b,t,:] (the top-k convention of `topk_reference`: -1 
 Shapes: B batch, T queries, S keys, H heads, L latent key width, R value width, K top-k slots.
 """
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels._blocking import gather_slot_rows, map_query_blocks
+from pallas_kernels._softmax import log_sum_exp, probabilities
 
 
 def _slot_logits(q, rows, valid, scale):
@@ -21,29 +21,13 @@ def _slot_logits(q, rows, valid, scale):
     return jnp.where(valid[:, :, None, :], logits, -jnp.inf)
 
 
-def _log_sum_exp(logits):
-    """f32[..., K] -> f32[...], -inf for a row with no valid slot (only a padded, position -1 query), with a finite
-    gradient there too."""
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    total = jnp.sum(jnp.exp(logits - row_max), axis=-1)
-    has_any = total > 0
-    return jnp.where(has_any, row_max[..., 0] + jnp.log(jnp.where(has_any, total, 1.0)), -jnp.inf)
-
-
-def _probs(logits, lse):
-    """exp(logits - lse), 0 at invalid slots and for rows with no valid slot (lse = -inf)."""
-    valid = (logits > -jnp.inf) & (lse[..., None] > -jnp.inf)
-    return jnp.where(valid, jnp.exp(jnp.where(valid, logits - lse[..., None], 0.0)), 0.0)
-
-
 def _attend_gathered(q, kv, indices, scale, value_dim):
     """q [B,T,H,L], kv [B,S,L], indices [B,T,K] -> (out [B,T,H,R], lse f32[B,T,H]); gathers [B,T,K,L], never
     per head."""
     rows = gather_slot_rows(kv, indices)
     logits = _slot_logits(q, rows, indices >= 0, scale)
-    lse = _log_sum_exp(logits)
-    out = jnp.einsum("bthk,btkr->bthr", _probs(logits, lse).astype(kv.dtype), rows[..., :value_dim],
+    lse = log_sum_exp(logits)
+    out = jnp.einsum("bthk,btkr->bthr", probabilities(logits, lse).astype(kv.dtype), rows[..., :value_dim],
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype), lse
 
@@ -55,7 +39,7 @@ def sparse_attention_distribution_reference(q, kv, indices, *, scale: float, lse
     None computes it."""
     def one_block(q_blk, idx_blk, *lse_blk):
         logits = _slot_logits(q_blk, gather_slot_rows(kv, idx_blk), idx_blk >= 0, scale)
-        return jnp.mean(_probs(logits, lse_blk[0] if lse_blk else _log_sum_exp(logits)), axis=2)
+        return jnp.mean(probabilities(logits, lse_blk[0] if lse_blk else log_sum_exp(logits)), axis=2)
     if lse is None:
         return map_query_blocks(one_block, block_q, (q, indices), fills=(0, -1))
     return map_query_blocks(one_block, block_q, (q, indices, lse), fills=(0, -1, -jnp.inf))

@@ -23,8 +23,8 @@ from conftest import rel_err
 from indexcache_jax import init_params
 from indexcache_jax.cache import init_cache
 from indexcache_jax.inference import prefill
-from indexcache_jax.model import (bind, forward, forward_with_indexer_loss, layer_indices, next_token_loss,
-                                  pattern_flags, training_losses)
+from indexcache_jax.model import (bind, forward, forward_with_indexer_loss, is_indexer_weight, layer_indices,
+                                  next_token_loss, pattern_flags, training_losses)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_CPU = jax.default_backend() == "cpu"
@@ -143,6 +143,66 @@ def test_query_chunks_give_the_same_loss_and_gradients(small_config, small_param
         else:
             assert np.abs(np.asarray(got)).max() == 0
     assert checked > 20
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_frozen_main_warm_up_trains_the_indexers_alone_with_the_same_gradient(small_config, small_params, impl):
+    """The dense warm-up's loss with frozen_main (the job's dense_warmup stage): the main model behind a stop-gradient
+    and the dense attention's keys expanded once per layer for all chunks. Same indexer loss and indexer gradients
+    as the plain unchunked loss; every other gradient exactly zero. With impl="interpret" the dense kernels run."""
+    tokens = _tokens(small_config, 2, 24)
+
+    def grads(frozen_main, chunk, remat, impl):
+        def objective(params):
+            return training_losses(params, tokens, "FSFS", config=small_config, attention="dense", impl=impl,
+                                   remat=remat, query_chunk=chunk, frozen_main=frozen_main)[1]
+        return jax.value_and_grad(objective)(small_params)
+
+    loss, want = grads(False, 0, "none", "reference")
+    frozen_loss, got = grads(True, 7, "layer", impl)
+    assert float(loss) > 0 and abs(float(frozen_loss) - float(loss)) <= 1e-5 * float(loss)
+    checked = 0
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        if is_indexer_weight(path):
+            assert rel_err(g, w) < 1e-4, jax.tree_util.keystr(path)
+            checked += 1
+        else:
+            assert np.abs(np.asarray(g)).max() == 0, jax.tree_util.keystr(path)
+    assert checked >= 5
+
+
+def _loop_depths_of_dots(jaxpr, shape, depth=0):
+    """The loop nesting depth (scan and while bodies) of every dot_general in `jaxpr` whose output has `shape`."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and tuple(eqn.outvars[0].aval.shape) == shape:
+            found.append(depth)
+        inner = depth + (eqn.primitive.name in ("scan", "while"))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _loop_depths_of_dots(sub, shape, inner)
+    return found
+
+
+def test_frozen_main_expands_the_dense_keys_outside_the_chunks(dense_config):
+    """Traced, not timed: with frozen_main, the dense attention's per-head keys and values [B,S,H,N] are products
+    in the layer scan's body, none inside the chunks' loop (a loop deeper); without it, the chunks make them."""
+    params = init_params(dense_config, seed=1)
+    tokens = _tokens(dense_config, 2, 32)
+    c = dense_config
+    shape = (2, 32, c.num_heads, c.qk_nope_head_dim)
+
+    def depths(frozen_main):
+        def objective(p):
+            return training_losses(p, tokens, "FSFS", config=c, attention="dense", remat="layer", query_chunk=8,
+                                   frozen_main=frozen_main)[1]
+        return _loop_depths_of_dots(jax.make_jaxpr(jax.grad(objective))(params).jaxpr, shape)
+
+    frozen, plain = depths(True), depths(False)
+    assert frozen and plain, (frozen, plain)
+    assert max(frozen) < max(plain), (frozen, plain)
 
 
 def test_query_chunks_give_the_same_logits_indices_and_prefill(small_config, small_params):

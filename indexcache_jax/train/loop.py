@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from indexcache_jax.checkpoint import load_model, save_model
-from indexcache_jax.model import init_params, pattern_flags, training_losses
+from indexcache_jax.model import init_params, is_indexer_weight, pattern_flags, training_losses
 from indexcache_jax.train.config import TrainConfig, dump_train_config
 from indexcache_jax.train.data import Splits, batches, load_sequences
 from pallas_kernels.dispatch import ImplArg, Kernels
@@ -75,7 +75,7 @@ def param_labels(params) -> Any:
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         if any(k in FROZEN for k in keys):
             return "frozen"
-        return "indexer" if "indexer" in keys else "main"
+        return "indexer" if is_indexer_weight(path) else "main"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -123,7 +123,8 @@ def stage_losses(params, tokens, flags, *, model_config, stage: str, indexer_los
                  impl: ImplArg, remat: str = "none", query_chunk: int = 0):
     """tokens [B, L+1] (inputs [:L], targets [1:]) -> (the stage's objective, {"lm_loss", "indexer_loss"})."""
     lm, indexer_loss = training_losses(params, tokens, flags, config=model_config, attention=STAGE_ATTENTION[stage],
-                                       impl=impl, remat=remat, query_chunk=query_chunk)
+                                       impl=impl, remat=remat, query_chunk=query_chunk,
+                                       frozen_main=stage == "dense_warmup")
     objective = indexer_loss if stage == "dense_warmup" else lm + indexer_loss_weight * indexer_loss
     return objective, {"lm_loss": lm, "indexer_loss": indexer_loss}
 

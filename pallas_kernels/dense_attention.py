@@ -1,0 +1,247 @@
+"""Causal dense MLA attention (training form) and its head-averaged distribution on the GPU, never storing the
+[B,H,T,S] logits: the dense stages' attention (`dense_attention_reference` states the math).
+
+Why: the dense warm-up distils each indexer towards its layer's attention distribution over *all* visible keys.
+In plain XLA that is a softmax over materialised fp32 logits, [H, C, S] per chunk of C queries: 17 GB for 256
+queries of a 128K context at 128 heads, and XLA streams them through HBM several times (session 35 ran the
+warm-up at 8K; longer did not fit). Two kernels replace it:
+
+  1. `_forward_kernel`, one program per (row, head, block of queries): a flash-attention forward (online softmax,
+     the output accumulated in fp32) over key blocks up to the block's last visible key, so causal rows cost
+     their visible half. It returns the output and each head's log-sum-exp (lse).
+  2. `_distribution_kernel`, one program per (row, block of queries, block of keys): for every head, the logits
+     again and exp(logits - lse), summed over heads in fp32, divided by H; one [block_q, block_k] tile stored.
+     Tiles wholly past the block's last visible key store zeros without a dot.
+The price of never storing the logits is the QK dot twice (once per kernel); the distribution is C x S fp32, H times
+smaller than the logits.
+
+Gradients: the output and lse are differentiable (`jax.custom_vjp`) with the reference's backward, which
+materialises the logits: the dense warm-up never differentiates through attention (its main model is frozen and
+its target is constant), the `dense` stage at small scale may. The distribution is a target: not differentiable,
+the dispatch stops its inputs' gradients.
+
+Widths are zero-padded to tensor-core sizes (zeros change no dot), queries to whole blocks (position -1: nothing
+visible, zeros out, lse -inf), keys to whole blocks (never visible: ids past the last key are masked).
+Shapes: B batch, T queries, S keys, H heads, N nope width, P rope width, V value width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
+from pallas_kernels.dense_attention_reference import dense_attention_reference
+
+BLOCK_Q = 64  # queries per program
+BLOCK_K = 64  # keys per step (forward) and per program (distribution)
+NUM_WARPS = 4
+
+
+def _dot(a, b, precision, transpose_b: bool = True):
+    dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _visible(positions, first_key: int | jax.Array, block_k: int, num_keys: int):
+    """bool[block_q, block_k]: key first_key + j is visible to the query at positions[i]."""
+    ids = first_key + lax.iota(jnp.int32, block_k)
+    return (ids[None, :] <= positions[:, None]) & (ids[None, :] < num_keys)
+
+
+def _blocks_to_walk(positions, block_k: int, num_keys: int):
+    """Key blocks holding every key visible to some query of the block (0 when none is: padded queries)."""
+    last = jnp.minimum(jnp.max(positions), num_keys - 1)
+    return jnp.maximum(last + 1 + block_k - 1, 0) // block_k
+
+
+def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, out_ref, lse_ref, *, scale: float,
+                    block_k: int, num_keys: int, precision):
+    # qn_ref [Bq, N], qr_ref [Bq, P] (this head's block of queries), kn_ref [S, N], kr_ref [S, P], v_ref [S, V]
+    # (this head's keys, the shared rope key, this head's values), pos_ref [Bq], out_ref [Bq, V], lse_ref [Bq].
+    positions = pos_ref[...]
+    q_nope, q_rope = qn_ref[...], qr_ref[...]
+    block_q = positions.shape[0]
+
+    def attend_block(j, carry):
+        row_max, row_sum, acc = carry
+        keys = pl.ds(j * block_k, block_k)
+        logits = (_dot(q_nope, kn_ref[keys, :], precision) + _dot(q_rope, kr_ref[keys, :], precision)) * scale
+        logits = jnp.where(_visible(positions, j * block_k, block_k, num_keys), logits, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # nothing visible yet: keep exp() finite
+        probs = jnp.exp(logits - safe_max[:, None])
+        rescale = jnp.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + jnp.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + _dot(probs.astype(v_ref.dtype), v_ref[keys, :], precision,
+                                            transpose_b=False)
+        return new_max, row_sum, acc
+
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, v_ref.shape[1]), jnp.float32))
+    row_max, row_sum, acc = lax.fori_loop(0, _blocks_to_walk(positions, block_k, num_keys), attend_block, init)
+    has_any = row_sum > 0
+    total = jnp.where(has_any, row_sum, 1.0)
+    out_ref[...] = (acc / total[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(has_any, row_max + jnp.log(total), -jnp.inf)
+
+
+def _distribution_kernel(qn_ref, qr_ref, kn_ref, kr_ref, pos_ref, lse_ref, out_ref, *, scale: float,
+                         num_heads: int, num_keys: int, precision):
+    # qn_ref [Bq, H, N], qr_ref [Bq, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P], pos_ref [Bq], lse_ref [H, Bq],
+    # out_ref [Bq, Bk]: this tile of the head-averaged distribution.
+    positions = pos_ref[...]
+    block_k = kr_ref.shape[0]
+    first_key = pl.program_id(2) * block_k
+    visible = _visible(positions, first_key, block_k, num_keys)
+    k_rope = kr_ref[...]
+
+    def add_head(h, total):
+        logits = (_dot(qn_ref[:, h, :], kn_ref[:, h, :], precision)
+                  + _dot(qr_ref[:, h, :], k_rope, precision)) * scale
+        lse = lse_ref[h, :]
+        # Masked before exp: a padded query has lse -inf, and exp(logits + inf) must not reach the sum.
+        return total + jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse[:, None], 0.0)), 0.0)
+
+    def tile(_):
+        return lax.fori_loop(0, num_heads, add_head, jnp.zeros(visible.shape, jnp.float32)) / num_heads
+
+    out_ref[...] = lax.cond(first_key <= jnp.max(positions), tile,
+                            lambda _: jnp.zeros(visible.shape, jnp.float32), None)
+
+
+def _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=None, lse=None):
+    """Shape errors that name the offending input."""
+    if q_nope.ndim != 4 or q_rope.ndim != 4 or k_nope.ndim != 4 or k_rope.ndim != 3 or q_positions.ndim != 2:
+        raise ValueError(f"want q_nope [B,T,H,N], q_rope [B,T,H,P], k_nope [B,S,H,N], k_rope [B,S,P], "
+                         f"q_positions [B,T]; got {q_nope.shape}, {q_rope.shape}, {k_nope.shape}, {k_rope.shape}, "
+                         f"{q_positions.shape}")
+    (b, t, h, n), p = q_nope.shape, q_rope.shape[-1]
+    if q_rope.shape[:3] != (b, t, h):
+        raise ValueError(f"q_rope {q_rope.shape} must be [B, T, H, P] with B, T, H = {(b, t, h)} of q_nope")
+    if k_nope.shape[0] != b or k_nope.shape[2:] != (h, n):
+        raise ValueError(f"k_nope {k_nope.shape} must be [B={b}, S, H={h}, N={n}] to match q_nope {q_nope.shape}")
+    if k_rope.shape != (b, k_nope.shape[1], p):
+        raise ValueError(f"k_rope {k_rope.shape} must be [B, S, P] = {(b, k_nope.shape[1], p)}")
+    if q_positions.shape != (b, t):
+        raise ValueError(f"q_positions {q_positions.shape} must be [B, T] = {(b, t)}")
+    if values is not None and values.shape[:3] != k_nope.shape[:3]:
+        raise ValueError(f"values {values.shape} must be [B, S, H, V] with B, S, H = {k_nope.shape[:3]} of k_nope")
+    if lse is not None and lse.shape != (b, t, h):
+        raise ValueError(f"lse {lse.shape} must be [B, T, H] = {(b, t, h)}, the attention's log-sum-exp per head")
+
+
+def _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q: int, block_k: int):
+    """Widths to tensor-core sizes, queries to whole blocks (position -1), keys to whole blocks."""
+    n_p, p_p = dot_size(q_nope.shape[-1]), dot_size(q_rope.shape[-1])
+    t_p, s_p = round_up(q_nope.shape[1], block_q), round_up(k_nope.shape[1], block_k)
+    q_nope = pad_axis(pad_axis(q_nope, 3, n_p), 1, t_p)
+    q_rope = pad_axis(pad_axis(q_rope, 3, p_p), 1, t_p)
+    k_nope = pad_axis(pad_axis(k_nope, 3, n_p), 1, s_p)
+    k_rope = pad_axis(pad_axis(k_rope, 2, p_p), 1, s_p)
+    q_positions = pad_axis(q_positions.astype(jnp.int32), 1, t_p, -1)
+    return q_nope, q_rope, k_nope, k_rope, q_positions
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k, num_warps):
+    (batch, num_q, heads, _), num_keys, value_dim = q_nope.shape, k_nope.shape[1], values.shape[-1]
+    qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
+    v = pad_axis(pad_axis(values, 3, dot_size(value_dim)), 1, kn.shape[1])
+    n_p, p_p, v_p, s_p = qn.shape[-1], qr.shape[-1], v.shape[-1], kn.shape[1]
+    body = functools.partial(_forward_kernel, scale=scale, block_k=block_k, num_keys=num_keys,
+                             precision=_precision(q_nope.dtype))
+    out, lse = pl.pallas_call(
+        body,
+        grid=(batch, heads, qn.shape[1] // block_q),
+        in_specs=[pl.BlockSpec((None, block_q, None, n_p), lambda b, h, i: (b, i, h, 0)),
+                  pl.BlockSpec((None, block_q, None, p_p), lambda b, h, i: (b, i, h, 0)),
+                  pl.BlockSpec((None, s_p, None, n_p), lambda b, h, i: (b, 0, h, 0)),
+                  pl.BlockSpec((None, s_p, p_p), lambda b, h, i: (b, 0, 0)),
+                  pl.BlockSpec((None, s_p, None, v_p), lambda b, h, i: (b, 0, h, 0)),
+                  pl.BlockSpec((None, block_q), lambda b, h, i: (b, i))],
+        out_specs=[pl.BlockSpec((None, block_q, None, v_p), lambda b, h, i: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct((batch, qn.shape[1], heads, v_p), values.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, qn.shape[1]), jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
+        name="dense_attention_forward",
+    )(qn, qr, kn, kr, v, positions)
+    return out[:, :num_q, :, :value_dim], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k, num_warps):
+    return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
+                    num_warps)
+
+
+def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
+                   num_warps):
+    outputs = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
+                       num_warps)
+    return outputs, (q_nope, q_rope, k_nope, k_rope, values, q_positions)
+
+
+def _attention_bwd(scale, interpret, block_q, block_k, num_warps, residuals, cotangents):
+    # The reference's backward: it materialises [B,H,T,S] (module docstring says who needs it).
+    *inputs, q_positions = residuals
+    _, vjp = jax.vjp(lambda *x: dense_attention_reference(*x, q_positions, scale=scale, return_lse=True), *inputs)
+    return (*vjp(cotangents), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
+                           interpret: bool = False, return_lse: bool = False, block_q: int = BLOCK_Q,
+                           block_k: int = BLOCK_K, num_warps: int = NUM_WARPS):
+    """Inputs and outputs as `dense_attention_reference` (out in the dtype of values; lse f32[B,T,H]).
+    Differentiable in every input but q_positions, by the reference's backward (module docstring)."""
+    _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
+    out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, float(scale), bool(interpret),
+                          int(block_q), int(block_k), int(num_warps))
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_q", "block_k", "num_warps"))
+def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, *, scale: float,
+                                        interpret: bool = False, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                                        num_warps: int = NUM_WARPS):
+    """The head-averaged distribution f32[B,T,S] given the attention's lse f32[B,T,H] (`dense_attention_pallas(...,
+    return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP)."""
+    _check(q_nope, q_rope, k_nope, k_rope, q_positions, lse=lse)
+    (batch, num_q, heads, _), num_keys = q_nope.shape, k_nope.shape[1]
+    qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
+    # The heads are a block dimension here, which Triton wants a power of two; the padded heads are never read.
+    heads_p = next_pow2(heads)
+    qn, qr, kn = (pad_axis(x, 2, heads_p) for x in (qn, qr, kn))
+    lse = pad_axis(jnp.moveaxis(lse.astype(jnp.float32), 2, 1), 2, qn.shape[1], -jnp.inf)  # [B,H,T_p]
+    lse = pad_axis(lse, 1, heads_p, -jnp.inf)
+    n_p, p_p = qn.shape[-1], qr.shape[-1]
+    body = functools.partial(_distribution_kernel, scale=scale, num_heads=heads, num_keys=num_keys,
+                             precision=_precision(q_nope.dtype))
+    dist = pl.pallas_call(
+        body,
+        grid=(batch, qn.shape[1] // block_q, kn.shape[1] // block_k),
+        in_specs=[pl.BlockSpec((None, block_q, heads_p, n_p), lambda b, i, j: (b, i, 0, 0)),
+                  pl.BlockSpec((None, block_q, heads_p, p_p), lambda b, i, j: (b, i, 0, 0)),
+                  pl.BlockSpec((None, block_k, heads_p, n_p), lambda b, i, j: (b, j, 0, 0)),
+                  pl.BlockSpec((None, block_k, p_p), lambda b, i, j: (b, j, 0)),
+                  pl.BlockSpec((None, block_q), lambda b, i, j: (b, i)),
+                  pl.BlockSpec((None, heads_p, block_q), lambda b, i, j: (b, 0, i))],
+        out_specs=pl.BlockSpec((None, block_q, block_k), lambda b, i, j: (b, i, j)),
+        out_shape=jax.ShapeDtypeStruct((batch, qn.shape[1], kn.shape[1]), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages=2),
+        name="dense_attention_distribution",
+    )(qn, qr, kn, kr, positions, lse)
+    return dist[:, :num_q, :num_keys]

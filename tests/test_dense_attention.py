@@ -1,0 +1,166 @@
+"""The dense stages' attention kernels (`pallas_kernels.dense_attention`) against the float32 reference: the causal
+output and each head's log-sum-exp, the head-averaged distribution given that lse, the gradients (the reference's
+backward behind the kernel's forward), and the dispatch (one call for output and target, the target constant, a
+mask sent to the reference). Interpret mode on CPU; on a GPU also the compiled kernels.
+
+Ragged on purpose: queries and keys not multiples of the blocks, a chunk of queries whose positions start inside
+the keys (as `query_chunk` gives), padded queries with position -1 (nothing visible), head counts and widths that
+are not powers of two, batch 2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from conftest import rel_err
+from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas
+from pallas_kernels.dense_attention_reference import (dense_attention_distribution_reference,
+                                                      dense_attention_reference)
+
+ON_GPU = jax.default_backend() == "gpu"
+IMPLS = ["interpret"] + (["pallas"] if ON_GPU else [])
+SCALE = 0.3
+TILES = dict(block_q=16, block_k=16)
+# (B, T queries, S keys, H, N, P, V, position of the first query)
+SHAPES = [(2, 21, 50, 3, 8, 8, 12, 29),  # a last chunk: 21 queries ending at key 49, three key blocks and a part
+          (1, 40, 40, 4, 16, 8, 16, 0),  # a whole causal sequence, queries over three blocks (the last partial)
+          (2, 9, 70, 2, 24, 16, 8, 30),  # a middle chunk: keys past the last query's position are never visible
+          (1, 17, 60, 2, 8, 8, 8, 32)]  # the last query block's one query at 48, the first key of a key block
+
+
+def _inputs(shape, dtype, seed=0):
+    b, t, s, h, n, p, v, first = shape
+    ks = jax.random.split(jax.random.key(seed), 5)
+
+    def normal(key, dims):
+        return jax.random.normal(key, dims, jnp.float32).astype(dtype)
+    positions = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return (normal(ks[0], (b, t, h, n)), normal(ks[1], (b, t, h, p)), normal(ks[2], (b, s, h, n)),
+            normal(ks[3], (b, s, p)), normal(ks[4], (b, s, h, v)), positions)
+
+
+def _f32(xs):
+    return tuple(x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in xs)
+
+
+def _want(inputs):
+    with jax.default_matmul_precision("highest"):
+        out, lse = dense_attention_reference(*_f32(inputs), scale=SCALE, return_lse=True)
+        q_nope, q_rope, k_nope, k_rope, _, positions = _f32(inputs)
+        dist = dense_attention_distribution_reference(q_nope, q_rope, k_nope, k_rope, positions, scale=SCALE)
+    return out, lse, dist
+
+
+def _tol(impl, dtype):
+    return 1e-5 if impl == "interpret" and dtype == jnp.float32 else 2e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_lse_and_distribution_equal_reference(impl, dtype, shape):
+    inputs = _inputs(shape, dtype)
+    out, lse = dense_attention_pallas(*inputs, scale=SCALE, interpret=impl == "interpret", return_lse=True,
+                                      **TILES)
+    q_nope, q_rope, k_nope, k_rope, _, positions = inputs
+    dist = dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, lse, scale=SCALE,
+                                               interpret=impl == "interpret", **TILES)
+    want_out, want_lse, want_dist = _want(inputs)
+    assert out.dtype == dtype and out.shape == want_out.shape and dist.shape == want_dist.shape
+    tol = _tol(impl, dtype)
+    assert rel_err(out, want_out) < tol
+    assert rel_err(lse, want_lse) < tol
+    assert rel_err(dist, want_dist) < tol
+    visible = np.arange(shape[2])[None, None, :] <= np.asarray(positions)[:, :, None]
+    assert np.all(np.asarray(dist)[~visible] == 0)  # exactly nothing past a query's position
+    np.testing.assert_allclose(np.asarray(dist).sum(-1), 1.0, rtol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_queries_see_nothing(impl):
+    """Position -1 (a padded query): zeros out, lse -inf, a zero distribution; its neighbours are unaffected."""
+    inputs = list(_inputs(SHAPES[0], jnp.float32))
+    inputs[5] = inputs[5].at[:, 3].set(-1)
+    out, lse = dense_attention_pallas(*inputs, scale=SCALE, interpret=impl == "interpret", return_lse=True,
+                                      **TILES)
+    dist = dense_attention_distribution_pallas(*inputs[:4], inputs[5], lse, scale=SCALE,
+                                               interpret=impl == "interpret", **TILES)
+    assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.isneginf(np.asarray(lse[:, 3])))
+    assert np.all(np.asarray(dist[:, 3]) == 0)
+    want_out, _, want_dist = _want(tuple(inputs))
+    assert rel_err(out, want_out) < 1e-5 and rel_err(dist, want_dist) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_equal_reference(impl):
+    """Output and lse are differentiable in every input but the positions (the reference's backward)."""
+    inputs = _inputs(SHAPES[0], jnp.float32, seed=1)
+    cot_out, cot_lse = (jax.random.normal(jax.random.key(7), x.shape) for x in _want(inputs)[:2])
+
+    def loss(fn, *x):
+        out, lse = fn(*x, inputs[5])
+        return jnp.sum(out * cot_out) + jnp.sum(lse * cot_lse)
+
+    def kernel(*x):
+        return dense_attention_pallas(*x, scale=SCALE, interpret=impl == "interpret", return_lse=True, **TILES)
+
+    def reference(*x):
+        return dense_attention_reference(*x, scale=SCALE, return_lse=True)
+    got = jax.grad(lambda *x: loss(kernel, *x), argnums=range(5))(*inputs[:5])
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda *x: loss(reference, *x), argnums=range(5))(*inputs[:5])
+    for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, want, strict=True):
+        assert rel_err(g, w) < (1e-5 if impl == "interpret" else 2e-3), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dispatch_gives_output_and_a_constant_target(impl):
+    """One call gives the output and the distribution; no gradient flows through the distribution (a target),
+    while the output's gradient is the reference's."""
+    inputs = _inputs(SHAPES[2], jnp.float32, seed=2)
+    out, dist = pallas_kernels.dense_attention(*inputs, scale=SCALE, impl=impl, with_distribution=True)
+    want_out, _, want_dist = _want(inputs)
+    assert rel_err(out, want_out) < 1e-5 and rel_err(dist, want_dist) < 1e-5
+    through_target = jax.grad(lambda q: jnp.sum(pallas_kernels.dense_attention(
+        q, *inputs[1:], scale=SCALE, impl=impl, with_distribution=True)[1] ** 2))(inputs[0])
+    assert np.all(np.asarray(through_target) == 0)
+    through_output = jax.grad(lambda q: jnp.sum(pallas_kernels.dense_attention(
+        q, *inputs[1:], scale=SCALE, impl=impl) ** 2))(inputs[0])
+    assert np.linalg.norm(np.asarray(through_output)) > 0
+
+
+def test_dispatch_sends_a_mask_to_the_reference():
+    """A mask (the ground truth of sparse attention in tests) runs the reference in every implementation."""
+    inputs = _inputs(SHAPES[1], jnp.float32, seed=3)
+    mask = jax.random.bernoulli(jax.random.key(4), 0.6, (1, 40, 40)) | jnp.eye(40, dtype=bool)[None]
+    got = pallas_kernels.dense_attention(*inputs, scale=SCALE, impl="interpret", mask=mask)
+    want = dense_attention_reference(*inputs, scale=SCALE, mask=mask)
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got, dense_attention_reference(*inputs, scale=SCALE)) > 1e-2  # the mask did hide keys
+
+
+def test_errors_name_the_offending_input():
+    q_nope, q_rope, k_nope, k_rope, values, positions = _inputs(SHAPES[0], jnp.float32)
+    with pytest.raises(ValueError, match="k_rope"):
+        dense_attention_pallas(q_nope, q_rope, k_nope, k_rope[:, :-1], values, positions, scale=SCALE)
+    with pytest.raises(ValueError, match="values"):
+        dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values[:, :-1], positions, scale=SCALE)
+    with pytest.raises(ValueError, match="q_positions"):
+        dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, positions[:, :-1], scale=SCALE)
+    with pytest.raises(ValueError, match="lse"):
+        dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, jnp.zeros((2, 21, 2)),
+                                            scale=SCALE)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_at_deepseek_shapes():
+    """128 heads, widths 128 + 64 and values 128, bf16, default tiles: a chunk of 512 queries ending a context of
+    2048 keys, against the float32 reference."""
+    inputs = _inputs((1, 512, 2048, 128, 128, 64, 128, 1536), jnp.bfloat16)
+    out, dist = pallas_kernels.dense_attention(*inputs, scale=(192 ** -0.5), impl="pallas", with_distribution=True)
+    with jax.default_matmul_precision("highest"):
+        f32 = _f32(inputs)
+        want_out, want_lse = dense_attention_reference(*f32, scale=192 ** -0.5, return_lse=True)
+        want_dist = dense_attention_distribution_reference(*f32[:4], f32[5], scale=192 ** -0.5)
+    assert rel_err(out, want_out) < 2e-2 and rel_err(dist, want_dist) < 2e-2
