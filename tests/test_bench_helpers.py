@@ -97,3 +97,21 @@ def test_train_bench_runs_the_job_step_and_layer_remat_needs_less_memory(tmp_pat
     assert [(r["stage"], r["pattern"]) for r in compiled] == [("sparse", "FFF"), ("dense_warmup", "FFF")]
     assert all(r["compiled_temp_bytes"] > 0 and "step_ms" not in r for r in compiled)
     assert json.loads(out.read_text())["runs"] == runs
+
+
+def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
+    """scripts/bench_dense.py in interpret mode at a tiny shape: the last chunk is checked against the reference
+    (small errors recorded) and timed, and a whole layer is timed as its chunks; the JSON holds what was printed."""
+    spec = importlib.util.spec_from_file_location("bench_dense", REPO / "scripts" / "bench_dense.py")
+    bench_dense = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_dense)
+    out = tmp_path / "dense.json"
+    runs = bench_dense.main(["--interpret", "--heads", "4", "--widths", "16", "16", "16", "--contexts", "96",
+                             "--chunk", "32", "--tiles", "32,32,4", "--layer", "--repeats", "1", "--json", str(out)])
+    chunk, layer = runs
+    assert (chunk["keys"], chunk["queries"], chunk["first_position"]) == (96, 32, 64)
+    assert chunk["out_rel_err"] < 2e-2 and chunk["dist_rel_err"] < 2e-2
+    assert chunk["forward_ms"] > 0 and chunk["distribution_ms"] > 0 and chunk["reference_ms"] > 0
+    assert layer["whole_layer"] and layer["forward_ms"] >= chunk["forward_ms"]
+    assert bench_dense.visible_pairs(64, 32) == 32 * 65 + 32 * 31 // 2
+    assert json.loads(out.read_text())["runs"] == runs

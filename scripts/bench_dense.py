@@ -1,0 +1,139 @@
+"""Time the dense warm-up's attention kernels (`pallas_kernels/dense_attention.py`) at DeepSeek-V3.2's shapes.
+
+For each context S: a chunk of --chunk queries ending at S (the chunk with the most keys, as `query_chunk` gives the
+last one) and, with --layer, a whole causal layer as chunks; the flash forward (output + lse) and the head-averaged
+distribution given that lse, per tiling in --tiles. Rates count visible (query, key) pairs only:
+forward 2 x H x (N + P + V) FLOP per pair, distribution 2 x H x (N + P). Where the XLA reference fits
+(--reference-up-to) it is timed too, on the same chunk, and the kernels are checked against it.
+
+    python scripts/bench_dense.py --contexts 8192 32768 131072 --json docs/bench_dense_h100_DATE.json
+
+One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_kernels import rel_err, timed  # noqa: E402
+from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas  # noqa: E402
+from pallas_kernels.dense_attention_reference import dense_attention_with_distribution_reference  # noqa: E402
+
+
+def inputs(batch, num_q, num_keys, heads, widths, first_position, seed=0):
+    """Random normal bf16 q_nope, q_rope, k_nope, k_rope, values and the positions of num_q queries."""
+    n, p, v = widths
+    ks = jax.random.split(jax.random.key(seed), 5)
+    shapes = [(batch, num_q, heads, n), (batch, num_q, heads, p), (batch, num_keys, heads, n),
+              (batch, num_keys, p), (batch, num_keys, heads, v)]
+    arrays = [jax.random.normal(k, shape, jnp.bfloat16) for k, shape in zip(ks, shapes, strict=True)]
+    positions = jnp.broadcast_to(first_position + jnp.arange(num_q, dtype=jnp.int32), (batch, num_q))
+    return (*arrays, positions)
+
+
+def visible_pairs(first_position: int, num_q: int) -> int:
+    """(query, key) pairs a causal chunk sees: query t sees first_position + t + 1 keys."""
+    return num_q * (first_position + 1) + num_q * (num_q - 1) // 2
+
+
+def kernels(tiles: dict, scale: float, interpret: bool):
+    forward = jax.jit(functools.partial(dense_attention_pallas, scale=scale, return_lse=True, interpret=interpret,
+                                        **tiles))
+    distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
+                                             **tiles))
+    return forward, distribution
+
+
+def time_chunk(args, x, first: int, tiles: dict, check: bool) -> dict:
+    """The two kernels on inputs x (`inputs`) whose queries start at position `first`."""
+    n, p, v = args.widths
+    scale = (n + p) ** -0.5
+    num_q, num_keys = x[0].shape[1], x[2].shape[1]
+    forward, distribution = kernels(tiles, scale, args.interpret)
+    out, lse = forward(*x)
+    record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles}
+    if check:
+        dist = distribution(*x[:4], x[5], lse)
+        want_out, want_dist = jax.jit(functools.partial(dense_attention_with_distribution_reference,
+                                                        scale=scale))(*x)
+        record.update(out_rel_err=rel_err(out, want_out), dist_rel_err=rel_err(dist, want_dist))
+    pairs = visible_pairs(first, num_q)
+    t_forward = timed(forward, *x, repeats=args.repeats)
+    t_dist = timed(distribution, *x[:4], x[5], lse, repeats=args.repeats)
+    record.update(forward_ms=round(t_forward * 1e3, 3), distribution_ms=round(t_dist * 1e3, 3),
+                  forward_tflops=round(pairs * 2 * args.heads * (n + p + v) / t_forward / 1e12, 1),
+                  distribution_tflops=round(pairs * 2 * args.heads * (n + p) / t_dist / 1e12, 1))
+    if num_keys <= args.reference_up_to:
+        reference = jax.jit(functools.partial(dense_attention_with_distribution_reference, scale=scale))
+        record["reference_ms"] = round(timed(reference, *x, repeats=args.repeats) * 1e3, 3)
+    return record
+
+
+def time_layer(args, num_keys: int, tiles: dict) -> dict:
+    """A whole causal layer as the chunks `query_chunk` makes, each timed against all keys, summed."""
+    n, p, v = args.widths
+    num_q = min(args.chunk, num_keys)
+    whole = inputs(1, num_keys, num_keys, args.heads, args.widths, 0)
+    forward_ms = dist_ms = 0.0
+    for first in range(0, num_keys, num_q):
+        x = (whole[0][:, first:first + num_q], whole[1][:, first:first + num_q], *whole[2:5],
+             whole[5][:, first:first + num_q])
+        chunk = time_chunk(args, x, first, tiles, check=False)
+        forward_ms += chunk["forward_ms"]
+        dist_ms += chunk["distribution_ms"]
+    pairs = visible_pairs(0, num_keys)
+    return {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
+            "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
+            "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
+            "distribution_tflops": round(pairs * 2 * args.heads * (n + p) / dist_ms / 1e9, 1)}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--chunk", type=int, default=1024, help="queries per chunk (the job's query_chunk)")
+    parser.add_argument("--heads", type=int, default=128)
+    parser.add_argument("--widths", type=int, nargs=3, default=[128, 64, 128], metavar=("N", "P", "V"))
+    parser.add_argument("--tiles", nargs="+", default=["64,64,4"],
+                        help="block_q,block_k,num_warps per tiling, e.g. 64,64,4 128,64,8")
+    parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
+    parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (any platform; slow)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    tilings = []
+    for text in args.tiles:
+        block_q, block_k, warps = (int(x) for x in text.split(","))
+        tilings.append(dict(block_q=block_q, block_k=block_k, num_warps=warps))
+    header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "argv": sys.argv[1:] if argv is None else argv}
+    print(json.dumps(header), flush=True)
+    results = []
+    for num_keys in args.contexts:
+        num_q = min(args.chunk, num_keys)
+        x = inputs(1, num_q, num_keys, args.heads, args.widths, num_keys - num_q)
+        for tiles in tilings:
+            results.append(time_chunk(args, x, num_keys - num_q, tiles, check=num_keys <= args.reference_up_to))
+            print(json.dumps(results[-1]), flush=True)
+        del x
+        if args.layer:
+            for tiles in tilings:
+                results.append(time_layer(args, num_keys, tiles))
+                print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"header": header, "runs": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
