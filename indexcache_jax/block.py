@@ -25,12 +25,12 @@ from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import DistillState, add_layer, token_kl
 from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer, select_top_k
-from indexcache_jax.mla import MLAttention
+from indexcache_jax.mla import DENSE_LSE_NAME, MLAttention
 from indexcache_jax.nn import RMSNorm
 from pallas_kernels.dispatch import ImplArg
 
 TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by every rematerialisation (here and model.py)
-SAVED_BY_CHUNK_REMAT = (TOPK_NAME,)
+SAVED_BY_CHUNK_REMAT = (TOPK_NAME, DENSE_LSE_NAME)
 
 
 class LayerContext(NamedTuple):

@@ -14,11 +14,16 @@ L = R + P, K top-k slots.
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.nn import RMSNorm, project, weight
 from indexcache_jax.rope import apply_rope
+
+# The dense attention's log-sum-exp per head, f32[B,T,H], kept by every rematerialisation (block.py, model.py): the
+# warm-up's backward needs only the distribution, which takes it, so the attention's forward is not run again.
+DENSE_LSE_NAME = "dense_attention_lse"
 
 
 class MLAttention(nnx.Module):
@@ -101,9 +106,13 @@ class MLAttention(nnx.Module):
         """
         c = self.config
         k_nope, k_rope, values = self.expand_keys(kv_rows) if expanded is None else expanded
-        result = pallas_kernels.dense_attention(q_nope, q_rope.astype(k_rope.dtype), k_nope, k_rope, values,
-                                                q_positions, scale=c.softmax_scale, impl=impl, mask=mask,
-                                                with_distribution=with_distribution)
-        if with_distribution:
-            return self._output(result[0]), result[1]
-        return self._output(result)
+        q_rope = q_rope.astype(k_rope.dtype)
+        out, lse = pallas_kernels.dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions,
+                                                  scale=c.softmax_scale, impl=impl, mask=mask, return_lse=True)
+        if not with_distribution:
+            return self._output(out)
+        # Named so that rematerialisation keeps it: the backward then recomputes the distribution, not the forward.
+        lse = checkpoint_name(lse, DENSE_LSE_NAME)
+        probs = pallas_kernels.dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions,
+                                                            scale=c.softmax_scale, lse=lse, impl=impl, mask=mask)
+        return self._output(out), probs

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext, initial_distill_source, over_query_chunks
+from indexcache_jax.mla import DENSE_LSE_NAME
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import indexer_loss, init_state
@@ -45,7 +46,7 @@ from pallas_kernels.dispatch import ImplArg
 
 ATTENTION_MODES = ("sparse", "dense")
 REMAT_MODES = ("none", "layer")
-SAVED_BY_LAYER_REMAT = (TOPK_NAME,)
+SAVED_BY_LAYER_REMAT = (TOPK_NAME, DENSE_LSE_NAME)
 
 
 def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> DSABlock:

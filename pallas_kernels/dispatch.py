@@ -22,10 +22,11 @@ import dataclasses
 from typing import Literal, Optional, Union
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas
-from pallas_kernels.dense_attention_reference import (dense_attention_reference,
-                                                      dense_attention_with_distribution_reference)
+from pallas_kernels.dense_attention_reference import (dense_attention_distribution_reference,
+                                                      dense_attention_reference)
 from pallas_kernels.indexer import indexer_scores_trainable, indexer_topk_pallas
 from pallas_kernels.indexer_reference import (indexer_scores_reference, indexer_slot_scores_reference,
                                               indexer_topk_decode_reference, indexer_topk_reference)
@@ -197,24 +198,36 @@ def sparse_attention_distribution(q, kv, indices, *, scale: float, value_dim: in
 
 
 def dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float, impl: ImplArg = None,
-                    mask=None, with_distribution: bool = False):
+                    mask=None, return_lse: bool = False):
     """Causal dense MLA attention in its training form (`dense_attention_reference`): q_nope [B,T,H,N], q_rope
     [B,T,H,P], k_nope [B,S,H,N], k_rope [B,S,P], values [B,S,H,V], q_positions int[B,T] (key s is visible to query
-    t when s <= q_positions[b,t]) -> out [B,T,H,V], differentiable; with_distribution: (out, the head-averaged
-    attention distribution f32[B,T,S], a constant: no gradient flows through it). The kernels never store the
-    [B,H,T,S] logits; mask bool[B,T,S] (also hide where False) runs the reference in every implementation."""
+    t when s <= q_positions[b,t]) -> out [B,T,H,V], or with return_lse (out, lse f32[B,T,H]), which
+    `dense_attention_distribution` takes; both differentiable. The kernels never store the [B,H,T,S] logits (their
+    backward is the reference's); mask bool[B,T,S] (also hide where False) runs the reference."""
     impl = kernels_of(impl).impl
     if impl == "reference" or mask is not None:
-        if with_distribution:
-            return dense_attention_with_distribution_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions,
-                                                               scale=scale, mask=mask)
         return dense_attention_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
-                                         mask=mask)
-    interpret = impl == "interpret"
-    out, lse = dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
-                                      interpret=interpret, return_lse=True)
-    if not with_distribution:
-        return out
+                                         mask=mask, return_lse=return_lse)
+    return dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
+                                  interpret=impl == "interpret", return_lse=return_lse)
+
+
+def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *, scale: float, lse=None,
+                                 impl: ImplArg = None, mask=None):
+    """The head-averaged attention distribution of `dense_attention` over all keys: the dense warm-up's distillation
+    target. Inputs as there -> f32[B,T,S] (0 where not visible). lse f32[B,T,H]: the attention's log-sum-exp
+    (`dense_attention(..., return_lse=True)`); the kernel needs it (None computes it by the forward kernel) and
+    then runs one pass of the QK dot, summing the heads' probabilities in fp32, never storing them. A target,
+    constant by design: no gradient flows to any input (every implementation)."""
+    impl = kernels_of(impl).impl
     q_nope, q_rope, k_nope, k_rope, lse = jax.lax.stop_gradient((q_nope, q_rope, k_nope, k_rope, lse))
-    return out, dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, scale=scale,
-                                                    interpret=interpret)
+    if impl == "reference" or mask is not None:
+        return dense_attention_distribution_reference(q_nope, q_rope, k_nope, k_rope, q_positions, scale=scale,
+                                                      lse=lse, mask=mask)
+    interpret = impl == "interpret"
+    if lse is None:
+        values = jnp.zeros(k_nope.shape[:3] + (16,), k_nope.dtype)  # the forward's output is not wanted here
+        lse = dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
+                                     interpret=interpret, return_lse=True)[1]
+    return dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, scale=scale,
+                                               interpret=interpret)

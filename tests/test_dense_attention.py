@@ -1,7 +1,7 @@
 """The dense stages' attention kernels (`pallas_kernels.dense_attention`) against the float32 reference: the causal
 output and each head's log-sum-exp, the head-averaged distribution given that lse, the gradients (the reference's
 backward behind the kernel's forward), and the dispatch (one call for output and target, the target constant, a
-mask sent to the reference). Interpret mode on CPU; on a GPU also the compiled kernels.
+mask sent to the reference; the lse kept by rematerialisation). Interpret mode on CPU; on a GPU also the compiled kernels.
 
 Ragged on purpose: queries and keys not multiples of the blocks, a chunk of queries whose positions start inside
 the keys (as `query_chunk` gives), padded queries with position -1 (nothing visible), head counts and widths that
@@ -115,18 +115,27 @@ def test_gradients_equal_reference(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dispatch_gives_output_and_a_constant_target(impl):
-    """One call gives the output and the distribution; no gradient flows through the distribution (a target),
-    while the output's gradient is the reference's."""
+def test_dispatch_gives_output_lse_and_a_constant_target(impl):
+    """The dispatch's two calls as the model makes them: the attention with its lse, then the distribution given
+    that lse (or computing it); no gradient flows through the distribution (a target), while the output's
+    gradient is the reference's."""
     inputs = _inputs(SHAPES[2], jnp.float32, seed=2)
-    out, dist = pallas_kernels.dense_attention(*inputs, scale=SCALE, impl=impl, with_distribution=True)
-    want_out, _, want_dist = _want(inputs)
-    assert rel_err(out, want_out) < 1e-5 and rel_err(dist, want_dist) < 1e-5
-    through_target = jax.grad(lambda q: jnp.sum(pallas_kernels.dense_attention(
-        q, *inputs[1:], scale=SCALE, impl=impl, with_distribution=True)[1] ** 2))(inputs[0])
-    assert np.all(np.asarray(through_target) == 0)
+    q_nope, q_rope, k_nope, k_rope, _, positions = inputs
+    out, lse = pallas_kernels.dense_attention(*inputs, scale=SCALE, impl=impl, return_lse=True)
+    want_out, want_lse, want_dist = _want(inputs)
+    assert rel_err(out, want_out) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+    for given in (lse, None):
+        dist = pallas_kernels.dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, positions, scale=SCALE,
+                                                           lse=given, impl=impl)
+        assert rel_err(dist, want_dist) < 1e-5
+
+    def target(q, lse):
+        return jnp.sum(pallas_kernels.dense_attention_distribution(q, q_rope, k_nope, k_rope, positions,
+                                                                   scale=SCALE, lse=lse, impl=impl) ** 2)
+    through_target = jax.grad(target, argnums=(0, 1))(q_nope, lse)
+    assert all(np.all(np.asarray(g) == 0) for g in through_target)
     through_output = jax.grad(lambda q: jnp.sum(pallas_kernels.dense_attention(
-        q, *inputs[1:], scale=SCALE, impl=impl) ** 2))(inputs[0])
+        q, *inputs[1:], scale=SCALE, impl=impl) ** 2))(q_nope)
     assert np.linalg.norm(np.asarray(through_output)) > 0
 
 
@@ -137,6 +146,9 @@ def test_dispatch_sends_a_mask_to_the_reference():
     got = pallas_kernels.dense_attention(*inputs, scale=SCALE, impl="interpret", mask=mask)
     want = dense_attention_reference(*inputs, scale=SCALE, mask=mask)
     assert rel_err(got, want) < 1e-6
+    dist = pallas_kernels.dense_attention_distribution(*inputs[:4], inputs[5], scale=SCALE, impl="interpret",
+                                                       mask=mask)
+    assert np.all(np.asarray(dist)[~np.asarray(mask)] == 0)
     assert rel_err(got, dense_attention_reference(*inputs, scale=SCALE)) > 1e-2  # the mask did hide keys
 
 
@@ -158,9 +170,51 @@ def test_compiled_kernels_at_deepseek_shapes():
     """128 heads, widths 128 + 64 and values 128, bf16, default tiles: a chunk of 512 queries ending a context of
     2048 keys, against the float32 reference."""
     inputs = _inputs((1, 512, 2048, 128, 128, 64, 128, 1536), jnp.bfloat16)
-    out, dist = pallas_kernels.dense_attention(*inputs, scale=(192 ** -0.5), impl="pallas", with_distribution=True)
+    out, lse = pallas_kernels.dense_attention(*inputs, scale=(192 ** -0.5), impl="pallas", return_lse=True)
+    dist = pallas_kernels.dense_attention_distribution(*inputs[:4], inputs[5], scale=(192 ** -0.5), lse=lse,
+                                                       impl="pallas")
     with jax.default_matmul_precision("highest"):
         f32 = _f32(inputs)
         want_out, want_lse = dense_attention_reference(*f32, scale=192 ** -0.5, return_lse=True)
         want_dist = dense_attention_distribution_reference(*f32[:4], f32[5], scale=192 ** -0.5)
     assert rel_err(out, want_out) < 2e-2 and rel_err(dist, want_dist) < 2e-2
+
+
+def _pallas_calls(jaxpr, name):
+    """How many pallas_call equations named `name` the jaxpr holds, at any depth."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "pallas_call" and name in str(eqn.params)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    count += _pallas_calls(sub, name)
+    return count
+
+
+@pytest.mark.parametrize("remat,query_chunk", [("none", 8), ("layer", 0), ("layer", 8)])
+def test_warm_up_backward_recomputes_the_distribution_not_the_forward(monkeypatch, remat, query_chunk):
+    """The dense warm-up's gradient (interpret kernels, traced): rematerialisation keeps each head's lse
+    (mla.DENSE_LSE_NAME), so the backward runs the distribution kernel again but never the attention's forward,
+    which appears once per layer scan (two segments in SMALL: dense and MoE layers)."""
+    import indexcache_jax.block as block  # noqa: PLC0415
+    import indexcache_jax.model as model  # noqa: PLC0415
+    from conftest import SMALL  # noqa: PLC0415
+
+    params = model.init_params(SMALL, seed=0)
+    tokens = jax.random.randint(jax.random.key(0), (1, 17), 0, SMALL.vocab_size)
+
+    def calls():
+        def objective(p):
+            return model.training_losses(p, tokens, "FSFS", config=SMALL, attention="dense", impl="interpret",
+                                         remat=remat, query_chunk=query_chunk, frozen_main=True)[1]
+        jaxpr = jax.make_jaxpr(jax.grad(objective))(params).jaxpr
+        return _pallas_calls(jaxpr, "dense_attention_forward"), _pallas_calls(jaxpr, "dense_attention_distribution")
+    forward, distribution = calls()
+    segments = len(SMALL.layer_segments) * (2 if query_chunk and 16 % query_chunk else 1)
+    assert forward == segments and distribution > forward, (forward, distribution)
+    monkeypatch.setattr(block, "SAVED_BY_CHUNK_REMAT", (block.TOPK_NAME,))
+    monkeypatch.setattr(model, "SAVED_BY_LAYER_REMAT", (block.TOPK_NAME,))
+    jax.clear_caches()  # the jitted loss would give back its first trace
+    assert calls()[0] > forward  # without the name kept, the backward runs the forward again
