@@ -15,10 +15,12 @@ warm-up at 8K; longer did not fit). Two kernels replace it:
 The price of never storing the logits is the QK dot twice (once per kernel); the distribution is C x S fp32, H times
 smaller than the logits.
 
-Gradients: the output and lse are differentiable (`jax.custom_vjp`) with the reference's backward, which
-materialises the logits: the dense warm-up never differentiates through attention (its main model is frozen and
-its target is constant), the `dense` stage at small scale may. The distribution is a target: not differentiable,
-the dispatch stops its inputs' gradients.
+Gradients (`jax.custom_vjp`): the forward saves its output and lse; the backward recomputes the probabilities
+from the lse (flash-attention's backward) in two kernels: `_key_grads_kernel`, one program per (row, block of
+keys) looping over heads and over the query blocks that see those keys, gives d_k_nope and d_values per head and
+d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program per (row, head, block of queries),
+gives d_q. The dense warm-up never differentiates its attention (its main model is frozen); the `dense` stage
+does. The distribution is a target: not differentiable, the dispatch stops its inputs' gradients.
 
 Widths are zero-padded to tensor-core sizes (zeros change no dot), queries to whole blocks (position -1: nothing
 visible, zeros out, lse -inf), keys to whole blocks (never visible: ids past the last key are masked).
@@ -35,7 +37,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
-from pallas_kernels.dense_attention_reference import dense_attention_reference
 
 BLOCK_Q = 64  # queries per program
 BLOCK_K = 64  # keys per step (forward) and per program (distribution)
@@ -186,16 +187,147 @@ def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, inter
 
 def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
                    num_warps):
-    outputs = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
-                       num_warps)
-    return outputs, (q_nope, q_rope, k_nope, k_rope, values, q_positions)
+    out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
+                        num_warps)
+    return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
+
+
+def _key_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref,
+                      dkn_ref, dkr_ref, dv_ref, *, scale: float, num_heads: int, block_q: int, num_keys: int,
+                      precision):
+    # One block of keys, every head: qn_ref [T, H, N], qr_ref [T, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P],
+    # v_ref [Bk, H, V], pos_ref [T], do_ref [T, H, V], lse_ref and delta_ref [H, T] -> dkn_ref [Bk, H, N],
+    # dv_ref [Bk, H, V] per head and dkr_ref [Bk, P] summed over the heads that share the rope key.
+    block_k = kr_ref.shape[0]
+    first_key = pl.program_id(1) * block_k
+    k_rope = kr_ref[...]
+    dtype = kr_ref.dtype
+
+    def head(h, d_rope):
+        k_nope, values = kn_ref[:, h, :], v_ref[:, h, :]
+
+        def query_block(i, carry):
+            def add(carry):
+                d_nope, d_rope, d_values = carry
+                queries = pl.ds(i * block_q, block_q)
+                positions = pos_ref[queries]
+                q_nope, q_rope, d_out = qn_ref[queries, h, :], qr_ref[queries, h, :], do_ref[queries, h, :]
+                logits = (_dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)) * scale
+                visible = _visible(positions, first_key, block_k, num_keys)
+                probs = jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse_ref[h, queries][:, None], 0.0)),
+                                  0.0)  # [Bq, Bk]
+                d_values += _dot(probs.T.astype(dtype), d_out, precision, transpose_b=False)
+                d_logits = probs * (_dot(d_out, values, precision) - delta_ref[h, queries][:, None]) * scale
+                d_logits = d_logits.T.astype(dtype)  # [Bk, Bq]
+                return (d_nope + _dot(d_logits, q_nope, precision, transpose_b=False),
+                        d_rope + _dot(d_logits, q_rope, precision, transpose_b=False), d_values)
+            # Query blocks that see none of these keys (all earlier, or padding) are skipped.
+            return lax.cond(jnp.max(pos_ref[pl.ds(i * block_q, block_q)]) >= first_key, add, lambda c: c, carry)
+
+        zeros = (jnp.zeros(kn_ref.shape[::2], jnp.float32), d_rope, jnp.zeros(v_ref.shape[::2], jnp.float32))
+        d_nope, d_rope, d_values = lax.fori_loop(0, pos_ref.shape[0] // block_q, query_block, zeros)
+        dkn_ref[:, h, :] = d_nope.astype(dkn_ref.dtype)
+        dv_ref[:, h, :] = d_values.astype(dv_ref.dtype)
+        return d_rope
+
+    dkr_ref[...] = lax.fori_loop(0, num_heads, head, jnp.zeros(kr_ref.shape, jnp.float32)).astype(dkr_ref.dtype)
+
+
+def _query_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, lse_ref, delta_ref,
+                        dqn_ref, dqr_ref, *, scale: float, block_k: int, num_keys: int, precision):
+    # One head's block of queries, as the forward: qn_ref [Bq, N], qr_ref [Bq, P], kn_ref [S, N], kr_ref [S, P],
+    # v_ref [S, V], pos_ref, lse_ref, delta_ref [Bq], do_ref [Bq, V] -> dqn_ref [Bq, N], dqr_ref [Bq, P].
+    positions = pos_ref[...]
+    q_nope, q_rope, d_out = qn_ref[...], qr_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    dtype = kn_ref.dtype
+
+    def key_block(j, carry):
+        d_nope, d_rope = carry
+        keys = pl.ds(j * block_k, block_k)
+        k_nope, k_rope = kn_ref[keys, :], kr_ref[keys, :]
+        logits = (_dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)) * scale
+        visible = _visible(positions, j * block_k, block_k, num_keys)
+        probs = jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse[:, None], 0.0)), 0.0)
+        d_logits = (probs * (_dot(d_out, v_ref[keys, :], precision) - delta[:, None]) * scale).astype(dtype)
+        return (d_nope + _dot(d_logits, k_nope, precision, transpose_b=False),
+                d_rope + _dot(d_logits, k_rope, precision, transpose_b=False))
+
+    init = (jnp.zeros(qn_ref.shape, jnp.float32), jnp.zeros(qr_ref.shape, jnp.float32))
+    d_nope, d_rope = lax.fori_loop(0, _blocks_to_walk(positions, block_k, num_keys), key_block, init)
+    dqn_ref[...] = d_nope.astype(dqn_ref.dtype)
+    dqr_ref[...] = d_rope.astype(dqr_ref.dtype)
+
+
+def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_out, d_lse, *, scale, interpret,
+              block_q, block_k, num_warps):
+    """Flash-attention backward: d_logits = p (dO . v - delta) with delta = rowsum(dO * out) - d_lse (the lse's
+    cotangent adds p d_lse), recomputing p from the saved lse. Two kernels: per key block (all heads, so that the
+    rope key's gradient sums over heads in registers) d_k and d_v; per (head, query block) d_q."""
+    (batch, num_q, heads, n), num_keys = q_nope.shape, k_nope.shape[1]
+    p, v = q_rope.shape[-1], values.shape[-1]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [B,T,H]
+    qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
+    heads_p = next_pow2(heads)
+    t_p, s_p, n_p, p_p, v_p = qn.shape[1], kn.shape[1], qn.shape[-1], qr.shape[-1], dot_size(v)
+    vals = pad_axis(pad_axis(values, 3, v_p), 1, s_p)
+    d_o = pad_axis(pad_axis(d_out.astype(values.dtype), 3, v_p), 1, t_p)
+    # lse and delta as [B,H,T]; padded queries get lse +inf (p = 0) and are skipped anyway (position -1)
+    lse_t = pad_axis(jnp.moveaxis(lse, 2, 1), 2, t_p, jnp.inf)
+    delta_t = pad_axis(jnp.moveaxis(delta, 2, 1), 2, t_p)
+    precision = _precision(q_nope.dtype)
+    params = None if interpret else compiler_params(num_warps, num_stages=2)
+
+    # Key gradients: the heads are a block dimension here (a power of two for Triton; padded heads never read).
+    qn_h, qr_h, kn_h, vals_h, d_o_h = (pad_axis(x, 2, heads_p) for x in (qn, qr, kn, vals, d_o))
+    lse_h, delta_h = pad_axis(lse_t, 1, heads_p, jnp.inf), pad_axis(delta_t, 1, heads_p)
+    whole_q = lambda width: pl.BlockSpec((None, t_p, heads_p, width), lambda b, j: (b, 0, 0, 0))  # noqa: E731
+    key_block = lambda width: pl.BlockSpec((None, block_k, heads_p, width), lambda b, j: (b, j, 0, 0))  # noqa: E731
+    per_head_q = pl.BlockSpec((None, heads_p, t_p), lambda b, j: (b, 0, 0))
+    dkn, dkr, dv = pl.pallas_call(
+        functools.partial(_key_grads_kernel, scale=scale, num_heads=heads, block_q=block_q, num_keys=num_keys,
+                          precision=precision),
+        grid=(batch, s_p // block_k),
+        in_specs=[whole_q(n_p), whole_q(p_p), key_block(n_p), pl.BlockSpec((None, block_k, p_p),
+                                                                            lambda b, j: (b, j, 0)),
+                  key_block(v_p), pl.BlockSpec((None, t_p), lambda b, j: (b, 0)), whole_q(v_p), per_head_q,
+                  per_head_q],
+        out_specs=[key_block(n_p), pl.BlockSpec((None, block_k, p_p), lambda b, j: (b, j, 0)), key_block(v_p)],
+        out_shape=[jax.ShapeDtypeStruct(kn_h.shape, k_nope.dtype), jax.ShapeDtypeStruct(kr.shape, k_rope.dtype),
+                   jax.ShapeDtypeStruct(vals_h.shape, values.dtype)],
+        interpret=interpret, compiler_params=params, name="dense_attention_key_grads",
+    )(qn_h, qr_h, kn_h, kr, vals_h, positions, d_o_h, lse_h, delta_h)
+
+    # Query gradients: one program per (head, block of queries), walking the keys it sees.
+    def q_spec(width):
+        return pl.BlockSpec((None, block_q, None, width), lambda b, h, i: (b, i, h, 0))
+
+    def k_spec(width):
+        return pl.BlockSpec((None, s_p, None, width), lambda b, h, i: (b, 0, h, 0))
+
+    def row_spec():
+        return pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+    dqn, dqr = pl.pallas_call(
+        functools.partial(_query_grads_kernel, scale=scale, block_k=block_k, num_keys=num_keys,
+                          precision=precision),
+        grid=(batch, heads, t_p // block_q),
+        in_specs=[q_spec(n_p), q_spec(p_p), k_spec(n_p), pl.BlockSpec((None, s_p, p_p), lambda b, h, i: (b, 0, 0)),
+                  k_spec(v_p), pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)), q_spec(v_p), row_spec(),
+                  row_spec()],
+        out_specs=[q_spec(n_p), q_spec(p_p)],
+        out_shape=[jax.ShapeDtypeStruct(qn.shape, q_nope.dtype), jax.ShapeDtypeStruct(qr.shape, q_rope.dtype)],
+        interpret=interpret, compiler_params=params, name="dense_attention_query_grads",
+    )(qn, qr, kn, kr, vals, positions, d_o, lse_t, delta_t)
+    return (dqn[:, :num_q, :, :n], dqr[:, :num_q, :, :p], dkn[:, :num_keys, :heads, :n],
+            dkr[:, :num_keys, :p], dv[:, :num_keys, :heads, :v])
 
 
 def _attention_bwd(scale, interpret, block_q, block_k, num_warps, residuals, cotangents):
-    # The reference's backward: it materialises [B,H,T,S] (module docstring says who needs it).
-    *inputs, q_positions = residuals
-    _, vjp = jax.vjp(lambda *x: dense_attention_reference(*x, q_positions, scale=scale, return_lse=True), *inputs)
-    return (*vjp(cotangents), None)
+    *inputs, q_positions, out, lse = residuals
+    d_out, d_lse = cotangents
+    grads = _backward(*inputs, q_positions, out, lse, d_out, d_lse, scale=scale, interpret=interpret,
+                      block_q=block_q, block_k=block_k, num_warps=num_warps)
+    return (*grads, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -205,7 +337,7 @@ def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, 
                            interpret: bool = False, return_lse: bool = False, block_q: int = BLOCK_Q,
                            block_k: int = BLOCK_K, num_warps: int = NUM_WARPS):
     """Inputs and outputs as `dense_attention_reference` (out in the dtype of values; lse f32[B,T,H]).
-    Differentiable in every input but q_positions, by the reference's backward (module docstring)."""
+    Differentiable in every input but q_positions, by the backward kernels (module docstring)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
     out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, float(scale), bool(interpret),
                           int(block_q), int(block_k), int(num_warps))

@@ -202,8 +202,8 @@ def dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scal
     """Causal dense MLA attention in its training form (`dense_attention_reference`): q_nope [B,T,H,N], q_rope
     [B,T,H,P], k_nope [B,S,H,N], k_rope [B,S,P], values [B,S,H,V], q_positions int[B,T] (key s is visible to query
     t when s <= q_positions[b,t]) -> out [B,T,H,V], or with return_lse (out, lse f32[B,T,H]), which
-    `dense_attention_distribution` takes; both differentiable. The kernels never store the [B,H,T,S] logits (their
-    backward is the reference's); mask bool[B,T,S] (also hide where False) runs the reference."""
+    `dense_attention_distribution` takes; both differentiable. The kernels never store the [B,H,T,S] logits (nor
+    does their backward); mask bool[B,T,S] (also hide where False) runs the reference."""
     impl = kernels_of(impl).impl
     if impl == "reference" or mask is not None:
         return dense_attention_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,

@@ -3,7 +3,8 @@
 For each context S: a chunk of --chunk queries ending at S (the chunk with the most keys, as `query_chunk` gives the
 last one) and, with --layer, a whole causal layer as chunks; the flash forward (output + lse) and the head-averaged
 distribution given that lse, per tiling in --tiles. Rates count visible (query, key) pairs only:
-forward 2 x H x (N + P + V) FLOP per pair, distribution 2 x H x (N + P). Where the XLA reference fits
+forward 2 x H x (N + P + V) FLOP per pair, distribution 2 x H x (N + P); with --backward the dense stage's
+backward too (alone: the saved output and lse given). Where the XLA reference fits
 (--reference-up-to) it is timed too, on the same chunk, and the kernels are checked against it.
 
     python scripts/bench_dense.py --contexts 8192 32768 131072 --json docs/bench_dense_h100_DATE.json
@@ -76,6 +77,12 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool) -> dict:
     if num_keys <= args.reference_up_to:
         reference = jax.jit(functools.partial(dense_attention_with_distribution_reference, scale=scale))
         record["reference_ms"] = round(timed(reference, *x, repeats=args.repeats) * 1e3, 3)
+    if args.backward:  # the dense stage's: d_q, d_k, d_v of the output (the two backward kernels)
+        d_out = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
+        _, vjp = jax.vjp(lambda *a: forward(*a, x[5])[0], *x[:5])  # the forward runs here, once
+        t_backward = timed(jax.jit(lambda vjp, d_out: vjp(d_out)), vjp, d_out, repeats=args.repeats)
+        record.update(backward_ms=round(t_backward * 1e3, 3),
+                      backward_tflops=round(pairs * 2 * args.heads * (4 * (n + p) + 3 * v) / t_backward / 1e12, 1))
     return record
 
 
@@ -109,6 +116,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
     parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backward", action="store_true",
+                        help="also time the backward (FLOPs counted as executed: 2 x H x (4 (N + P) + 3 V) per pair)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (any platform; slow)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -107,11 +107,13 @@ def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
     spec.loader.exec_module(bench_dense)
     out = tmp_path / "dense.json"
     runs = bench_dense.main(["--interpret", "--heads", "4", "--widths", "16", "16", "16", "--contexts", "96",
-                             "--chunk", "32", "--tiles", "32,32,4", "--layer", "--repeats", "1", "--json", str(out)])
+                             "--chunk", "32", "--tiles", "32,32,4", "--layer", "--backward", "--repeats", "1", "--json",
+                             str(out)])
     chunk, layer = runs
     assert (chunk["keys"], chunk["queries"], chunk["first_position"]) == (96, 32, 64)
     assert chunk["out_rel_err"] < 2e-2 and chunk["dist_rel_err"] < 2e-2
     assert chunk["forward_ms"] > 0 and chunk["distribution_ms"] > 0 and chunk["reference_ms"] > 0
+    assert chunk["backward_ms"] > 0
     assert layer["whole_layer"] and layer["forward_ms"] >= chunk["forward_ms"]
     assert bench_dense.visible_pairs(64, 32) == 32 * 65 + 32 * 31 // 2
     assert json.loads(out.read_text())["runs"] == runs

@@ -1,11 +1,13 @@
 """The dense stages' attention kernels (`pallas_kernels.dense_attention`) against the float32 reference: the causal
-output and each head's log-sum-exp, the head-averaged distribution given that lse, the gradients (the reference's
-backward behind the kernel's forward), and the dispatch (one call for output and target, the target constant, a
-mask sent to the reference; the lse kept by rematerialisation). Interpret mode on CPU; on a GPU also the compiled kernels.
+output and each head's log-sum-exp, the head-averaged distribution given that lse, the gradients (the backward
+kernels; bf16 too), and the dispatch (the attention with its lse, then the constant target; a mask sent to the
+reference; the lse kept by rematerialisation). Interpret mode on CPU; on a GPU also the compiled kernels.
 
 Ragged on purpose: queries and keys not multiples of the blocks, a chunk of queries whose positions start inside
 the keys (as `query_chunk` gives), padded queries with position -1 (nothing visible), head counts and widths that
 are not powers of two, batch 2."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -93,14 +95,19 @@ def test_padded_queries_see_nothing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gradients_equal_reference(impl):
-    """Output and lse are differentiable in every input but the positions (the reference's backward)."""
-    inputs = _inputs(SHAPES[0], jnp.float32, seed=1)
-    cot_out, cot_lse = (jax.random.normal(jax.random.key(7), x.shape) for x in _want(inputs)[:2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_equal_reference(impl, shape):
+    """Output and lse are differentiable in every input but the positions, by the backward kernels (the key
+    gradients per key block over all heads, the query gradients per head and query block); a padded query
+    (position -1) contributes nothing, and keys no query sees get zero gradients."""
+    inputs = list(_inputs(shape, jnp.float32, seed=1))
+    inputs[5] = inputs[5].at[:, 1].set(-1)
+    cot_out, cot_lse = (jax.random.normal(jax.random.key(7), x.shape) for x in _want(tuple(inputs))[:2])
+    cot_lse = jnp.where(inputs[5][..., None] >= 0, cot_lse, 0.0)  # the padded query's lse is -inf
 
     def loss(fn, *x):
         out, lse = fn(*x, inputs[5])
-        return jnp.sum(out * cot_out) + jnp.sum(lse * cot_lse)
+        return jnp.sum(out * cot_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * cot_lse)
 
     def kernel(*x):
         return dense_attention_pallas(*x, scale=SCALE, interpret=impl == "interpret", return_lse=True, **TILES)
@@ -112,6 +119,25 @@ def test_gradients_equal_reference(impl):
         want = jax.grad(lambda *x: loss(reference, *x), argnums=range(5))(*inputs[:5])
     for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, want, strict=True):
         assert rel_err(g, w) < (1e-5 if impl == "interpret" else 2e-3), name
+    assert np.all(np.asarray(got[0][:, 1]) == 0) and np.all(np.asarray(got[1][:, 1]) == 0)
+    unseen = int(np.max(np.asarray(inputs[5]))) + 1
+    assert np.all(np.asarray(got[2][:, unseen:]) == 0) and np.all(np.asarray(got[4][:, unseen:]) == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_gradients_equal_the_float32_reference(impl):
+    inputs = _inputs(SHAPES[1], jnp.bfloat16, seed=5)
+    cot = jax.random.normal(jax.random.key(8), _want(inputs)[0].shape)
+
+    def loss(fn, *x):
+        return jnp.sum(fn(*x, inputs[5]).astype(jnp.float32) * cot)
+    got = jax.grad(lambda *x: loss(functools.partial(dense_attention_pallas, scale=SCALE, interpret=impl ==
+                                                     "interpret", **TILES), *x), argnums=range(5))(*inputs[:5])
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda *x: loss(functools.partial(dense_attention_reference, scale=SCALE), *x),
+                        argnums=range(5))(*_f32(inputs[:5]))
+    for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, want, strict=True):
+        assert rel_err(g, w) < 3e-2, name
 
 
 @pytest.mark.parametrize("impl", IMPLS)
