@@ -15,6 +15,7 @@ One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import pathlib
@@ -125,7 +126,8 @@ def main(argv=None) -> list[dict]:
     for text in args.tiles:
         block_q, block_k, warps = (int(x) for x in text.split(","))
         tilings.append(dict(block_q=block_q, block_k=block_k, num_warps=warps))
-    header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "argv": sys.argv[1:] if argv is None else argv}
+    header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+              "argv": sys.argv[1:] if argv is None else list(argv)}
     print(json.dumps(header), flush=True)
     results = []
     for num_keys in args.contexts:

@@ -116,4 +116,5 @@ def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
     assert chunk["backward_ms"] > 0
     assert layer["whole_layer"] and layer["forward_ms"] >= chunk["forward_ms"]
     assert bench_dense.visible_pairs(64, 32) == 32 * 65 + 32 * 31 // 2
-    assert json.loads(out.read_text())["runs"] == runs
+    written = json.loads(out.read_text())
+    assert written["runs"] == runs and written["header"]["date"]
