@@ -38,9 +38,14 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
 
-BLOCK_Q = 64  # queries per program
-BLOCK_K = 64  # keys per step (forward) and per program (distribution)
-NUM_WARPS = 4
+# Tiles (queries per program, keys per step or program, warps), one per kernel, chosen on an H100 at DeepSeek-V3.2's
+# shapes (128 heads, 128 + 64 -> 128; scripts/bench_dense.py, docs/BENCHMARKS.md 2026-12-05). Forward, last chunk of
+# 1024 queries at 128K keys: 36.4 ms with 128x128 (8 warps) vs 47.6 ms with 64x64 (4). The distribution is best at
+# 64x64: 24.1 vs 27.7 ms. The backward at 32K: 34.2 ms with 128x64 (8) vs 42.2 ms with 64x64; 128x128 needs more
+# shared memory than the H100 has.
+FORWARD_TILES = (128, 128, 8)
+BACKWARD_TILES = (128, 64, 8)
+DISTRIBUTION_TILES = (64, 64, 4)
 
 
 def _dot(a, b, precision, transpose_b: bool = True):
@@ -148,6 +153,18 @@ def _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q: int, block_k: 
     return q_nope, q_rope, k_nope, k_rope, q_positions
 
 
+def _tiles(tiles, name: str) -> tuple[int, int, int]:
+    """(block_q, block_k, num_warps) as ints; Triton's tiles are powers of two of at least 16."""
+    try:
+        block_q, block_k, num_warps = (int(t) for t in tiles)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (block_q, block_k, num_warps), got {tiles!r}") from None
+    if any(t < 16 or t & (t - 1) for t in (block_q, block_k)) or num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"{name}: block_q and block_k must be powers of two >= 16 and num_warps a power of two, "
+                         f"got {tiles!r}")
+    return block_q, block_k, num_warps
+
+
 def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
@@ -179,16 +196,15 @@ def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpr
     return out[:, :num_q, :, :value_dim], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k, num_warps):
-    return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
-                    num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_tiles,
+               backward_tiles):
+    return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, *forward_tiles)
 
 
-def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
-                   num_warps):
-    out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k,
-                        num_warps)
+def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_tiles,
+                   backward_tiles):
+    out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, *forward_tiles)
     return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
 
 
@@ -322,9 +338,10 @@ def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_o
             dkr[:, :num_keys, :p], dv[:, :num_keys, :heads, :v])
 
 
-def _attention_bwd(scale, interpret, block_q, block_k, num_warps, residuals, cotangents):
+def _attention_bwd(scale, interpret, forward_tiles, backward_tiles, residuals, cotangents):
     *inputs, q_positions, out, lse = residuals
     d_out, d_lse = cotangents
+    block_q, block_k, num_warps = backward_tiles
     grads = _backward(*inputs, q_positions, out, lse, d_out, d_lse, scale=scale, interpret=interpret,
                       block_q=block_q, block_k=block_k, num_warps=num_warps)
     return (*grads, None)
@@ -334,23 +351,26 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
-                           interpret: bool = False, return_lse: bool = False, block_q: int = BLOCK_Q,
-                           block_k: int = BLOCK_K, num_warps: int = NUM_WARPS):
+                           interpret: bool = False, return_lse: bool = False,
+                           tiles: tuple[int, int, int] = FORWARD_TILES,
+                           backward_tiles: tuple[int, int, int] = BACKWARD_TILES):
     """Inputs and outputs as `dense_attention_reference` (out in the dtype of values; lse f32[B,T,H]).
-    Differentiable in every input but q_positions, by the backward kernels (module docstring)."""
+    Differentiable in every input but q_positions, by the backward kernels (module docstring). `tiles` and
+    `backward_tiles` are (block_q, block_k, num_warps) of the forward and of the two backward kernels."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
     out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, float(scale), bool(interpret),
-                          int(block_q), int(block_k), int(num_warps))
+                          _tiles(tiles, "tiles"), _tiles(backward_tiles, "backward_tiles"))
     return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_q", "block_k", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "tiles"))
 def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, *, scale: float,
-                                        interpret: bool = False, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                                        num_warps: int = NUM_WARPS):
+                                        interpret: bool = False, tiles: tuple[int, int, int] = DISTRIBUTION_TILES):
     """The head-averaged distribution f32[B,T,S] given the attention's lse f32[B,T,H] (`dense_attention_pallas(...,
-    return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP)."""
+    return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP). `tiles` is (block_q,
+    block_k, num_warps)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, lse=lse)
+    block_q, block_k, num_warps = _tiles(tiles, "tiles")
     (batch, num_q, heads, _), num_keys = q_nope.shape, k_nope.shape[1]
     qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
     # The heads are a block dimension here, which Triton wants a power of two; the padded heads are never read.

@@ -28,7 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_kernels import rel_err, timed  # noqa: E402
-from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas  # noqa: E402
+from pallas_kernels.dense_attention import (  # noqa: E402
+    BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES, dense_attention_distribution_pallas, dense_attention_pallas)
 from pallas_kernels.dense_attention_reference import dense_attention_with_distribution_reference  # noqa: E402
 
 
@@ -49,10 +50,11 @@ def visible_pairs(first_position: int, num_q: int) -> int:
 
 
 def kernels(tiles: dict, scale: float, interpret: bool):
+    """The forward (with its backward) and the distribution, each at `tiles`' (block_q, block_k, num_warps) for it."""
     forward = jax.jit(functools.partial(dense_attention_pallas, scale=scale, return_lse=True, interpret=interpret,
-                                        **tiles))
+                                        tiles=tuple(tiles["forward"]), backward_tiles=tuple(tiles["backward"])))
     distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
-                                             **tiles))
+                                             tiles=tuple(tiles["distribution"])))
     return forward, distribution
 
 
@@ -112,8 +114,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--chunk", type=int, default=1024, help="queries per chunk (the job's query_chunk)")
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--widths", type=int, nargs=3, default=[128, 64, 128], metavar=("N", "P", "V"))
-    parser.add_argument("--tiles", nargs="+", default=["64,64,4"],
-                        help="block_q,block_k,num_warps per tiling, e.g. 64,64,4 128,64,8")
+    parser.add_argument("--tiles", nargs="+", default=["default"],
+                        help="block_q,block_k,num_warps per tiling for all three kernels, e.g. 64,64,4 128,64,8; "
+                             "'default': each kernel's own (FORWARD_TILES, BACKWARD_TILES, DISTRIBUTION_TILES)")
     parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
     parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
     parser.add_argument("--repeats", type=int, default=3)
@@ -124,8 +127,12 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     tilings = []
     for text in args.tiles:
-        block_q, block_k, warps = (int(x) for x in text.split(","))
-        tilings.append(dict(block_q=block_q, block_k=block_k, num_warps=warps))
+        if text == "default":
+            tilings.append(dict(forward=list(FORWARD_TILES), backward=list(BACKWARD_TILES),
+                                distribution=list(DISTRIBUTION_TILES)))
+        else:  # one tiling for all three kernels (lists: the records are JSON)
+            tile = [int(x) for x in text.split(",")]
+            tilings.append(dict(forward=tile, backward=tile, distribution=list(tile)))
     header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     print(json.dumps(header), flush=True)

@@ -23,7 +23,9 @@ from pallas_kernels.dense_attention_reference import (dense_attention_distributi
 ON_GPU = jax.default_backend() == "gpu"
 IMPLS = ["interpret"] + (["pallas"] if ON_GPU else [])
 SCALE = 0.3
-TILES = dict(block_q=16, block_k=16)
+# Small shapes want small tiles; the forward's and the backward's differ, as their defaults do.
+TILES = dict(tiles=(32, 16, 4), backward_tiles=(16, 32, 4))
+DIST_TILES = dict(tiles=(16, 16, 4))
 # (B, T queries, S keys, H, N, P, V, position of the first query)
 SHAPES = [(2, 21, 50, 3, 8, 8, 12, 29),  # a last chunk: 21 queries ending at key 49, three key blocks and a part
           (1, 40, 40, 4, 16, 8, 16, 0),  # a whole causal sequence, queries over three blocks (the last partial)
@@ -67,7 +69,7 @@ def test_output_lse_and_distribution_equal_reference(impl, dtype, shape):
                                       **TILES)
     q_nope, q_rope, k_nope, k_rope, _, positions = inputs
     dist = dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, lse, scale=SCALE,
-                                               interpret=impl == "interpret", **TILES)
+                                               interpret=impl == "interpret", **DIST_TILES)
     want_out, want_lse, want_dist = _want(inputs)
     assert out.dtype == dtype and out.shape == want_out.shape and dist.shape == want_dist.shape
     tol = _tol(impl, dtype)
@@ -87,7 +89,7 @@ def test_padded_queries_see_nothing(impl):
     out, lse = dense_attention_pallas(*inputs, scale=SCALE, interpret=impl == "interpret", return_lse=True,
                                       **TILES)
     dist = dense_attention_distribution_pallas(*inputs[:4], inputs[5], lse, scale=SCALE,
-                                               interpret=impl == "interpret", **TILES)
+                                               interpret=impl == "interpret", **DIST_TILES)
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.isneginf(np.asarray(lse[:, 3])))
     assert np.all(np.asarray(dist[:, 3]) == 0)
     want_out, _, want_dist = _want(tuple(inputs))
@@ -189,21 +191,36 @@ def test_errors_name_the_offending_input():
     with pytest.raises(ValueError, match="lse"):
         dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, jnp.zeros((2, 21, 2)),
                                             scale=SCALE)
+    with pytest.raises(ValueError, match="backward_tiles"):
+        dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, positions, scale=SCALE,
+                               backward_tiles=(64, 48, 4))
+    with pytest.raises(ValueError, match="tiles"):
+        dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, jnp.zeros((2, 21, 3)),
+                                            scale=SCALE, tiles=(64, 64))
 
 
 @pytest.mark.gpu
 def test_compiled_kernels_at_deepseek_shapes():
-    """128 heads, widths 128 + 64 and values 128, bf16, default tiles: a chunk of 512 queries ending a context of
-    2048 keys, against the float32 reference."""
+    """128 heads, widths 128 + 64 and values 128, bf16, default tiles (each kernel's own): a chunk of 512 queries
+    ending a context of 2048 keys, against the float32 reference; the gradients too."""
     inputs = _inputs((1, 512, 2048, 128, 128, 64, 128, 1536), jnp.bfloat16)
     out, lse = pallas_kernels.dense_attention(*inputs, scale=(192 ** -0.5), impl="pallas", return_lse=True)
     dist = pallas_kernels.dense_attention_distribution(*inputs[:4], inputs[5], scale=(192 ** -0.5), lse=lse,
                                                        impl="pallas")
+    cot = jax.random.normal(jax.random.key(8), out.shape)
+
+    def loss(fn, *x):
+        return jnp.sum(fn(*x, inputs[5], scale=192 ** -0.5).astype(jnp.float32) * cot)
+    got = jax.grad(lambda *x: loss(functools.partial(pallas_kernels.dense_attention, impl="pallas"), *x),
+                   argnums=range(5))(*inputs[:5])
     with jax.default_matmul_precision("highest"):
         f32 = _f32(inputs)
         want_out, want_lse = dense_attention_reference(*f32, scale=192 ** -0.5, return_lse=True)
         want_dist = dense_attention_distribution_reference(*f32[:4], f32[5], scale=192 ** -0.5)
+        want = jax.grad(lambda *x: loss(dense_attention_reference, *x), argnums=range(5))(*f32[:5])
     assert rel_err(out, want_out) < 2e-2 and rel_err(dist, want_dist) < 2e-2
+    for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, want, strict=True):
+        assert rel_err(g, w) < 3e-2, name
 
 
 def _pallas_calls(jaxpr, name):
