@@ -132,7 +132,7 @@ def main(argv=None) -> list[dict]:
                                 distribution=list(DISTRIBUTION_TILES)))
         else:  # one tiling for all three kernels (lists: the records are JSON)
             tile = [int(x) for x in text.split(",")]
-            tilings.append(dict(forward=tile, backward=tile, distribution=list(tile)))
+            tilings.append(dict(forward=tile, backward=tile, distribution=tile))
     header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     print(json.dumps(header), flush=True)
