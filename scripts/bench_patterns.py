@@ -48,8 +48,8 @@ def main():
             start = time.perf_counter()
             jax.block_until_ready(fn(params, tokens, flags))
             times.append(time.perf_counter() - start)
-        rows.append({"pattern": str(pattern), "retention": pattern.retention, "median_ms": 1e3 * float(np.median(times)),
-                     "min_ms": 1e3 * min(times)})
+        rows.append({"pattern": str(pattern), "retention": pattern.retention,
+                     "median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * min(times)})
     base = rows[0]["median_ms"]
     device = jax.devices()[0].device_kind
     print(f"# forward, {device}, jax {jax.__version__}, {datetime.date.today()}, B={args.batch} T={args.seq}, "

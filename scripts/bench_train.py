@@ -20,7 +20,8 @@ Per (stage, T, remat, query chunk), one line of JSON:
 it is XLA's CPU buffer assignment of the kernels' buffers, which differs from the GPU's (sparse, 2 layers, chunks
 of 8192: 26.8 GB at 32K and 64.4 at 128K, where an H100 measured 25.0 and 44.0): compare CPU runs with each other.
 Stages: sparse (every layer Full), indexcache (the first layer Full, the rest Shared: one indexer serving all),
-dense_warmup (dense attention; the indexers distil the whole [T, T] distributions).
+dense_warmup (dense attention, main model frozen; the indexers distil the whole [T, T] distributions), dense
+(dense attention, the whole model trained: LM loss plus the indexers' distillation; its attention's backward runs).
 
     python scripts/bench_train.py --contexts 8192 32768 --stages sparse indexcache --remat none layer
     python scripts/bench_train.py --contexts 65536 --remat layer --query-chunks 0 8192
@@ -49,7 +50,7 @@ from indexcache_jax.model import init_params, pattern_flags  # noqa: E402
 from indexcache_jax.train.config import TrainConfig, apply_overrides  # noqa: E402
 from indexcache_jax.train.loop import make_optimizer, make_train_step, master_weights_config  # noqa: E402
 
-STAGES = ("sparse", "indexcache", "dense_warmup")
+STAGES = ("sparse", "indexcache", "dense_warmup", "dense")
 GB = 1e9
 
 

@@ -92,9 +92,10 @@ def test_train_bench_runs_the_job_step_and_layer_remat_needs_less_memory(tmp_pat
         assert abs(run["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"]), (plain, run)
         assert abs(run["loss"] - plain["loss"]) <= 1e-3, (plain, run)
         assert run["compiled_temp_bytes"] < 0.8 * plain["compiled_temp_bytes"], (plain, run)
-    compiled = bench_train.main(common + ["--stages", "sparse", "dense_warmup", "--remat", "layer", "--query-chunks",
-                                          "32", "--compile-only", "--impl", "reference"])
-    assert [(r["stage"], r["pattern"]) for r in compiled] == [("sparse", "FFF"), ("dense_warmup", "FFF")]
+    compiled = bench_train.main(common + ["--stages", "sparse", "dense_warmup", "dense", "--remat", "layer",
+                                          "--query-chunks", "32", "--compile-only", "--impl", "reference"])
+    assert [(r["stage"], r["pattern"]) for r in compiled] == [("sparse", "FFF"), ("dense_warmup", "FFF"),
+                                                              ("dense", "FFF")]
     assert all(r["compiled_temp_bytes"] > 0 and "step_ms" not in r for r in compiled)
     assert json.loads(out.read_text())["runs"] == runs
 

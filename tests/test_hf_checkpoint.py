@@ -377,7 +377,8 @@ def test_export_refuses_what_transformers_cannot_represent(tmp_path):
     shared = dataclasses.replace(config, indexcache=dataclasses.replace(config.indexcache, pattern="FSFF"))
     with pytest.raises(ValueError, match="deepseek_v32 runs every layer's indexer; pattern FSFF"):
         export_hf(tmp_path / "a", shared, params)
-    with pytest.raises(ValueError, match="glm_moe_dsa's indexer RoPE layout is interleaved, this model's is half_split"):
+    with pytest.raises(ValueError,
+                       match="glm_moe_dsa's indexer RoPE layout is interleaved, this model's is half_split"):
         export_hf(tmp_path / "b", config, params, model_type="glm_moe_dsa")
     odd_eps = dataclasses.replace(config, model=dataclasses.replace(config.model, latent_norm_eps=1e-5))
     with pytest.raises(ValueError, match="latent_norm_eps=1e-05, but transformers fixes it at 1e-06"):

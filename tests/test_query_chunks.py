@@ -10,6 +10,7 @@ without layer remat), the same prefill with a cache, less memory, the top-k not 
 recomputation, and a bad chunk named."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -47,6 +48,7 @@ def _kernel_inputs(shape):
                 pos=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
 
 
+@functools.partial(jax.jit, static_argnames=("impl", "r"))  # the three chunks share one shape: one compile
 def _query_side(x, idx, impl, r, cotangents):
     """Every query-side kernel on x's queries (against all keys) -> (outputs, the gradients (d_q_i, d_w, d_k_i, d_q,
     d_kv) of the differentiable ones' inner product with `cotangents`, [B, T, ...] like their outputs)."""

@@ -49,8 +49,10 @@ def test_greedy_search_finds_the_planted_pattern_and_compiles_once(planted):
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
     after_start = []
-    result = greedy_search(params, PLANTED, batches, min_full=1,
-                           progress=lambda line: after_start.append(len(compiles)) if line.startswith("start") else None)
+    def progress(line):
+        if line.startswith("start"):
+            after_start.append(len(compiles))
+    result = greedy_search(params, PLANTED, batches, min_full=1, progress=progress)
     patterns = [s.pattern for s in result.steps]
     assert patterns[0] == "FFFFFF"
     assert patterns[1:5] == ["FSFFFF", "FSSFFF", "FSSFSF", "FSSFSS"]  # the silent layers go first, lowest first

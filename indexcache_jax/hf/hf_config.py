@@ -65,7 +65,8 @@ def _rope(data: dict[str, Any], max_positions: int) -> tuple[float, Optional[Rop
                 if params.get(name) is not None}
     try:
         scaling = RopeScaling(factor=float(factor), original_max_position_embeddings=original,
-                              beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                              beta_fast=float(params.get("beta_fast") or 32),
+                              beta_slow=float(params.get("beta_slow") or 1),
                               truncate=bool(params.get("truncate", True)), **optional)
         scaling.validate(key)
     except ConfigError as err:
