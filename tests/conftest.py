@@ -6,6 +6,7 @@ import os
 import pathlib
 import tempfile
 
+import hypothesis
 import jax
 import numpy as np
 import pytest
@@ -31,6 +32,13 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    hypothesis.settings.load_profile("runslow" if config.getoption("--runslow") else "default_suite")
+
+
+# Property tests that leave max_examples to the profile compile a kernel per example (interpret mode): few by
+# default, to keep the suite within CI's time; `--runslow` draws more.
+hypothesis.settings.register_profile("default_suite", max_examples=6)
+hypothesis.settings.register_profile("runslow", max_examples=24)
 
 
 def pytest_addoption(parser):

@@ -51,7 +51,7 @@ def test_reference_treats_signed_zeros_as_a_tie():
     np.testing.assert_array_equal(topk_reference(scores, 2), [[0, 1]])
 
 
-@settings(max_examples=12, deadline=None)
+@settings(deadline=None)  # examples: the conftest's hypothesis profile (more with --runslow)
 @given(st.integers(1, 4), st.integers(1, 700), st.data())
 def test_topk_kernel_equals_reference(rows, keys, data):
     k = data.draw(st.integers(1, keys))

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import indexcache_jax.block as block
+import indexcache_jax.model as model
 import pallas_kernels
-from conftest import rel_err
+from conftest import SMALL as SMALL_MODEL, rel_err
 from indexcache_jax import init_params
 from indexcache_jax.cache import init_cache
 from indexcache_jax.inference import prefill
@@ -234,13 +235,25 @@ def _compiled_gradient(config, params, tokens, remat, query_chunk, attention="sp
     return jax.jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
 
 
+@functools.cache
+def _dense_ffn_gradient(length: int, remat: str, query_chunk: int, attention: str = "sparse"):
+    """The compiled gradient of the dense-FFN model (seed 1, batch 2) at `length` tokens, compiled once for the
+    module: the memory and op-count tests below read the same programs (the suite is bound by XLA's compiles).
+    Not for a test that patches what the model saves: that one must compile afresh."""
+    config = _dense_ffn_config()
+    return _compiled_gradient(config, init_params(config, seed=1), _tokens(config, 2, length), remat, query_chunk,
+                              attention)
+
+
+def _dense_ffn_config():
+    return dataclasses.replace(SMALL_MODEL, moe=None)
+
+
 @cpu_compile_only
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
-def test_query_chunks_lower_the_memory_of_the_backward_pass(dense_config, attention):
-    params = init_params(dense_config, seed=1)
-    tokens = _tokens(dense_config, 2, 128)
-    temp = {(remat, chunk): _compiled_gradient(dense_config, params, tokens, remat, chunk, attention)
-            .memory_analysis().temp_size_in_bytes for remat in ("none", "layer") for chunk in (0, 16)}
+def test_query_chunks_lower_the_memory_of_the_backward_pass(attention):
+    temp = {(remat, chunk): _dense_ffn_gradient(128, remat, chunk, attention).memory_analysis().temp_size_in_bytes
+            for remat in ("none", "layer") for chunk in (0, 16)}
     assert temp["none", 16] < 0.5 * temp["none", 0], temp
     assert temp["layer", 16] < 0.7 * temp["layer", 0], temp
 
@@ -257,34 +270,37 @@ def test_dense_warm_up_distillation_memory_grows_linearly_with_the_sequence(dens
     assert temp[512] < 2.3 * temp[256], temp
 
 
-@cpu_compile_only
-def test_query_chunks_keep_the_top_k_instead_of_selecting_again(dense_config, monkeypatch):
-    """Counted in the compiled gradient (dense FFN: the indexer's is the only top-k; 32 queries in 4 whole chunks,
-    so the chunks are one loop body): one top-k, as without chunks; with the indices not kept it is two."""
-    params = init_params(dense_config, seed=1)
-    tokens = _tokens(dense_config, 2, 32)
-
-    def top_k_ops(query_chunk):
-        jax.clear_caches()
-        return len(re.findall(r"\bTopK\b|topk\(|custom_call_target=\"TopK\"", _compiled_gradient(
-            dense_config, params, tokens, "none", query_chunk).as_text()))
-
-    assert top_k_ops(0) == top_k_ops(8) == 1
-    monkeypatch.setattr(block, "SAVED_BY_CHUNK_REMAT", ())
-    assert top_k_ops(8) == 2
+def _top_k_ops(compiled) -> int:
+    return len(re.findall(r"\bTopK\b|topk\(|custom_call_target=\"TopK\"", compiled.as_text()))
 
 
 @cpu_compile_only
-def test_chunks_inside_layer_remat_run_forward_twice_not_three_times(dense_config):
+def test_layer_remat_and_query_chunks_keep_the_top_k_instead_of_selecting_again(monkeypatch):
+    """Counted in the compiled gradient (dense FFN: the indexer's is the only top-k; 128 queries in 8 whole chunks
+    of 16, so the chunks are one loop body): one top-k, as many with layer remat or chunks as with neither. With the
+    indices not saved (by the layers' or the chunks' rematerialisation) the recomputation selects again."""
+    assert _top_k_ops(_dense_ffn_gradient(128, "none", 0)) == 1
+    assert _top_k_ops(_dense_ffn_gradient(128, "layer", 0)) == 1
+    assert _top_k_ops(_dense_ffn_gradient(128, "none", 16)) == 1
+    config = _dense_ffn_config()
+    params, tokens = init_params(config, seed=1), _tokens(config, 2, 128)
+    for module, name, remat, chunk in ((model, "SAVED_BY_LAYER_REMAT", "layer", 0),
+                                       (block, "SAVED_BY_CHUNK_REMAT", "none", 16)):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, ())
+            jax.clear_caches()  # trace afresh: the patched policy is read while tracing
+            assert _top_k_ops(_compiled_gradient(config, params, tokens, remat, chunk)) == 2, name
+    jax.clear_caches()
+
+
+@cpu_compile_only
+def test_chunks_inside_layer_remat_run_forward_twice_not_three_times():
     """Counted as dot ops in the compiled gradient: layer remat with chunks has no more than layer remat alone. A
     third forward pass of the chunks (the layer's recomputation running them again) would add every dot of a
     chunk (the queries, the indexer, the attention and the FFN)."""
-    params = init_params(dense_config, seed=1)
-    tokens = _tokens(dense_config, 2, 64)
 
     def dots(remat, query_chunk):
-        return len(re.findall(r"= \S+ dot\(", _compiled_gradient(dense_config, params, tokens, remat,
-                                                                 query_chunk).as_text()))
+        return len(re.findall(r"= \S+ dot\(", _dense_ffn_gradient(128, remat, query_chunk).as_text()))
 
     per_chunk = dots("none", 16) - dots("none", 0)  # the chunks' loop body: its own copy of every dot
     assert per_chunk >= 8

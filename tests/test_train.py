@@ -191,14 +191,22 @@ def _initial_params(config):
 
 
 def test_corrupt_latest_checkpoint_is_skipped_and_kept(tmp_path, caplog):
-    settings = ("steps=8", "checkpoint.every_steps=4", "log.eval_every_steps=100")
-    train(_job(*settings, "steps=8"), tmp_path)
-    latest = tmp_path / "checkpoints" / "8"
-    for path in latest.rglob("*"):
-        if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
-            path.write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING):
-        result = train(_job("steps=9", "checkpoint.every_steps=4", "log.eval_every_steps=100"), tmp_path)
+    """... and the resumed run compiles the step for the same argument types and placements as the fresh one (a
+    restored state is committed to its device, a fresh one was not: two programs, and a persistent compilation
+    cache could not serve a restart)."""
+    settings = ("steps=9", "checkpoint.every_steps=4", "log.eval_every_steps=100")  # the resume test's schedule
+    compiled = []
+    for run in ("fresh", "resumed"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+            result = train(_job(*settings), tmp_path, max_steps_this_run=8 if run == "fresh" else None)
+        compiled.append([r.getMessage() for r in caplog.records
+                         if r.getMessage().startswith("Compiling jit(train_step)")])
+        if run == "fresh":
+            for path in (tmp_path / "checkpoints" / "8").rglob("*"):
+                if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
+                    path.write_bytes(b"garbage")
+    assert len(compiled[0]) == 1 and compiled[1] == compiled[0], compiled
     assert "checkpoint step 8" in caplog.text and "cannot be restored" in caplog.text
     assert len(result.losses) == 5  # steps 5..9 after resuming from step 4
     assert (tmp_path / "corrupt" / "8").exists()  # moved aside, not deleted

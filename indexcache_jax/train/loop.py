@@ -302,6 +302,9 @@ def train(config: TrainConfig, run_dir: Optional[str] = None, *, impl: ImplArg =
     if restored is not None:
         step, params, opt_state = restored
         print(f"resumed from {run_dir / 'checkpoints'} at step {step}", file=out, flush=True)
+    # Orbax restores arrays committed to a device and a fresh state is uncommitted: jit compiles a different program
+    # for each, so a persistent compilation cache filled by the first run would not serve its restart. Commit both.
+    params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
 
     train_step = make_train_step(config, model_config, optimizer, impl=config.kernels)
     eval_step = make_eval_step(config, model_config, impl=config.kernels)
