@@ -75,10 +75,13 @@ def small_params(small_config):
     return init_params(small_config, seed=0)
 
 
+DENSE = dataclasses.replace(SMALL, moe=None)
+
+
 @pytest.fixture(scope="session")
 def dense_config() -> ModelConfig:
     """The small model with a dense FFN in every layer (one layer run, no MoE)."""
-    return dataclasses.replace(SMALL, moe=None)
+    return DENSE
 
 
 def rel_err(a, b) -> float:

@@ -72,7 +72,7 @@ def test_timed_steady_runs_for_its_warm_up_before_timing_and_times_the_calls(ben
     assert 0.004 <= seconds < 0.02
 
 
-def test_train_bench_runs_the_job_step_and_layer_remat_needs_less_memory(tmp_path):
+def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_path):
     """scripts/bench_train.py on the tiny config: each query chunk's run compiles and times the job's step; chunks
     train the same (same loss after the same steps) with less compiled memory than none; the JSON file holds what
     was printed. The other stages' patterns with layer remat, compiled only (--impl reference). (The job's step

@@ -21,7 +21,7 @@ import pytest
 import indexcache_jax.block as block
 import indexcache_jax.model as model
 import pallas_kernels
-from conftest import SMALL as SMALL_MODEL, rel_err
+from conftest import DENSE, rel_err
 from indexcache_jax import init_params
 from indexcache_jax.cache import init_cache
 from indexcache_jax.inference import prefill
@@ -240,13 +240,8 @@ def _dense_ffn_gradient(length: int, remat: str, query_chunk: int, attention: st
     """The compiled gradient of the dense-FFN model (seed 1, batch 2) at `length` tokens, compiled once for the
     module: the memory and op-count tests below read the same programs (the suite is bound by XLA's compiles).
     Not for a test that patches what the model saves: that one must compile afresh."""
-    config = _dense_ffn_config()
-    return _compiled_gradient(config, init_params(config, seed=1), _tokens(config, 2, length), remat, query_chunk,
+    return _compiled_gradient(DENSE, init_params(DENSE, seed=1), _tokens(DENSE, 2, length), remat, query_chunk,
                               attention)
-
-
-def _dense_ffn_config():
-    return dataclasses.replace(SMALL_MODEL, moe=None)
 
 
 @cpu_compile_only
@@ -282,14 +277,13 @@ def test_layer_remat_and_query_chunks_keep_the_top_k_instead_of_selecting_again(
     assert _top_k_ops(_dense_ffn_gradient(128, "none", 0)) == 1
     assert _top_k_ops(_dense_ffn_gradient(128, "layer", 0)) == 1
     assert _top_k_ops(_dense_ffn_gradient(128, "none", 16)) == 1
-    config = _dense_ffn_config()
-    params, tokens = init_params(config, seed=1), _tokens(config, 2, 128)
+    params, tokens = init_params(DENSE, seed=1), _tokens(DENSE, 2, 128)
     for module, name, remat, chunk in ((model, "SAVED_BY_LAYER_REMAT", "layer", 0),
                                        (block, "SAVED_BY_CHUNK_REMAT", "none", 16)):
         with monkeypatch.context() as patch:
             patch.setattr(module, name, ())
             jax.clear_caches()  # trace afresh: the patched policy is read while tracing
-            assert _top_k_ops(_compiled_gradient(config, params, tokens, remat, chunk)) == 2, name
+            assert _top_k_ops(_compiled_gradient(DENSE, params, tokens, remat, chunk)) == 2, name
     jax.clear_caches()
 
 

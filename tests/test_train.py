@@ -191,9 +191,9 @@ def _initial_params(config):
 
 
 def test_corrupt_latest_checkpoint_is_skipped_and_kept(tmp_path, caplog):
-    """... and the resumed run compiles the step for the same argument types and placements as the fresh one (a
-    restored state is committed to its device, a fresh one was not: two programs, and a persistent compilation
-    cache could not serve a restart)."""
+    """The newest checkpoint, unreadable, is moved aside and the run resumes from the one before; the resumed run
+    compiles the step for the same argument types and placements as the fresh one (a restored state is committed to
+    its device, a fresh one was not: two programs, and a persistent compilation cache could not serve a restart)."""
     settings = ("steps=9", "checkpoint.every_steps=4", "log.eval_every_steps=100")  # the resume test's schedule
     compiled = []
     for run in ("fresh", "resumed"):
