@@ -22,6 +22,9 @@ d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program
 gives d_q. The dense warm-up never differentiates its attention (its main model is frozen); the `dense` stage
 does. The distribution is a target: not differentiable, the dispatch stops its inputs' gradients.
 
+Key blocks that every query of a block sees whole skip the causal mask (only the blocks straddling the diagonal
+pay for it), and the softmax runs in base 2 with the scale folded into log2(e).
+
 Widths are zero-padded to tensor-core sizes (zeros change no dot), queries to whole blocks (position -1: nothing
 visible, zeros out, lse -inf), keys to whole blocks (never visible: ids past the last key are masked).
 Shapes: B batch, T queries, S keys, H heads, N nope width, P rope width, V value width.
@@ -46,6 +49,8 @@ from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axi
 FORWARD_TILES = (128, 128, 8)
 BACKWARD_TILES = (128, 64, 8)
 DISTRIBUTION_TILES = (64, 64, 4)
+_LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+_LN_2 = 0.6931471805599453
 
 
 def _dot(a, b, precision, transpose_b: bool = True):
@@ -65,23 +70,36 @@ def _blocks_to_walk(positions, block_k: int, num_keys: int):
     return jnp.maximum(last + 1 + block_k - 1, 0) // block_k
 
 
+def _blocks_seen_whole(positions, block_k: int, num_keys: int):
+    """Leading key blocks that every real query of the block sees whole: these need no causal mask, so of a causal
+    chunk's blocks only the few that straddle its diagonal pay for it. Padded queries (position -1) are left out
+    of the count; the kernels zero their rows instead."""
+    first = jnp.min(jnp.where(positions >= 0, positions, num_keys))
+    whole = jnp.minimum((first + 1) // block_k, num_keys // block_k)
+    return jnp.minimum(whole, _blocks_to_walk(positions, block_k, num_keys))
+
+
 def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, out_ref, lse_ref, *, scale: float,
                     block_k: int, num_keys: int, precision):
     # qn_ref [Bq, N], qr_ref [Bq, P] (this head's block of queries), kn_ref [S, N], kr_ref [S, P], v_ref [S, V]
     # (this head's keys, the shared rope key, this head's values), pos_ref [Bq], out_ref [Bq, V], lse_ref [Bq].
+    # The softmax runs in base 2 with the scale folded into log2(e) (exp2 is the hardware's instruction; exp costs a
+    # multiply more per logit); row_max is in those units and the lse is converted back to natural log at the end.
     positions = pos_ref[...]
     q_nope, q_rope = qn_ref[...], qr_ref[...]
     block_q = positions.shape[0]
+    scale_log2 = scale * _LOG2_E
 
-    def attend_block(j, carry):
+    def attend_block(j, carry, masked: bool):
         row_max, row_sum, acc = carry
         keys = pl.ds(j * block_k, block_k)
-        logits = (_dot(q_nope, kn_ref[keys, :], precision) + _dot(q_rope, kr_ref[keys, :], precision)) * scale
-        logits = jnp.where(_visible(positions, j * block_k, block_k, num_keys), logits, -jnp.inf)
+        logits = (_dot(q_nope, kn_ref[keys, :], precision) + _dot(q_rope, kr_ref[keys, :], precision)) * scale_log2
+        if masked:
+            logits = jnp.where(_visible(positions, j * block_k, block_k, num_keys), logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # nothing visible yet: keep exp() finite
-        probs = jnp.exp(logits - safe_max[:, None])
-        rescale = jnp.exp(row_max - safe_max)
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # nothing visible yet: keep exp2() finite
+        probs = jnp.exp2(logits - safe_max[:, None])
+        rescale = jnp.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + jnp.sum(probs, axis=1)
         acc = acc * rescale[:, None] + _dot(probs.astype(v_ref.dtype), v_ref[keys, :], precision,
                                             transpose_b=False)
@@ -89,11 +107,14 @@ def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, out_ref, lse
 
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, v_ref.shape[1]), jnp.float32))
-    row_max, row_sum, acc = lax.fori_loop(0, _blocks_to_walk(positions, block_k, num_keys), attend_block, init)
-    has_any = row_sum > 0
+    whole = _blocks_seen_whole(positions, block_k, num_keys)
+    carry = lax.fori_loop(0, whole, functools.partial(attend_block, masked=False), init)
+    row_max, row_sum, acc = lax.fori_loop(whole, _blocks_to_walk(positions, block_k, num_keys),
+                                          functools.partial(attend_block, masked=True), carry)
+    has_any = (row_sum > 0) & (positions >= 0)  # a padded query's row took the unmasked blocks: drop it
     total = jnp.where(has_any, row_sum, 1.0)
-    out_ref[...] = (acc / total[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(has_any, row_max + jnp.log(total), -jnp.inf)
+    out_ref[...] = jnp.where(has_any[:, None], acc / total[:, None], 0.0).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(has_any, (row_max + jnp.log2(total)) * _LN_2, -jnp.inf)
 
 
 def _distribution_kernel(qn_ref, qr_ref, kn_ref, kr_ref, pos_ref, lse_ref, out_ref, *, scale: float,
@@ -163,6 +184,19 @@ def _tiles(tiles, name: str) -> tuple[int, int, int]:
         raise ValueError(f"{name}: block_q and block_k must be powers of two >= 16 and num_warps a power of two, "
                          f"got {tiles!r}")
     return block_q, block_k, num_warps
+
+
+def _check_scale(scale) -> float:
+    """The softmax scale as a Python float: it is compiled into the kernels (folded into exp2's log2(e)), so it
+    must be a concrete, finite, positive number, not a traced value."""
+    try:
+        value = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"scale must be a concrete Python number (it is compiled into the kernels), got "
+                         f"{scale!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    return value
 
 
 def _precision(dtype):
@@ -253,24 +287,35 @@ def _query_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, 
                         dqn_ref, dqr_ref, *, scale: float, block_k: int, num_keys: int, precision):
     # One head's block of queries, as the forward: qn_ref [Bq, N], qr_ref [Bq, P], kn_ref [S, N], kr_ref [S, P],
     # v_ref [S, V], pos_ref, lse_ref, delta_ref [Bq], do_ref [Bq, V] -> dqn_ref [Bq, N], dqr_ref [Bq, P].
+    # The probabilities in base 2, as the forward computes them; blocks seen whole need no mask.
     positions = pos_ref[...]
     q_nope, q_rope, d_out = qn_ref[...], qr_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    # A padded query (lse -inf) would get exp2(+inf) in the unmasked blocks: lse +inf gives it p = 0 instead.
+    lse_log2 = jnp.where(positions >= 0, lse_ref[...] * _LOG2_E, jnp.inf)
+    delta = delta_ref[...]
+    scale_log2 = scale * _LOG2_E
     dtype = kn_ref.dtype
 
-    def key_block(j, carry):
+    def key_block(j, carry, masked: bool):
         d_nope, d_rope = carry
         keys = pl.ds(j * block_k, block_k)
         k_nope, k_rope = kn_ref[keys, :], kr_ref[keys, :]
-        logits = (_dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)) * scale
-        visible = _visible(positions, j * block_k, block_k, num_keys)
-        probs = jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse[:, None], 0.0)), 0.0)
+        logits = _dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)
+        if masked:
+            visible = _visible(positions, j * block_k, block_k, num_keys)
+            probs = jnp.where(visible, jnp.exp2(jnp.where(visible, logits * scale_log2 - lse_log2[:, None], 0.0)),
+                              0.0)
+        else:
+            probs = jnp.exp2(logits * scale_log2 - lse_log2[:, None])
         d_logits = (probs * (_dot(d_out, v_ref[keys, :], precision) - delta[:, None]) * scale).astype(dtype)
         return (d_nope + _dot(d_logits, k_nope, precision, transpose_b=False),
                 d_rope + _dot(d_logits, k_rope, precision, transpose_b=False))
 
     init = (jnp.zeros(qn_ref.shape, jnp.float32), jnp.zeros(qr_ref.shape, jnp.float32))
-    d_nope, d_rope = lax.fori_loop(0, _blocks_to_walk(positions, block_k, num_keys), key_block, init)
+    whole = _blocks_seen_whole(positions, block_k, num_keys)
+    carry = lax.fori_loop(0, whole, functools.partial(key_block, masked=False), init)
+    d_nope, d_rope = lax.fori_loop(whole, _blocks_to_walk(positions, block_k, num_keys),
+                                   functools.partial(key_block, masked=True), carry)
     dqn_ref[...] = d_nope.astype(dqn_ref.dtype)
     dqr_ref[...] = d_rope.astype(dqr_ref.dtype)
 
@@ -358,7 +403,7 @@ def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, 
     Differentiable in every input but q_positions, by the backward kernels (module docstring). `tiles` and
     `backward_tiles` are (block_q, block_k, num_warps) of the forward and of the two backward kernels."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
-    out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, float(scale), bool(interpret),
+    out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, _check_scale(scale), bool(interpret),
                           _tiles(tiles, "tiles"), _tiles(backward_tiles, "backward_tiles"))
     return (out, lse) if return_lse else out
 
@@ -370,6 +415,7 @@ def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positi
     return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP). `tiles` is (block_q,
     block_k, num_warps)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, lse=lse)
+    scale = _check_scale(scale)
     block_q, block_k, num_warps = _tiles(tiles, "tiles")
     (batch, num_q, heads, _), num_keys = q_nope.shape, k_nope.shape[1]
     qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)

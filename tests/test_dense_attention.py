@@ -197,6 +197,11 @@ def test_errors_name_the_offending_input():
     with pytest.raises(ValueError, match="tiles"):
         dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, jnp.zeros((2, 21, 3)),
                                             scale=SCALE, tiles=(64, 64))
+    for bad in (0.0, -SCALE, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, positions, scale=bad)
+    with pytest.raises(ValueError, match="scale must be a concrete"):
+        jax.jit(lambda s: dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, positions, scale=s))(SCALE)
 
 
 @pytest.mark.gpu
