@@ -22,8 +22,10 @@ d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program
 gives d_q. The dense warm-up never differentiates its attention (its main model is frozen); the `dense` stage
 does. The distribution is a target: not differentiable, the dispatch stops its inputs' gradients.
 
-Key blocks that every query of a block sees whole skip the causal mask (only the blocks straddling the diagonal
-pay for it), and the softmax runs in base 2 with the scale folded into log2(e).
+In the forward and the two gradient kernels, tiles that every real query of a block sees whole skip the causal mask
+(only those straddling the diagonal pay for it; queries that see nothing get lse +inf, so p = 0 with no mask), and
+every exp there is an exp2 with the scale folded into log2(e). The distribution kernel masks every tile (measured
+faster: see its comment).
 
 Widths are zero-padded to tensor-core sizes (zeros change no dot), queries to whole blocks (position -1: nothing
 visible, zeros out, lse -inf), keys to whole blocks (never visible: ids past the last key are masked).
@@ -70,12 +72,22 @@ def _blocks_to_walk(positions, block_k: int, num_keys: int):
     return jnp.maximum(last + 1 + block_k - 1, 0) // block_k
 
 
+def _first_real_position(positions, num_keys: int):
+    """The smallest position of a real query (num_keys when every query is padding, position -1)."""
+    return jnp.min(jnp.where(positions >= 0, positions, num_keys))
+
+
+def _seen_whole(positions, first_key: int | jax.Array, block_k: int, num_keys: int):
+    """Every real query sees all of keys first_key .. first_key + block_k - 1: the tile needs no causal mask."""
+    last_key = first_key + block_k - 1
+    return (last_key < num_keys) & (last_key <= _first_real_position(positions, num_keys))
+
+
 def _blocks_seen_whole(positions, block_k: int, num_keys: int):
     """Leading key blocks that every real query of the block sees whole: these need no causal mask, so of a causal
     chunk's blocks only the few that straddle its diagonal pay for it. Padded queries (position -1) are left out
     of the count; the kernels zero their rows instead."""
-    first = jnp.min(jnp.where(positions >= 0, positions, num_keys))
-    whole = jnp.minimum((first + 1) // block_k, num_keys // block_k)
+    whole = jnp.minimum((_first_real_position(positions, num_keys) + 1) // block_k, num_keys // block_k)
     return jnp.minimum(whole, _blocks_to_walk(positions, block_k, num_keys))
 
 
@@ -120,7 +132,9 @@ def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, out_ref, lse
 def _distribution_kernel(qn_ref, qr_ref, kn_ref, kr_ref, pos_ref, lse_ref, out_ref, *, scale: float,
                          num_heads: int, num_keys: int, precision):
     # qn_ref [Bq, H, N], qr_ref [Bq, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P], pos_ref [Bq], lse_ref [H, Bq],
-    # out_ref [Bq, Bk]: this tile of the head-averaged distribution.
+    # out_ref [Bq, Bk]: this tile of the head-averaged distribution. Every tile is masked: a second, unmasked body
+    # for the tiles seen whole (a cond between the two, as the key-gradient kernel has) made it 50-65% slower on
+    # an H100 (128K: 24.2 -> 36.3 ms; docs/BENCHMARKS.md, session 41).
     positions = pos_ref[...]
     block_k = kr_ref.shape[0]
     first_key = pl.program_id(2) * block_k
@@ -131,7 +145,7 @@ def _distribution_kernel(qn_ref, qr_ref, kn_ref, kr_ref, pos_ref, lse_ref, out_r
         logits = (_dot(qn_ref[:, h, :], kn_ref[:, h, :], precision)
                   + _dot(qr_ref[:, h, :], k_rope, precision)) * scale
         lse = lse_ref[h, :]
-        # Masked before exp: a padded query has lse -inf, and exp(logits + inf) must not reach the sum.
+        # Masked before exp: nothing past a query's position may reach the sum, whatever its logit.
         return total + jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse[:, None], 0.0)), 0.0)
 
     def tile(_):
@@ -172,6 +186,14 @@ def _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q: int, block_k: 
     k_rope = pad_axis(pad_axis(k_rope, 2, p_p), 1, s_p)
     q_positions = pad_axis(q_positions.astype(jnp.int32), 1, t_p, -1)
     return q_nope, q_rope, k_nope, k_rope, q_positions
+
+
+def _lse_for_kernels(lse, q_positions, num_q_padded: int, num_heads_padded: int | None = None):
+    """lse f32[B,T,H] as the kernels read it, f32[B,H,T_p]: +inf for every query that sees nothing (position -1,
+    padding, padded heads), so that exp2(logits - lse) is 0 there and unmasked tiles need no row mask."""
+    lse = jnp.where(q_positions[..., None] >= 0, lse.astype(jnp.float32), jnp.inf)
+    lse = pad_axis(jnp.moveaxis(lse, 2, 1), 2, num_q_padded, jnp.inf)
+    return lse if num_heads_padded is None else pad_axis(lse, 1, num_heads_padded, jnp.inf)
 
 
 def _tiles(tiles, name: str) -> tuple[int, int, int]:
@@ -246,33 +268,45 @@ def _key_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, ls
                       dkn_ref, dkr_ref, dv_ref, *, scale: float, num_heads: int, block_q: int, num_keys: int,
                       precision):
     # One block of keys, every head: qn_ref [T, H, N], qr_ref [T, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P],
-    # v_ref [Bk, H, V], pos_ref [T], do_ref [T, H, V], lse_ref and delta_ref [H, T] -> dkn_ref [Bk, H, N],
-    # dv_ref [Bk, H, V] per head and dkr_ref [Bk, P] summed over the heads that share the rope key.
+    # v_ref [Bk, H, V], pos_ref [T], do_ref [T, H, V], lse_ref (+inf for padded queries) and delta_ref [H, T]
+    # -> dkn_ref [Bk, H, N], dv_ref [Bk, H, V] per head and dkr_ref [Bk, P] summed over the heads that share the
+    # rope key.
     block_k = kr_ref.shape[0]
     first_key = pl.program_id(1) * block_k
     k_rope = kr_ref[...]
     dtype = kr_ref.dtype
+    scale_log2 = scale * _LOG2_E
 
     def head(h, d_rope):
         k_nope, values = kn_ref[:, h, :], v_ref[:, h, :]
 
         def query_block(i, carry):
-            def add(carry):
+            queries = pl.ds(i * block_q, block_q)
+            positions = pos_ref[queries]
+
+            def add(carry, masked: bool):
                 d_nope, d_rope, d_values = carry
-                queries = pl.ds(i * block_q, block_q)
-                positions = pos_ref[queries]
                 q_nope, q_rope, d_out = qn_ref[queries, h, :], qr_ref[queries, h, :], do_ref[queries, h, :]
-                logits = (_dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)) * scale
-                visible = _visible(positions, first_key, block_k, num_keys)
-                probs = jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse_ref[h, queries][:, None], 0.0)),
-                                  0.0)  # [Bq, Bk]
+                logits = _dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)
+                exponent = logits * scale_log2 - (lse_ref[h, queries] * _LOG2_E)[:, None]
+                if masked:
+                    visible = _visible(positions, first_key, block_k, num_keys)
+                    probs = jnp.where(visible, jnp.exp2(jnp.where(visible, exponent, 0.0)), 0.0)  # [Bq, Bk]
+                else:
+                    probs = jnp.exp2(exponent)
                 d_values += _dot(probs.T.astype(dtype), d_out, precision, transpose_b=False)
                 d_logits = probs * (_dot(d_out, values, precision) - delta_ref[h, queries][:, None]) * scale
                 d_logits = d_logits.T.astype(dtype)  # [Bk, Bq]
                 return (d_nope + _dot(d_logits, q_nope, precision, transpose_b=False),
                         d_rope + _dot(d_logits, q_rope, precision, transpose_b=False), d_values)
-            # Query blocks that see none of these keys (all earlier, or padding) are skipped.
-            return lax.cond(jnp.max(pos_ref[pl.ds(i * block_q, block_q)]) >= first_key, add, lambda c: c, carry)
+
+            # Query blocks that see none of these keys (all earlier, or padding) are skipped; those whose every
+            # real query sees all of them take the unmasked body.
+            return lax.cond(jnp.max(positions) >= first_key,
+                            lambda c: lax.cond(_seen_whole(positions, first_key, block_k, num_keys),
+                                               functools.partial(add, masked=False),
+                                               functools.partial(add, masked=True), c),
+                            lambda c: c, carry)
 
         zeros = (jnp.zeros(kn_ref.shape[::2], jnp.float32), d_rope, jnp.zeros(v_ref.shape[::2], jnp.float32))
         d_nope, d_rope, d_values = lax.fori_loop(0, pos_ref.shape[0] // block_q, query_block, zeros)
@@ -290,9 +324,7 @@ def _query_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, 
     # The probabilities in base 2, as the forward computes them; blocks seen whole need no mask.
     positions = pos_ref[...]
     q_nope, q_rope, d_out = qn_ref[...], qr_ref[...], do_ref[...]
-    # A padded query (lse -inf) would get exp2(+inf) in the unmasked blocks: lse +inf gives it p = 0 instead.
-    lse_log2 = jnp.where(positions >= 0, lse_ref[...] * _LOG2_E, jnp.inf)
-    delta = delta_ref[...]
+    lse_log2, delta = lse_ref[...] * _LOG2_E, delta_ref[...]  # lse +inf for padded queries: p = 0 unmasked
     scale_log2 = scale * _LOG2_E
     dtype = kn_ref.dtype
 
@@ -334,14 +366,14 @@ def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_o
     vals = pad_axis(pad_axis(values, 3, v_p), 1, s_p)
     d_o = pad_axis(pad_axis(d_out.astype(values.dtype), 3, v_p), 1, t_p)
     # lse and delta as [B,H,T]; padded queries get lse +inf (p = 0) and are skipped anyway (position -1)
-    lse_t = pad_axis(jnp.moveaxis(lse, 2, 1), 2, t_p, jnp.inf)
+    lse_t = _lse_for_kernels(lse, q_positions, t_p)
     delta_t = pad_axis(jnp.moveaxis(delta, 2, 1), 2, t_p)
     precision = _precision(q_nope.dtype)
     params = None if interpret else compiler_params(num_warps, num_stages=2)
 
     # Key gradients: the heads are a block dimension here (a power of two for Triton; padded heads never read).
     qn_h, qr_h, kn_h, vals_h, d_o_h = (pad_axis(x, 2, heads_p) for x in (qn, qr, kn, vals, d_o))
-    lse_h, delta_h = pad_axis(lse_t, 1, heads_p, jnp.inf), pad_axis(delta_t, 1, heads_p)
+    lse_h, delta_h = _lse_for_kernels(lse, q_positions, t_p, heads_p), pad_axis(delta_t, 1, heads_p)
     whole_q = lambda width: pl.BlockSpec((None, t_p, heads_p, width), lambda b, j: (b, 0, 0, 0))  # noqa: E731
     key_block = lambda width: pl.BlockSpec((None, block_k, heads_p, width), lambda b, j: (b, j, 0, 0))  # noqa: E731
     per_head_q = pl.BlockSpec((None, heads_p, t_p), lambda b, j: (b, 0, 0))
@@ -422,8 +454,7 @@ def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positi
     # The heads are a block dimension here, which Triton wants a power of two; the padded heads are never read.
     heads_p = next_pow2(heads)
     qn, qr, kn = (pad_axis(x, 2, heads_p) for x in (qn, qr, kn))
-    lse = pad_axis(jnp.moveaxis(lse.astype(jnp.float32), 2, 1), 2, qn.shape[1], -jnp.inf)  # [B,H,T_p]
-    lse = pad_axis(lse, 1, heads_p, -jnp.inf)
+    lse = _lse_for_kernels(lse, q_positions, qn.shape[1], heads_p)
     n_p, p_p = qn.shape[-1], qr.shape[-1]
     body = functools.partial(_distribution_kernel, scale=scale, num_heads=heads, num_keys=num_keys,
                              precision=_precision(q_nope.dtype))
