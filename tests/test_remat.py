@@ -1,10 +1,9 @@
 """Layer rematerialisation (`remat="layer"`): the same loss and gradients as keeping every activation, less memory
 for the backward pass, and a Full layer's top-k is kept rather than selected again (the indexer's scores over
 every visible key are the most expensive thing a layer could recompute: counted in tests/test_query_chunks.py,
-which compiles the same gradients for its chunks). Reference kernels on CPU. The op counts
-and memory ratios are those of XLA's CPU compile: on a GPU these tests skip them, and `scripts/bench_train.py`
-measures the memory at real shapes (docs/BENCHMARKS.md)."""
-
+which compiles the same gradients for its chunks). Reference kernels on CPU. The op counts and memory ratios are
+those of XLA's CPU compile: on a GPU these tests skip them, and `scripts/bench_train.py` measures the memory at
+real shapes (docs/BENCHMARKS.md)."""
 
 import jax
 import numpy as np
