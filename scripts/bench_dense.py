@@ -94,15 +94,17 @@ def time_layer(args, num_keys: int, tiles: dict) -> dict:
     n, p, v = args.widths
     num_q = min(args.chunk, num_keys)
     whole = inputs(1, num_keys, num_keys, args.heads, args.widths, 0)
-    forward_ms = dist_ms = 0.0
+    chunk_forward_ms, chunk_dist_ms = [], []
     for first in range(0, num_keys, num_q):
         x = (whole[0][:, first:first + num_q], whole[1][:, first:first + num_q], *whole[2:5],
              whole[5][:, first:first + num_q])
         chunk = time_chunk(args, x, first, tiles, check=False)
-        forward_ms += chunk["forward_ms"]
-        dist_ms += chunk["distribution_ms"]
+        chunk_forward_ms.append(chunk["forward_ms"])
+        chunk_dist_ms.append(chunk["distribution_ms"])
+    forward_ms, dist_ms = sum(chunk_forward_ms), sum(chunk_dist_ms)
     pairs = visible_pairs(0, num_keys)
     return {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
+            "chunk_forward_ms": chunk_forward_ms, "chunk_distribution_ms": chunk_dist_ms,
             "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
             "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
             "distribution_tflops": round(pairs * 2 * args.heads * (n + p) / dist_ms / 1e9, 1)}
