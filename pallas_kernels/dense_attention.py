@@ -24,8 +24,9 @@ does. The distribution is a target: not differentiable, the dispatch stops its i
 
 In the forward and the two gradient kernels, tiles that every real query of a block sees whole skip the causal mask
 (only those straddling the diagonal pay for it; queries that see nothing get lse +inf, so p = 0 with no mask), and
-every exp there is an exp2 with the scale folded into log2(e). The distribution kernel masks every tile (measured
-faster: see its comment).
+every exp there is an exp2 with the scale folded into log2(e) (the wrapper hands the kernels lse in base 2). The
+distribution kernel masks every tile, by one additive bias per tile shared by its heads (measured faster than an
+unmasked second body: see its comment).
 
 Widths are zero-padded to tensor-core sizes (zeros change no dot), queries to whole blocks (position -1: nothing
 visible, zeros out, lse -inf), keys to whole blocks (never visible: ids past the last key are masked).
@@ -45,12 +46,15 @@ from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axi
 
 # Tiles (queries per program, keys per step or program, warps), one per kernel, chosen on an H100 at DeepSeek-V3.2's
 # shapes (128 heads, 128 + 64 -> 128; scripts/bench_dense.py, docs/BENCHMARKS.md 2026-12-05). Forward, last chunk of
-# 1024 queries at 128K keys: 36.4 ms with 128x128 (8 warps) vs 47.6 ms with 64x64 (4). The distribution is best at
-# 64x64: 24.1 vs 27.7 ms. The backward at 32K: 34.2 ms with 128x64 (8) vs 42.2 ms with 64x64; 128x128 needs more
-# shared memory than the H100 has.
+# 1024 queries at 128K keys: 36.4 ms with 128x128 (8 warps) vs 47.6 ms with 64x64 (4). The backward at 32K: 34.2 ms
+# with 128x64 (8) vs 42.2 ms with 64x64; 128x128 needs more shared memory than the H100 has. The distribution
+# reloads every head's q and k in every tile, which bounds it (session 42: loading q once per tile, a wrong-output
+# ablation, ran in 14.0 ms where the kernel takes 24; dropping its exp changed nothing), so the larger tile's reuse
+# wins: 20.7 ms at 128x128 (8) vs 23.9 at 64x64 (4) and 73 at 128x128 (4) (with the additive mask; session 38's
+# kernel, two selects per logit, was slower at 128x128: 27.7 vs 24.1).
 FORWARD_TILES = (128, 128, 8)
 BACKWARD_TILES = (128, 64, 8)
-DISTRIBUTION_TILES = (64, 64, 4)
+DISTRIBUTION_TILES = (128, 128, 8)
 _LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _LN_2 = 0.6931471805599453
 
@@ -131,28 +135,30 @@ def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, out_ref, lse
 
 def _distribution_kernel(qn_ref, qr_ref, kn_ref, kr_ref, pos_ref, lse_ref, out_ref, *, scale: float,
                          num_heads: int, num_keys: int, precision):
-    # qn_ref [Bq, H, N], qr_ref [Bq, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P], pos_ref [Bq], lse_ref [H, Bq],
-    # out_ref [Bq, Bk]: this tile of the head-averaged distribution. Every tile is masked: a second, unmasked body
-    # for the tiles seen whole (a cond between the two, as the key-gradient kernel has) made it 50-65% slower on
-    # an H100 (128K: 24.2 -> 36.3 ms; docs/BENCHMARKS.md, session 41).
+    # qn_ref [Bq, H, N], qr_ref [Bq, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P], pos_ref [Bq], lse_ref [H, Bq] (in
+    # base 2), out_ref [Bq, Bk]: this tile of the head-averaged distribution. The mask is made once per tile as
+    # an exponent bias (0 visible, -inf not), so each head pays one add for it instead of two selects, and exp2
+    # of -inf is 0 (no faster at 64x64 tiles, where loads bound the kernel; at 128x128 it runs faster than session
+    # 38's two-select kernel did: see DISTRIBUTION_TILES). A second, unmasked body for the tiles seen whole (a cond
+    # between the two, as the key-gradient kernel has) made this kernel 50-65% slower on an H100 (128K: 24.2 ->
+    # 36.3 ms; docs/BENCHMARKS.md, session 41).
     positions = pos_ref[...]
     block_k = kr_ref.shape[0]
     first_key = pl.program_id(2) * block_k
-    visible = _visible(positions, first_key, block_k, num_keys)
+    # Finite logits (padded keys are zeros) and lse +inf for queries that see nothing: no inf - inf below.
+    bias = jnp.where(_visible(positions, first_key, block_k, num_keys), 0.0, -jnp.inf)
     k_rope = kr_ref[...]
+    scale_log2 = scale * _LOG2_E
 
     def add_head(h, total):
-        logits = (_dot(qn_ref[:, h, :], kn_ref[:, h, :], precision)
-                  + _dot(qr_ref[:, h, :], k_rope, precision)) * scale
-        lse = lse_ref[h, :]
-        # Masked before exp: nothing past a query's position may reach the sum, whatever its logit.
-        return total + jnp.where(visible, jnp.exp(jnp.where(visible, logits - lse[:, None], 0.0)), 0.0)
+        logits = _dot(qn_ref[:, h, :], kn_ref[:, h, :], precision) + _dot(qr_ref[:, h, :], k_rope, precision)
+        return total + jnp.exp2(logits * scale_log2 + (bias - lse_ref[h, :][:, None]))
 
     def tile(_):
-        return lax.fori_loop(0, num_heads, add_head, jnp.zeros(visible.shape, jnp.float32)) / num_heads
+        return lax.fori_loop(0, num_heads, add_head, jnp.zeros(bias.shape, jnp.float32)) / num_heads
 
     out_ref[...] = lax.cond(first_key <= jnp.max(positions), tile,
-                            lambda _: jnp.zeros(visible.shape, jnp.float32), None)
+                            lambda _: jnp.zeros(bias.shape, jnp.float32), None)
 
 
 def _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=None, lse=None):
@@ -189,9 +195,10 @@ def _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q: int, block_k: 
 
 
 def _lse_for_kernels(lse, q_positions, num_q_padded: int, num_heads_padded: int | None = None):
-    """lse f32[B,T,H] as the kernels read it, f32[B,H,T_p]: +inf for every query that sees nothing (position -1,
-    padding, padded heads), so that exp2(logits - lse) is 0 there and unmasked tiles need no row mask."""
-    lse = jnp.where(q_positions[..., None] >= 0, lse.astype(jnp.float32), jnp.inf)
+    """lse f32[B,T,H] as the kernels read it, f32[B,H,T_p], in base 2 (lse * log2(e): the kernels' exponents are
+    logits * scale * log2(e) - lse2), and +inf for every query that sees nothing (position -1, padding, padded
+    heads), so that exp2(exponent) is 0 there and unmasked tiles need no row mask."""
+    lse = jnp.where(q_positions[..., None] >= 0, lse.astype(jnp.float32) * _LOG2_E, jnp.inf)
     lse = pad_axis(jnp.moveaxis(lse, 2, 1), 2, num_q_padded, jnp.inf)
     return lse if num_heads_padded is None else pad_axis(lse, 1, num_heads_padded, jnp.inf)
 
@@ -268,7 +275,7 @@ def _key_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, ls
                       dkn_ref, dkr_ref, dv_ref, *, scale: float, num_heads: int, block_q: int, num_keys: int,
                       precision):
     # One block of keys, every head: qn_ref [T, H, N], qr_ref [T, H, P], kn_ref [Bk, H, N], kr_ref [Bk, P],
-    # v_ref [Bk, H, V], pos_ref [T], do_ref [T, H, V], lse_ref (+inf for padded queries) and delta_ref [H, T]
+    # v_ref [Bk, H, V], pos_ref [T], do_ref [T, H, V], lse_ref (base 2, +inf for padded queries), delta_ref [H, T]
     # -> dkn_ref [Bk, H, N], dv_ref [Bk, H, V] per head and dkr_ref [Bk, P] summed over the heads that share the
     # rope key.
     block_k = kr_ref.shape[0]
@@ -288,7 +295,7 @@ def _key_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, ls
                 d_nope, d_rope, d_values = carry
                 q_nope, q_rope, d_out = qn_ref[queries, h, :], qr_ref[queries, h, :], do_ref[queries, h, :]
                 logits = _dot(q_nope, k_nope, precision) + _dot(q_rope, k_rope, precision)
-                exponent = logits * scale_log2 - (lse_ref[h, queries] * _LOG2_E)[:, None]
+                exponent = logits * scale_log2 - lse_ref[h, queries][:, None]  # lse in base 2
                 if masked:
                     visible = _visible(positions, first_key, block_k, num_keys)
                     probs = jnp.where(visible, jnp.exp2(jnp.where(visible, exponent, 0.0)), 0.0)  # [Bq, Bk]
@@ -324,7 +331,7 @@ def _query_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, 
     # The probabilities in base 2, as the forward computes them; blocks seen whole need no mask.
     positions = pos_ref[...]
     q_nope, q_rope, d_out = qn_ref[...], qr_ref[...], do_ref[...]
-    lse_log2, delta = lse_ref[...] * _LOG2_E, delta_ref[...]  # lse +inf for padded queries: p = 0 unmasked
+    lse_log2, delta = lse_ref[...], delta_ref[...]  # base 2; +inf for padded queries: p = 0 unmasked
     scale_log2 = scale * _LOG2_E
     dtype = kn_ref.dtype
 
