@@ -8,6 +8,7 @@ backward too (alone: the saved output and lse given). Where the XLA reference fi
 (--reference-up-to) it is timed too, on the same chunk, and the kernels are checked against it.
 
     python scripts/bench_dense.py --contexts 8192 32768 131072 --json docs/bench_dense_h100_DATE.json
+    python scripts/bench_dense.py --contexts 131072 --tiles default distribution=64,64,4 --backward  # one kernel's
 
 One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
 """
@@ -56,6 +57,36 @@ def kernels(tiles: dict, scale: float, interpret: bool):
     distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
                                              tiles=tuple(tiles["distribution"])))
     return forward, distribution
+
+
+KERNELS = ("forward", "backward", "distribution")
+
+
+def parse_tiling(text: str, error=None) -> dict:
+    """One --tiles entry -> {kernel: [block_q, block_k, num_warps]} for the three kernels (lists: the records are
+    JSON). "default": each kernel's own; "B,B,W": all three; "KERNEL=B,B,W[+KERNEL=B,B,W]": those kernels, the
+    others at their defaults (so a sweep of the distribution's tiles leaves the forward and backward as they run).
+    A malformed entry calls error(message) (argparse's, which exits) or raises ValueError; the message names it."""
+    tiling = dict(forward=list(FORWARD_TILES), backward=list(BACKWARD_TILES), distribution=list(DISTRIBUTION_TILES))
+
+    def tile(part: str) -> list:
+        numbers = part.split(",")
+        if len(numbers) != 3 or not all(n.strip().isdigit() for n in numbers):
+            raise ValueError(f"--tiles {text!r}: {part!r} is not block_q,block_k,num_warps (three integers)")
+        return [int(n) for n in numbers]
+    try:
+        if text != "default" and "=" not in text:
+            return {kernel: tile(text) for kernel in KERNELS}
+        for assignment in text.split("+") if text != "default" else ():
+            kernel, _, part = assignment.partition("=")
+            if kernel not in KERNELS:
+                raise ValueError(f"--tiles {text!r}: unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
+            tiling[kernel] = tile(part)
+    except ValueError as err:
+        if error is None:
+            raise
+        error(str(err))
+    return tiling
 
 
 def time_chunk(args, x, first: int, tiles: dict, check: bool) -> dict:
@@ -117,8 +148,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--widths", type=int, nargs=3, default=[128, 64, 128], metavar=("N", "P", "V"))
     parser.add_argument("--tiles", nargs="+", default=["default"],
-                        help="block_q,block_k,num_warps per tiling for all three kernels, e.g. 64,64,4 128,64,8; "
-                             "'default': each kernel's own (FORWARD_TILES, BACKWARD_TILES, DISTRIBUTION_TILES)")
+                        help="tilings to time: 'default' (each kernel's own: FORWARD_TILES, BACKWARD_TILES, "
+                             "DISTRIBUTION_TILES), block_q,block_k,num_warps for all three kernels (64,64,4), or "
+                             "some kernels' own with the rest at default (distribution=128,128,8+forward=64,64,4)")
     parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
     parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
     parser.add_argument("--repeats", type=int, default=3)
@@ -127,14 +159,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (any platform; slow)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    tilings = []
-    for text in args.tiles:
-        if text == "default":
-            tilings.append(dict(forward=list(FORWARD_TILES), backward=list(BACKWARD_TILES),
-                                distribution=list(DISTRIBUTION_TILES)))
-        else:  # one tiling for all three kernels (lists: the records are JSON)
-            tile = [int(x) for x in text.split(",")]
-            tilings.append(dict(forward=tile, backward=tile, distribution=tile))
+    tilings = [parse_tiling(text, parser.error) for text in args.tiles]
     header = {"device": str(jax.devices()[0]), "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     print(json.dumps(header), flush=True)

@@ -5,6 +5,7 @@ run end to end on the tiny model."""
 import importlib.util
 import json
 import os
+import re
 import stat
 import time
 
@@ -100,12 +101,34 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
     assert json.loads(out.read_text())["runs"] == runs
 
 
-def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
-    """scripts/bench_dense.py in interpret mode at a tiny shape: the last chunk is checked against the reference
-    (small errors recorded) and timed, and a whole layer is timed as its chunks; the JSON holds what was printed."""
+def _bench_dense():
     spec = importlib.util.spec_from_file_location("bench_dense", REPO / "scripts" / "bench_dense.py")
     bench_dense = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_dense)
+    return bench_dense
+
+
+def test_dense_bench_tilings_set_all_kernels_or_some_and_name_a_bad_entry():
+    """--tiles entries: "default", one tile for all three kernels, or some kernels' own with the others at their
+    defaults; a malformed entry's error names it."""
+    from pallas_kernels.dense_attention import BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES
+    parse = _bench_dense().parse_tiling
+    defaults = dict(forward=list(FORWARD_TILES), backward=list(BACKWARD_TILES), distribution=list(DISTRIBUTION_TILES))
+    assert parse("default") == defaults
+    assert parse("32,16,2") == dict(forward=[32, 16, 2], backward=[32, 16, 2], distribution=[32, 16, 2])
+    assert parse("distribution=32,16,2") == {**defaults, "distribution": [32, 16, 2]}
+    assert parse("distribution=32,16,2+forward=16,64,8") == {**defaults, "distribution": [32, 16, 2],
+                                                              "forward": [16, 64, 8]}
+    for bad, named in [("32,16", "'32,16'"), ("64,64,x", "'64,64,x'"), ("dist=64,64,4", "'dist'"),
+                       ("forward=64,64", "'64,64'"), ("forward=64,64,4+", "''")]:
+        with pytest.raises(ValueError, match=f"--tiles .*{re.escape(named)}"):
+            parse(bad)
+
+
+def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
+    """scripts/bench_dense.py in interpret mode at a tiny shape: the last chunk is checked against the reference
+    (small errors recorded) and timed, and a whole layer is timed as its chunks; the JSON holds what was printed."""
+    bench_dense = _bench_dense()
     out = tmp_path / "dense.json"
     runs = bench_dense.main(["--interpret", "--heads", "4", "--widths", "16", "16", "16", "--contexts", "96",
                              "--chunk", "32", "--tiles", "32,32,4", "--layer", "--backward", "--repeats", "1", "--json",
