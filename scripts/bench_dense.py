@@ -74,10 +74,12 @@ def parse_tiling(text: str, error=None) -> dict:
         if len(numbers) != 3 or not all(n.strip().isdigit() for n in numbers):
             raise ValueError(f"--tiles {text!r}: {part!r} is not block_q,block_k,num_warps (three integers)")
         return [int(n) for n in numbers]
+    if text == "default":
+        return tiling
     try:
-        if text != "default" and "=" not in text:
+        if "=" not in text:
             return {kernel: tile(text) for kernel in KERNELS}
-        for assignment in text.split("+") if text != "default" else ():
+        for assignment in text.split("+"):
             kernel, _, part = assignment.partition("=")
             if kernel not in KERNELS:
                 raise ValueError(f"--tiles {text!r}: unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
