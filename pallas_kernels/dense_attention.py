@@ -232,7 +232,38 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, block_q, block_k, num_warps):
+FORWARD_KERNELS = ("auto", "gluon", "pallas")
+
+
+def resolve_forward_kernel(forward_kernel: str, *, interpret: bool, dtypes, widths, pallas_tiling: bool) -> str:
+    """"pallas" or "gluon" (`dense_attention_gluon`, Hopper) for the forward. "auto" takes Gluon where it runs
+    (a Hopper GPU with triton and jax-triton; q, k and values all bf16 or all fp16; widths it fits), unless Pallas
+    forward tiles were given (pallas_tiling); an explicit "gluon" that cannot run is an error that says why.
+    dtypes: of q_nope, q_rope, k_nope, k_rope, values; widths: (N, P, V)."""
+    if forward_kernel not in FORWARD_KERNELS:
+        raise ValueError(f"forward_kernel must be one of {list(FORWARD_KERNELS)}, got {forward_kernel!r}")
+    if forward_kernel == "pallas":
+        return "pallas"
+    dtypes = [jnp.dtype(d) for d in dtypes]
+    if interpret:
+        reason = "the Pallas interpreter runs Pallas kernels only"
+    elif len(set(dtypes)) != 1:
+        reason = f"it takes q, k and values of one dtype, got {[d.name for d in dtypes]}"
+    else:
+        from pallas_kernels import _gluon
+        reason = _gluon.unavailable_or_unsupported("pallas_kernels.dense_attention_gluon", dtypes[0], *widths)
+    if forward_kernel == "gluon":
+        if reason is not None:
+            raise ValueError(f"forward_kernel='gluon' cannot run: {reason}")
+        return "gluon"
+    return "gluon" if reason is None and not pallas_tiling else "pallas"
+
+
+def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, kernel, block_q, block_k,
+             num_warps):
+    if kernel == "gluon":
+        from pallas_kernels.dense_attention_gluon import dense_forward_gluon
+        return dense_forward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale)
     (batch, num_q, heads, _), num_keys, value_dim = q_nope.shape, k_nope.shape[1], values.shape[-1]
     qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
     v = pad_axis(pad_axis(values, 3, dot_size(value_dim)), 1, kn.shape[1])
@@ -259,15 +290,17 @@ def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpr
     return out[:, :num_q, :, :value_dim], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_tiles,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel, forward_tiles,
                backward_tiles):
-    return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, *forward_tiles)
+    return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
+                    *forward_tiles)
 
 
-def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_tiles,
-                   backward_tiles):
-    out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, *forward_tiles)
+def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
+                   forward_tiles, backward_tiles):
+    out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
+                        *forward_tiles)
     return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
 
 
@@ -422,7 +455,7 @@ def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_o
             dkr[:, :num_keys, :p], dv[:, :num_keys, :heads, :v])
 
 
-def _attention_bwd(scale, interpret, forward_tiles, backward_tiles, residuals, cotangents):
+def _attention_bwd(scale, interpret, forward_kernel, forward_tiles, backward_tiles, residuals, cotangents):
     *inputs, q_positions, out, lse = residuals
     d_out, d_lse = cotangents
     block_q, block_k, num_warps = backward_tiles
@@ -436,14 +469,22 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
                            interpret: bool = False, return_lse: bool = False,
-                           tiles: tuple[int, int, int] = FORWARD_TILES,
-                           backward_tiles: tuple[int, int, int] = BACKWARD_TILES):
+                           tiles: tuple[int, int, int] | None = None,
+                           backward_tiles: tuple[int, int, int] = BACKWARD_TILES, forward_kernel: str = "auto"):
     """Inputs and outputs as `dense_attention_reference` (out in the dtype of values; lse f32[B,T,H]).
     Differentiable in every input but q_positions, by the backward kernels (module docstring). `tiles` and
-    `backward_tiles` are (block_q, block_k, num_warps) of the forward and of the two backward kernels."""
+    `backward_tiles` are (block_q, block_k, num_warps) of the Pallas forward (None: FORWARD_TILES) and of the two
+    backward kernels. forward_kernel: "gluon" (`dense_attention_gluon`, Hopper, bf16/fp16: on an H100 at
+    DeepSeek-V3.2's shapes 1.46-1.52x this module's Pallas forward, docs/BENCHMARKS.md session 43), "pallas", or
+    "auto" (`resolve_forward_kernel`: Gluon where it runs, unless `tiles` is given)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
+    kernel = resolve_forward_kernel(forward_kernel, interpret=bool(interpret),
+                                    dtypes=[x.dtype for x in (q_nope, q_rope, k_nope, k_rope, values)],
+                                    widths=(q_nope.shape[-1], q_rope.shape[-1], values.shape[-1]),
+                                    pallas_tiling=tiles is not None)
     out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, _check_scale(scale), bool(interpret),
-                          _tiles(tiles, "tiles"), _tiles(backward_tiles, "backward_tiles"))
+                          kernel, _tiles(FORWARD_TILES if tiles is None else tiles, "tiles"),
+                          _tiles(backward_tiles, "backward_tiles"))
     return (out, lse) if return_lse else out
 
 

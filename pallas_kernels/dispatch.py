@@ -60,6 +60,8 @@ class Kernels:
                        (`topk.resolve_candidates_kernel`, `topk.resolve_select_kernel`)
       slot_scores      the indexer's scores over selected slots, forward and backward: the sparse stages'
                        distillation trains through them (`indexer_slots.resolve_kernel`)
+      dense_forward    the dense stages' attention forward, output and lse (`dense_attention.resolve_forward_kernel`;
+                       its backward and the distribution are Pallas kernels)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -72,6 +74,7 @@ class Kernels:
     indexer_backward: KernelName = "auto"
     topk: KernelName = "auto"
     slot_scores: KernelName = "auto"
+    dense_forward: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -83,7 +86,7 @@ class Kernels:
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
         for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward",
-                     "topk", "slot_scores"):
+                     "topk", "slot_scores", "dense_forward"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -204,12 +207,13 @@ def dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scal
     t when s <= q_positions[b,t]) -> out [B,T,H,V], or with return_lse (out, lse f32[B,T,H]), which
     `dense_attention_distribution` takes; both differentiable. The kernels never store the [B,H,T,S] logits (nor
     does their backward); mask bool[B,T,S] (also hide where False) runs the reference."""
-    impl = kernels_of(impl).impl
-    if impl == "reference" or mask is not None:
+    options = kernels_of(impl)
+    if options.impl == "reference" or mask is not None:
         return dense_attention_reference(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
                                          mask=mask, return_lse=return_lse)
     return dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
-                                  interpret=impl == "interpret", return_lse=return_lse)
+                                  interpret=options.impl == "interpret", return_lse=return_lse,
+                                  forward_kernel=options.dense_forward)
 
 
 def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *, scale: float, lse=None,
@@ -219,7 +223,8 @@ def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *,
     (`dense_attention(..., return_lse=True)`); the kernel needs it (None computes it by the forward kernel) and
     then runs one pass of the QK dot, summing the heads' probabilities in fp32, never storing them. A target,
     constant by design: no gradient flows to any input (every implementation)."""
-    impl = kernels_of(impl).impl
+    options = kernels_of(impl)
+    impl = options.impl
     q_nope, q_rope, k_nope, k_rope, lse = jax.lax.stop_gradient((q_nope, q_rope, k_nope, k_rope, lse))
     if impl == "reference" or mask is not None:
         return dense_attention_distribution_reference(q_nope, q_rope, k_nope, k_rope, q_positions, scale=scale,
@@ -228,6 +233,6 @@ def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *,
     if lse is None:
         values = jnp.zeros(k_nope.shape[:3] + (16,), k_nope.dtype)  # the forward's output is not wanted here
         lse = dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
-                                     interpret=interpret, return_lse=True)[1]
+                                     interpret=interpret, return_lse=True, forward_kernel=options.dense_forward)[1]
     return dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, scale=scale,
                                                interpret=interpret)

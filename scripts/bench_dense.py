@@ -9,6 +9,7 @@ backward too (alone: the saved output and lse given). Where the XLA reference fi
 
     python scripts/bench_dense.py --contexts 8192 32768 131072 --json docs/bench_dense_h100_DATE.json
     python scripts/bench_dense.py --contexts 131072 --tiles default distribution=64,64,4 --backward  # one kernel's
+    python scripts/bench_dense.py --contexts 32768 --forward-kernels gluon pallas  # the two forwards
 
 One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
 """
@@ -30,7 +31,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_kernels import rel_err, timed  # noqa: E402
 from pallas_kernels.dense_attention import (  # noqa: E402
-    BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES, dense_attention_distribution_pallas, dense_attention_pallas)
+    BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES, dense_attention_distribution_pallas, dense_attention_pallas,
+    resolve_forward_kernel)
 from pallas_kernels.dense_attention_reference import dense_attention_with_distribution_reference  # noqa: E402
 
 
@@ -50,10 +52,14 @@ def visible_pairs(first_position: int, num_q: int) -> int:
     return num_q * (first_position + 1) + num_q * (num_q - 1) // 2
 
 
-def kernels(tiles: dict, scale: float, interpret: bool):
-    """The forward (with its backward) and the distribution, each at `tiles`' (block_q, block_k, num_warps) for it."""
+def kernels(tiles: dict, scale: float, interpret: bool, forward_kernel: str = "auto"):
+    """The forward (with its backward) and the distribution, each at `tiles`' (block_q, block_k, num_warps) for it.
+    The forward tiles are the Pallas forward's: given where it runs by choice (forward_kernel "pallas") or by
+    necessity (interpret); "auto" and "gluon" take the Gluon forward where it runs."""
+    forward_tiles = tuple(tiles["forward"]) if forward_kernel == "pallas" or interpret else None
     forward = jax.jit(functools.partial(dense_attention_pallas, scale=scale, return_lse=True, interpret=interpret,
-                                        tiles=tuple(tiles["forward"]), backward_tiles=tuple(tiles["backward"])))
+                                        tiles=forward_tiles, backward_tiles=tuple(tiles["backward"]),
+                                        forward_kernel=forward_kernel))
     distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
                                              tiles=tuple(tiles["distribution"])))
     return forward, distribution
@@ -91,14 +97,22 @@ def parse_tiling(text: str, error=None) -> dict:
     return tiling
 
 
-def time_chunk(args, x, first: int, tiles: dict, check: bool) -> dict:
+def forward_kernel_run(x, forward_kernel: str, interpret: bool) -> str:
+    """The forward kernel that `kernels` runs on inputs x: "gluon" or "pallas"."""
+    pallas = forward_kernel == "pallas" or interpret
+    return resolve_forward_kernel(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:5]],
+                                  widths=(x[0].shape[-1], x[1].shape[-1], x[4].shape[-1]), pallas_tiling=pallas)
+
+
+def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: str = "auto") -> dict:
     """The two kernels on inputs x (`inputs`) whose queries start at position `first`."""
     n, p, v = args.widths
     scale = (n + p) ** -0.5
     num_q, num_keys = x[0].shape[1], x[2].shape[1]
-    forward, distribution = kernels(tiles, scale, args.interpret)
+    forward, distribution = kernels(tiles, scale, args.interpret, forward_kernel)
     out, lse = forward(*x)
-    record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles}
+    record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles,
+              "forward_kernel": forward_kernel_run(x, forward_kernel, args.interpret)}
     if check:
         dist = distribution(*x[:4], x[5], lse)
         want_out, want_dist = jax.jit(functools.partial(dense_attention_with_distribution_reference,
@@ -122,7 +136,7 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool) -> dict:
     return record
 
 
-def time_layer(args, num_keys: int, tiles: dict) -> dict:
+def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto") -> dict:
     """A whole causal layer as the chunks `query_chunk` makes, each timed against all keys, summed."""
     n, p, v = args.widths
     num_q = min(args.chunk, num_keys)
@@ -131,12 +145,13 @@ def time_layer(args, num_keys: int, tiles: dict) -> dict:
     for first in range(0, num_keys, num_q):
         x = (whole[0][:, first:first + num_q], whole[1][:, first:first + num_q], *whole[2:5],
              whole[5][:, first:first + num_q])
-        chunk = time_chunk(args, x, first, tiles, check=False)
+        chunk = time_chunk(args, x, first, tiles, check=False, forward_kernel=forward_kernel)
         chunk_forward_ms.append(chunk["forward_ms"])
         chunk_dist_ms.append(chunk["distribution_ms"])
     forward_ms, dist_ms = sum(chunk_forward_ms), sum(chunk_dist_ms)
     pairs = visible_pairs(0, num_keys)
     return {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
+            "forward_kernel": chunk["forward_kernel"],
             "chunk_forward_ms": chunk_forward_ms, "chunk_distribution_ms": chunk_dist_ms,
             "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
             "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
@@ -153,6 +168,8 @@ def main(argv=None) -> list[dict]:
                         help="tilings to time: 'default' (each kernel's own: FORWARD_TILES, BACKWARD_TILES, "
                              "DISTRIBUTION_TILES), block_q,block_k,num_warps for all three kernels (64,64,4), or "
                              "some kernels' own with the rest at default (distribution=128,128,8+forward=64,64,4)")
+    parser.add_argument("--forward-kernels", nargs="+", default=["auto"], choices=["auto", "gluon", "pallas"],
+                        help="forward kernels to time (the forward tiles apply to the Pallas forward only)")
     parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
     parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
     parser.add_argument("--repeats", type=int, default=3)
@@ -169,13 +186,15 @@ def main(argv=None) -> list[dict]:
     for num_keys in args.contexts:
         num_q = min(args.chunk, num_keys)
         x = inputs(1, num_q, num_keys, args.heads, args.widths, num_keys - num_q)
-        for tiles in tilings:
-            results.append(time_chunk(args, x, num_keys - num_q, tiles, check=num_keys <= args.reference_up_to))
+        runs = [(tiles, kernel) for kernel in args.forward_kernels for tiles in tilings]
+        for tiles, kernel in runs:
+            results.append(time_chunk(args, x, num_keys - num_q, tiles, check=num_keys <= args.reference_up_to,
+                                      forward_kernel=kernel))
             print(json.dumps(results[-1]), flush=True)
         del x
         if args.layer:
-            for tiles in tilings:
-                results.append(time_layer(args, num_keys, tiles))
+            for tiles, kernel in runs:
+                results.append(time_layer(args, num_keys, tiles, kernel))
                 print(json.dumps(results[-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"header": header, "runs": results}, indent=1))

@@ -62,8 +62,9 @@ def job_config(args, stage: str, remat: str, query_chunk: int = 0) -> TrainConfi
     pattern = "F" + ("S" if stage == "indexcache" else "F") * (args.layers - 1)
     job = {"stage": stage, "steps": 1000, "model": model, "remat": remat, "query_chunk": query_chunk,
            "indexcache": {"pattern": pattern}}
-    if args.impl:
-        job["kernels"] = {"impl": args.impl}
+    kernels = apply_overrides({"impl": args.impl} if args.impl else {}, args.kernel)
+    if kernels:
+        job["kernels"] = kernels
     return from_mapping(TrainConfig, job, "")
 
 
@@ -141,6 +142,8 @@ def main(argv=None) -> list[dict]:
                         help="the kernels' implementation (default: by platform). On a CPU, --impl interpret "
                              "--compile-only gives the memory of the kernels' buffers, which the references' "
                              "per-head temporaries would hide")
+    parser.add_argument("--kernel", action="append", default=[], metavar="FIELD=NAME",
+                        help="a kernels option of the job (pallas_kernels.Kernels), e.g. --kernel dense_forward=pallas")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.steps < 1:

@@ -8,6 +8,7 @@ the keys (as `query_chunk` gives), padded queries with position -1 (nothing visi
 are not powers of two, batch 2."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from conftest import rel_err
+from conftest import check_kernel_choice_rules, rel_err
 from pallas_kernels.dense_attention import dense_attention_distribution_pallas, dense_attention_pallas
 from pallas_kernels.dense_attention_reference import (dense_attention_distribution_reference,
                                                       dense_attention_reference)
@@ -266,3 +267,143 @@ def test_warm_up_backward_recomputes_the_distribution_not_the_forward(monkeypatc
     monkeypatch.setattr(model, "SAVED_BY_LAYER_REMAT", (block.TOPK_NAME,))
     jax.clear_caches()  # the jitted loss would give back its first trace
     assert calls()[0] > forward  # without the name kept, the backward runs the forward again
+
+
+# ---- the Gluon forward (`dense_attention_gluon`): compiled on CPU, run on a Hopper GPU -----------------------------
+
+# (T queries, S keys, H, N, P, V) as the wrapper passes them: DeepSeek-V3.2's chunk; ragged small widths; the widest
+# value columns (64 keys per step); widths padded to powers of two
+GLUON_COMPILE_CASES = [(1024, 131072, 128, 128, 64, 128), (300, 1000, 5, 24, 8, 40), (100, 500, 2, 256, 64, 256),
+                       (100, 500, 2, 128, 128, 200)]
+
+
+@pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
+def test_gluon_forward_compiles_for_hopper_with_its_dots_and_does_not_spill(case, tmp_path, monkeypatch):
+    """Triton's compiler, no GPU: the kernel fits shared memory, keeps within 255 registers without spilling, and
+    issues per key block (once in the unmasked loop, once in the masked one) (N + P) / 16 logits steps of
+    m64n(block_k), each warpgroup 64 of the 128 queries, and block_k / 16 value steps of m64nV."""
+    pytest.importorskip("triton.experimental.gluon")
+    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log  # noqa: PLC0415
+
+    from pallas_kernels import _gluon, dense_attention_gluon  # noqa: PLC0415
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    num_q, num_keys, heads, n, p, v = case
+    constants, grid = dense_attention_gluon.kernel_constants(num_q, num_keys, heads, n, p, v, batch=2, scale=0.1)
+    n_p, p_p, v_p, block_k = constants["NOPE"], constants["ROPE"], constants["VALUE"], constants["BLOCK_K"]
+    assert (n_p, p_p, v_p) == tuple(max(16, 1 << (w - 1).bit_length()) for w in (n, p, v))
+    assert grid == (-(-num_q // 128), heads, 2) and constants["KEYS_P"] % block_k == 0
+    assert block_k == (128 if v_p <= 128 else 64)
+    compiled, _ = _gluon.compile_gluon(dense_attention_gluon._forward_kernel,
+                                       ["*bf16"] * 5 + ["*i32", "*bf16", "*fp32"], num_warps=8, capability=90,
+                                       constexprs=constants)
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
+    logits, values = f"m64n{block_k}k16", f"m64n{v_p}k16"
+    if logits == values:
+        assert shapes.count(logits) == 2 * ((n_p + p_p) // 16 + block_k // 16)
+    else:
+        assert shapes.count(logits) == 2 * (n_p + p_p) // 16 and shapes.count(values) == 2 * block_k // 16
+    assert len(shapes) == 2 * ((n_p + p_p) // 16 + block_k // 16), sorted(set(shapes))
+    log = _ptxas_log(compiled.asm["ptx"], tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
+    assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+
+
+def test_forward_kernel_choice_is_validated_and_follows_the_platform(monkeypatch):
+    from pallas_kernels import _gluon  # noqa: PLC0415
+    from pallas_kernels.dense_attention import resolve_forward_kernel  # noqa: PLC0415
+    bf16 = [jnp.bfloat16] * 5
+    choose = functools.partial(resolve_forward_kernel, widths=(128, 64, 128), pallas_tiling=False)
+    check_kernel_choice_rules(lambda kernel, interpret: choose(kernel, interpret=interpret, dtypes=bf16),
+                              "forward_kernel")
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)  # as on a Hopper GPU
+    assert choose("auto", interpret=False, dtypes=bf16) == "gluon"
+    assert choose("auto", interpret=False, dtypes=[jnp.float16] * 5) == "gluon"
+    assert choose("auto", interpret=False, dtypes=bf16, pallas_tiling=True) == "pallas"  # Pallas tiles were given
+    assert choose("auto", interpret=False, dtypes=[jnp.float32] * 5) == "pallas"
+    with pytest.raises(ValueError, match="bfloat16 or float16 inputs, got float32"):
+        choose("gluon", interpret=False, dtypes=[jnp.float32] * 5)
+    with pytest.raises(ValueError, match=r"one dtype, got \['bfloat16', 'bfloat16', 'bfloat16', 'bfloat16', "
+                                         r"'float16'\]"):
+        choose("gluon", interpret=False, dtypes=bf16[:4] + [jnp.float16])
+    with pytest.raises(ValueError, match="widths up to 256 .* got nope 300"):
+        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(300, 64, 128), pallas_tiling=False)
+
+
+def _lse_err(lse, want) -> float:
+    """rel_err over the finite entries, once the -inf entries (queries that see nothing) are found to match."""
+    lse, want = np.asarray(lse), np.asarray(want)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want))
+    return rel_err(lse[np.isfinite(want)], want[np.isfinite(want)])
+
+
+def _stand_in_forward_launch(qn, qr, kn, kr, v, positions, *, kernel, out_shape, grid, num_warps, **constants):
+    """`gluon_call` for `dense_forward_gluon`: the reference on the padded inputs, checked against the constants,
+    handed through a callback that, like jax-triton's call, has no batching rule."""
+    del kernel, num_warps
+    batch, num_q_p, heads, n_p = qn.shape
+    assert (num_q_p, heads, n_p, qr.shape[-1], v.shape[-1]) == (constants["NUM_Q"], constants["HEADS"],
+                                                                 constants["NOPE"], constants["ROPE"],
+                                                                 constants["VALUE"])
+    assert kn.shape[1] == kr.shape[1] == v.shape[1] == constants["KEYS_P"]
+    assert constants["KEYS_P"] % constants["BLOCK_K"] == 0 and num_q_p % 128 == 0
+    assert grid == (num_q_p // 128, heads, batch) and positions.shape == (batch, num_q_p)
+    out, lse = dense_attention_reference(qn, qr, kn, kr, v, positions, return_lse=True,
+                                         scale=constants["SCALE_LOG2"] / 1.4426950408889634)
+    return jax.pure_callback(lambda o, s: (o, s), out_shape, out, jnp.moveaxis(lse, 1, 2))
+
+
+def test_gluon_forward_wrapper_pads_slices_and_maps_under_vmap(monkeypatch):
+    """On CPU, around a stand-in for the launch: the wrapper pads queries to 128, keys to the key tile and widths
+    to powers of two (padded queries see nothing), slices the outputs back, and maps under vmap."""
+    dense_attention_gluon = pytest.importorskip("pallas_kernels.dense_attention_gluon")  # needs triton, not a GPU
+    from pallas_kernels import _gluon  # noqa: PLC0415
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(dense_attention_gluon, "gluon_call", _stand_in_forward_launch)
+    inputs = list(_inputs(SHAPES[0], jnp.bfloat16))
+    inputs[5] = inputs[5].at[1, 2].set(-1)
+    out, lse = dense_attention_pallas(*inputs, scale=SCALE, return_lse=True, forward_kernel="gluon")
+    want_out, want_lse, _ = _want(tuple(inputs))
+    assert out.shape == want_out.shape and out.dtype == jnp.bfloat16 and lse.shape == want_lse.shape
+    assert rel_err(out, want_out) < 1e-2 and _lse_err(lse, want_lse) < 1e-5
+    assert np.all(np.asarray(out[1, 2]) == 0) and np.isneginf(np.asarray(lse[1, 2])).all()
+    mapped = jax.vmap(lambda *x: dense_attention_pallas(*x, scale=SCALE, return_lse=True, forward_kernel="gluon"),
+                      in_axes=(1, 1, None, None, None, 1))(*(x[:, :, None] if i in (0, 1, 5) else x
+                                                             for i, x in enumerate(inputs)))
+    np.testing.assert_array_equal(np.asarray(jnp.moveaxis(mapped[0], 0, 1)[:, :, 0]), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(jnp.moveaxis(mapped[1], 0, 1)[:, :, 0]), np.asarray(lse))
+
+
+def _require_gluon():
+    from pallas_kernels import _gluon  # noqa: PLC0415
+    if not _gluon.available():
+        pytest.skip(f"Gluon kernels cannot run here: {_gluon.unavailable_reason()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 300, 1000, 5, 24, 8, 40, 700), (1, 130, 600, 2, 200, 64, 256, 0)])
+def test_gluon_forward_equals_the_reference_and_the_pallas_forward(shape, dtype):
+    """Ragged shapes (queries past one block of 128, keys past whole key tiles, widths padded, 256 value columns
+    with 64 keys per step), a padded query, bf16 and fp16; the same gradients as with the Pallas forward (the
+    backward kernels are shared; only the residuals out and lse come from another kernel)."""
+    _require_gluon()
+    inputs = list(_inputs(shape, dtype, seed=3))
+    inputs[5] = inputs[5].at[:, 1].set(-1)
+    out, lse = dense_attention_pallas(*inputs, scale=SCALE, return_lse=True, forward_kernel="gluon")
+    pallas_out, pallas_lse = dense_attention_pallas(*inputs, scale=SCALE, return_lse=True, forward_kernel="pallas")
+    want_out, want_lse, _ = _want(tuple(inputs))
+    assert rel_err(out, want_out) < 1e-2 and _lse_err(lse, want_lse) < 1e-5
+    assert rel_err(out, pallas_out) < 1e-2 and _lse_err(lse, pallas_lse) < 1e-5
+    assert np.all(np.asarray(out[:, 1]) == 0) and np.isneginf(np.asarray(lse[:, 1])).all()
+    cot = jax.random.normal(jax.random.key(9), out.shape)
+
+    def grads(kernel):
+        def loss(*x):
+            return jnp.sum(dense_attention_pallas(*x, inputs[5], scale=SCALE, forward_kernel=kernel)
+                           .astype(jnp.float32) * cot)
+        return jax.grad(loss, argnums=range(5))(*inputs[:5])
+    for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), grads("gluon"), grads("pallas"),
+                          strict=True):
+        assert rel_err(g, w) < 1e-2, name

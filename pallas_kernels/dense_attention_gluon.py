@@ -1,0 +1,274 @@
+"""Causal dense MLA attention forward on Hopper, in Gluon: one program = one head x 128 queries, two warpgroups.
+
+The same contract and numerics as `dense_attention._forward_kernel` (the Pallas kernel, its CPU-testable twin):
+fp32 logits q_nope . k_nope + q_rope . k_rope, an online softmax in base 2 with the scale folded into log2(e),
+probabilities rounded to the input dtype for the value dot, fp32 accumulation; out = acc / rowsum and the
+log-sum-exp per (query, head) in natural log. Key blocks that every real query of the block sees whole take a loop
+with no mask; only the blocks straddling the diagonal compare ids. A query that sees nothing (position -1, padding)
+gets zeros and lse -inf.
+
+Why a Gluon kernel: Pallas's Triton backend (deprecated in jax 0.11) ran this forward at 332-350 TFLOP/s on an
+H100 at DeepSeek-V3.2's shapes (docs/BENCHMARKS.md, sessions 41-42). Here the schedule is explicit:
+  - q (BLOCK_Q x (N + P)) stays in shared memory; the keys and values of BLOCK_K keys stream through a STAGES-deep
+    cp.async ring (rows of one head: stride H x N in k_nope, H x V in values; the rope key is shared by the heads);
+  - logits [BLOCK_Q, BLOCK_K] = two wgmma chains (nope, then rope) into one fp32 accumulator, each warpgroup 64 of
+    the queries (m64nBLOCK_K), so neither duplicates the other's work;
+  - the probabilities stay in registers as the A operand of the value dot (no shared-memory round trip, no CTA
+    barrier for them): acc [BLOCK_Q, V] += P . V (m64nV).
+Gluon has no interpreter: the CPU tests compile this kernel for sm_90 (wgmma shapes, no spills, shared memory) and
+check the Pallas kernel, which computes the same arithmetic, in interpret mode; this kernel's outputs are checked
+against the reference and the Pallas kernel on the GPU (`tests/test_dense_attention.py`).
+Shapes: B batch, T queries (T_p padded), S keys (S_p), H heads, N nope width, P rope width, V value width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
+from pallas_kernels._pallas import dot_size, pad_axis, round_up
+from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
+
+BLOCK_Q = gl.constexpr(128)  # queries per program: two warpgroups of m64
+NUM_WARPS = 8
+# (keys per step, key blocks in flight), the first that fits: on an H100 at DeepSeek-V3.2's widths (128 + 64 -> 128),
+# last chunk of 1024 queries, 128x2 ran at 507-514 TFLOP/s, 64x3 at 480-493, 64x4 469-495, 64x2 476-488, 32x4 409-415
+# (docs/BENCHMARKS.md, session 43). 128 keys per step only up to 128 value columns (the registers of logits + acc).
+KEY_TILES = ((128, 2), (64, 3), (64, 2), (32, 2))
+MAX_WIDTH = 256  # N, P and V padded: one wgmma's N (V) and the shared-memory plan
+_LOG2_E = 1.4426950408889634
+
+
+@gluon.constexpr_function
+def _rows_layout(width, num_warps):
+    """Blocked layout for [rows, width] copies: 8 contiguous 2-byte elements (16 bytes) per thread, the threads of
+    a warp along one row's segment first."""
+    across = min(32, width // 8)
+    return gl.BlockedLayout([1, 8], [32 // across, across], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _copy_rows(src, row_stride, dst, ROWS: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
+    """Start the cp.async copy of ROWS rows of WIDTH elements, row r at src + r * row_stride, into dst."""
+    layout: gl.constexpr = _rows_layout(WIDTH, num_warps)
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    columns = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    async_copy.async_copy_global_to_shared(dst, src + rows[:, None] * row_stride + columns[None, :])
+
+
+@gluon.jit
+def _copy_key_block(kn_base, kr_base, v_base, block, kn_dst, kr_dst, v_dst, HEADS: gl.constexpr,
+                    NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """Start the copies of key block `block` (this head's nope keys and values, the shared rope keys) and commit
+    them as one group. Offsets within a block fit int32; the block's start is taken in int64 (B x S x H x N passes
+    2^31 at 128K keys of 128 heads)."""
+    first = block.to(gl.int64) * BLOCK_K
+    _copy_rows(kn_base + first * (HEADS * NOPE), HEADS * NOPE, kn_dst, BLOCK_K, NOPE, num_warps)
+    _copy_rows(kr_base + first * ROPE, ROPE, kr_dst, BLOCK_K, ROPE, num_warps)
+    _copy_rows(v_base + first * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE, num_warps)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _attend_block(q_nope, q_rope, kn, kr, v, carry_max, carry_sum, acc, block, positions, MASKED: gl.constexpr,
+                  NUM_KEYS: gl.constexpr, SCALE_LOG2: gl.constexpr, BLOCK_K: gl.constexpr,
+                  logits_layout: gl.constexpr, p_operand: gl.constexpr):
+    """One key block of the online softmax (base 2), as `dense_attention._forward_kernel`'s attend_block."""
+    logits = warpgroup_mma(q_nope, kn.permute((1, 0)),
+                           gl.zeros([BLOCK_Q, BLOCK_K], gl.float32, layout=logits_layout), use_acc=False)
+    logits = warpgroup_mma(q_rope, kr.permute((1, 0)), logits) * SCALE_LOG2
+    if MASKED:
+        ids = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, logits_layout))
+        visible = (ids[None, :] <= positions[:, None]) & (ids < NUM_KEYS)[None, :]
+        logits = gl.where(visible, logits, float("-inf"))
+    new_max = gl.maximum(carry_max, gl.max(logits, axis=1))
+    safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible yet: keep exp2() finite
+    probs = gl.exp2(logits - safe_max[:, None])
+    rescale = gl.exp2(carry_max - safe_max)
+    carry_sum = carry_sum * rescale + gl.sum(probs, axis=1)
+    acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, acc.type.layout))[:, None]
+    acc = warpgroup_mma(gl.convert_layout(probs.to(v.dtype), p_operand), v, acc)
+    return new_max, carry_sum, acc
+
+
+@gluon.jit
+def _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, block,
+          walk, positions, MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, HEADS: gl.constexpr, NOPE: gl.constexpr,
+          ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr, STAGES: gl.constexpr,
+          BLOCK_K: gl.constexpr, logits_layout: gl.constexpr, p_operand: gl.constexpr, num_warps: gl.constexpr):
+    """Key block `block`: wait for it, start the copy of block + STAGES - 1 into the slot the block before last
+    used, and attend to it."""
+    slot = block % STAGES
+    async_copy.wait_group(STAGES - 2)  # this block (and q) landed for this thread's copies ...
+    gl.thread_barrier()  # ... and every thread's; every warp is also done with the block before last
+    fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+    ahead = block + STAGES - 1
+    _copy_key_block(kn_base, kr_base, v_base, gl.minimum(ahead, walk - 1), kn_ring.index(ahead % STAGES),
+                    kr_ring.index(ahead % STAGES), v_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE,
+                    BLOCK_K, num_warps)
+    return _attend_block(q_nope, q_rope, kn_ring.index(slot), kr_ring.index(slot), v_ring.index(slot), carry_max,
+                         carry_sum, acc, block, positions, MASKED, NUM_KEYS, SCALE_LOG2, BLOCK_K, logits_layout,
+                         p_operand)
+
+
+@gluon.jit
+def _forward_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr, NUM_Q: gl.constexpr,
+                    NUM_KEYS: gl.constexpr, KEYS_P: gl.constexpr, HEADS: gl.constexpr, NOPE: gl.constexpr,
+                    ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr, STAGES: gl.constexpr,
+                    BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    # qn_ptr [B, T_p, H, N], qr_ptr [B, T_p, H, P], kn_ptr [B, S_p, H, N], kr_ptr [B, S_p, P], v_ptr [B, S_p, H, V]
+    # (N, P, V padded), pos_ptr i32[B, T_p] (-1: padding), out_ptr [B, T_p, H, V], lse_ptr f32[B, H, T_p] (natural
+    # log). NUM_KEYS: the real keys (ids past it are masked); KEYS_P: S_p, a multiple of BLOCK_K. Grid (T_p /
+    # BLOCK_Q, H, B), the latest query block first: causal rows cost their position.
+    dtype: gl.constexpr = qn_ptr.dtype.element_ty
+    query_block = NUM_Q // BLOCK_Q - 1 - gl.program_id(0)
+    head = gl.program_id(1)
+    batch = gl.program_id(2)
+    first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * T_p]
+
+    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, BLOCK_K, 16])
+    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, VALUE, 16])
+    p_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=out_layout, k_width=2)
+
+    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_Q, NOPE], gl.NVMMASharedLayout.get_default_for([BLOCK_Q, NOPE],
+                                                                                                    dtype))
+    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_Q, ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_Q, ROPE],
+                                                                                                    dtype))
+    kn_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, NOPE],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_K, NOPE], dtype))
+    kr_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, ROPE],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_K, ROPE], dtype))
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, VALUE],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_K, VALUE], dtype))
+
+    q_row = first_query.to(gl.int64) * HEADS + head
+    _copy_rows(qn_ptr + q_row * NOPE, HEADS * NOPE, q_nope, BLOCK_Q, NOPE, num_warps)
+    _copy_rows(qr_ptr + q_row * ROPE, HEADS * ROPE, q_rope, BLOCK_Q, ROPE, num_warps)
+    async_copy.commit_group()
+
+    # Walk bounds, from every query's position (as the Pallas kernel's _blocks_to_walk and _blocks_seen_whole).
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    all_positions = gl.load(pos_ptr + first_query + gl.arange(0, BLOCK_Q, layout=flat))
+    last = gl.minimum(gl.max(all_positions, axis=0), NUM_KEYS - 1)
+    walk = gl.maximum(last + BLOCK_K, 0) // BLOCK_K  # 0 when every query is padding
+    first_real = gl.min(gl.where(all_positions >= 0, all_positions, NUM_KEYS), axis=0)
+    whole = gl.minimum(gl.minimum((first_real + 1) // BLOCK_K, NUM_KEYS // BLOCK_K), walk)
+
+    kn_base = kn_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * NOPE
+    kr_base = kr_ptr + batch.to(gl.int64) * KEYS_P * ROPE
+    v_base = v_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * VALUE
+    for stage in gl.static_range(STAGES - 1):  # block walk - 1 again past the walk: a load of nothing new
+        _copy_key_block(kn_base, kr_base, v_base, gl.maximum(gl.minimum(walk - 1, stage), 0), kn_ring.index(stage),
+                        kr_ring.index(stage), v_ring.index(stage), HEADS, NOPE, ROPE, VALUE, BLOCK_K, num_warps)
+
+    positions = gl.convert_layout(all_positions, gl.SliceLayout(1, logits_layout))
+    carry_max = gl.full([BLOCK_Q], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout))
+    carry_sum = gl.zeros([BLOCK_Q], gl.float32, layout=gl.SliceLayout(1, logits_layout))
+    acc = gl.zeros([BLOCK_Q, VALUE], gl.float32, layout=out_layout)
+    for block in range(0, whole):
+        carry_max, carry_sum, acc = _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base,
+                                          carry_max, carry_sum, acc, block, walk, positions, False, NUM_KEYS,
+                                          HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K, logits_layout,
+                                          p_operand, num_warps)
+    for block in range(whole, walk):
+        carry_max, carry_sum, acc = _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base,
+                                          carry_max, carry_sum, acc, block, walk, positions, True, NUM_KEYS,
+                                          HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K, logits_layout,
+                                          p_operand, num_warps)
+    async_copy.wait_group(0)
+
+    has_any = (carry_sum > 0) & (positions >= 0)  # a padded query's row took the unmasked blocks: drop it
+    total = gl.where(has_any, carry_sum, 1.0)
+    lse = gl.where(has_any, (carry_max + gl.log2(total)) * 0.6931471805599453, float("-inf"))
+    rows = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, logits_layout))
+    gl.store(lse_ptr + (batch * HEADS + head) * NUM_Q + query_block * BLOCK_Q + rows, lse)
+    scale = gl.convert_layout(gl.where(has_any, 1.0 / total, 0.0), gl.SliceLayout(1, out_layout))
+    out_rows = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, out_layout))
+    columns = gl.arange(0, VALUE, layout=gl.SliceLayout(0, out_layout))
+    out_offsets = ((first_query + out_rows).to(gl.int64) * HEADS + head) * VALUE
+    gl.store(out_ptr + out_offsets[:, None] + columns[None, :], (acc * scale[:, None]).to(out_ptr.dtype.element_ty))
+
+
+def padded_widths(nope: int, rope: int, value: int) -> tuple[int, int, int]:
+    """(N_p, P_p, V_p): powers of two of at least 16 (zero columns change no dot)."""
+    return dot_size(nope), dot_size(rope), dot_size(value)
+
+
+def smem_bytes(nope_p: int, rope_p: int, value_p: int, stages: int, block_k: int, itemsize: int = 2) -> int:
+    """Shared memory of one program: the query tile and the key ring."""
+    return itemsize * (BLOCK_Q.value * (nope_p + rope_p) + stages * block_k * (nope_p + rope_p + value_p))
+
+
+def key_tile(nope_p: int, rope_p: int, value_p: int):
+    """(block_k, stages) for padded widths: the first of KEY_TILES that fits shared memory (and 128 keys per step
+    only up to 128 value columns); None when none fits."""
+    for block_k, stages in KEY_TILES:
+        if (block_k <= 64 or value_p <= 128) and smem_bytes(nope_p, rope_p, value_p, stages,
+                                                            block_k) <= GLUON_SMEM_BYTES:
+            return block_k, stages
+    return None
+
+
+def unsupported_reason(dtype, nope: int, rope: int, value: int):
+    """None when this kernel takes these inputs, else why not."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"it takes bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+    widths = padded_widths(nope, rope, value)
+    if max(widths) > MAX_WIDTH:
+        return (f"it takes widths up to {MAX_WIDTH} (padded to powers of two), got nope {nope}, rope {rope}, "
+                f"value {value}")
+    if key_tile(*widths) is None:
+        return f"its tiles for widths {widths} need more than {GLUON_SMEM_BYTES} bytes of shared memory"
+    return None
+
+
+def kernel_constants(num_q: int, num_keys: int, heads: int, nope: int, rope: int, value: int, *, batch: int,
+                     scale: float, block_k: int = 0, stages: int = 0) -> tuple[dict, tuple[int, int, int]]:
+    """The kernel's compile-time constants (sizes padded) and its grid (also used by the CPU compile test).
+    block_k, stages: 0 takes `key_tile`'s."""
+    nope_p, rope_p, value_p = padded_widths(nope, rope, value)
+    if not (block_k and stages):
+        block_k, stages = key_tile(nope_p, rope_p, value_p)
+    num_q_p, keys_p = round_up(num_q, BLOCK_Q.value), round_up(num_keys, block_k)
+    constants = dict(NUM_Q=num_q_p, NUM_KEYS=num_keys, KEYS_P=keys_p, HEADS=heads, NOPE=nope_p, ROPE=rope_p,
+                     VALUE=value_p, SCALE_LOG2=scale * _LOG2_E, STAGES=stages, BLOCK_K=block_k)
+    return constants, (num_q_p // BLOCK_Q.value, heads, batch)
+
+
+def dense_forward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
+                        block_k: int = 0, stages: int = 0):
+    """(out [B,T,H,V] in the dtype of values, lse f32[B,T,H]), as `dense_attention._forward` (inputs checked by
+    the caller; `unsupported_reason` None). block_k, stages: the key tile (0: `key_tile`'s). Maps under vmap by
+    folding into the batch."""
+    (batch, num_q, heads, nope), num_keys = q_nope.shape, k_nope.shape[1]
+    rope, value = q_rope.shape[-1], values.shape[-1]
+
+    def unmapped(q_nope, q_rope, k_nope, k_rope, values, q_positions):
+        batch = q_nope.shape[0]
+        constants, grid = kernel_constants(num_q, num_keys, heads, nope, rope, value, batch=batch, scale=scale,
+                                           block_k=block_k, stages=stages)
+        num_q_p, keys_p = constants["NUM_Q"], constants["KEYS_P"]
+        nope_p, rope_p, value_p = constants["NOPE"], constants["ROPE"], constants["VALUE"]
+        dtype = values.dtype
+        qn = pad_axis(pad_axis(q_nope.astype(dtype), 3, nope_p), 1, num_q_p)
+        qr = pad_axis(pad_axis(q_rope.astype(dtype), 3, rope_p), 1, num_q_p)
+        kn = pad_axis(pad_axis(k_nope.astype(dtype), 3, nope_p), 1, keys_p)
+        kr = pad_axis(pad_axis(k_rope.astype(dtype), 2, rope_p), 1, keys_p)
+        v = pad_axis(pad_axis(values, 3, value_p), 1, keys_p)
+        positions = pad_axis(q_positions.astype(jnp.int32), 1, num_q_p, -1)
+        out, lse = gluon_call(qn, qr, kn, kr, v, positions, kernel=_forward_kernel,
+                              out_shape=[jax.ShapeDtypeStruct((batch, num_q_p, heads, value_p), dtype),
+                                         jax.ShapeDtypeStruct((batch, heads, num_q_p), jnp.float32)],
+                              grid=grid, num_warps=NUM_WARPS, **constants)
+        return out[:, :num_q, :, :value], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
+
+    del batch
+    return vmap_by_folding_into_batch(unmapped)(q_nope, q_rope, k_nope, k_rope, values, q_positions)
