@@ -39,8 +39,9 @@ NUM_WARPS = 8
 # (keys per step, key blocks in flight), the first that fits: on an H100 at DeepSeek-V3.2's widths (128 + 64 -> 128),
 # last chunk of 1024 queries, 128x2 ran at 507-514 TFLOP/s, 64x3 at 480-493, 64x4 469-495, 64x2 476-488, 32x4 409-415
 # (docs/BENCHMARKS.md, session 43). 128 keys per step only up to 128 value columns (the registers of logits + acc).
-KEY_TILES = ((128, 2), (64, 3), (64, 2), (32, 2))
-MAX_WIDTH = 256  # N, P and V padded: one wgmma's N (V) and the shared-memory plan
+KEY_TILES = ((128, 2),)  # 64 keys per step (tried where 128 does not fit) gave wrong outputs on an H100 at
+# 128 + 128 -> 128 (session 43, not yet found why; at 128 + 64 -> 128 64x3 was right): such widths take Pallas
+MAX_WIDTH = 128  # N, P and V padded (wider inputs would need 64 keys per step: see KEY_TILES)
 _LOG2_E = 1.4426950408889634
 
 

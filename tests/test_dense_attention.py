@@ -272,9 +272,8 @@ def test_warm_up_backward_recomputes_the_distribution_not_the_forward(monkeypatc
 # ---- the Gluon forward (`dense_attention_gluon`): compiled on CPU, run on a Hopper GPU -----------------------------
 
 # (T queries, S keys, H, N, P, V) as the wrapper passes them: DeepSeek-V3.2's chunk; ragged small widths; the widest
-# value columns (64 keys per step); widths padded to powers of two
-GLUON_COMPILE_CASES = [(1024, 131072, 128, 128, 64, 128), (300, 1000, 5, 24, 8, 40), (100, 500, 2, 256, 64, 256),
-                       (100, 500, 2, 128, 128, 200)]
+# that fit shared memory at 128 keys per step
+GLUON_COMPILE_CASES = [(1024, 131072, 128, 128, 64, 128), (300, 1000, 5, 24, 8, 40), (100, 500, 2, 100, 28, 128)]
 
 
 @pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
@@ -292,7 +291,7 @@ def test_gluon_forward_compiles_for_hopper_with_its_dots_and_does_not_spill(case
     n_p, p_p, v_p, block_k = constants["NOPE"], constants["ROPE"], constants["VALUE"], constants["BLOCK_K"]
     assert (n_p, p_p, v_p) == tuple(max(16, 1 << (w - 1).bit_length()) for w in (n, p, v))
     assert grid == (-(-num_q // 128), heads, 2) and constants["KEYS_P"] % block_k == 0
-    assert block_k == (128 if v_p <= 128 else 64)
+    assert block_k == 128
     compiled, _ = _gluon.compile_gluon(dense_attention_gluon._forward_kernel,
                                        ["*bf16"] * 5 + ["*i32", "*bf16", "*fp32"], num_warps=8, capability=90,
                                        constexprs=constants)
@@ -327,8 +326,11 @@ def test_forward_kernel_choice_is_validated_and_follows_the_platform(monkeypatch
     with pytest.raises(ValueError, match=r"one dtype, got \['bfloat16', 'bfloat16', 'bfloat16', 'bfloat16', "
                                          r"'float16'\]"):
         choose("gluon", interpret=False, dtypes=bf16[:4] + [jnp.float16])
-    with pytest.raises(ValueError, match="widths up to 256 .* got nope 300"):
-        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(300, 64, 128), pallas_tiling=False)
+    with pytest.raises(ValueError, match="widths up to 128 .* got nope 192"):
+        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(192, 64, 128), pallas_tiling=False)
+    assert choose("auto", interpret=False, dtypes=bf16, widths=(128, 64, 256)) == "pallas"
+    with pytest.raises(ValueError, match="more than .* bytes of shared memory"):  # 128 keys per step do not fit
+        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(128, 128, 128), pallas_tiling=False)
 
 
 def _lse_err(lse, want) -> float:
@@ -383,11 +385,11 @@ def _require_gluon():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("shape", SHAPES + [(1, 300, 1000, 5, 24, 8, 40, 700), (1, 130, 600, 2, 200, 64, 256, 0)])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 300, 1000, 5, 24, 8, 40, 700), (1, 130, 600, 2, 100, 28, 128, 0)])
 def test_gluon_forward_equals_the_reference_and_the_pallas_forward(shape, dtype):
-    """Ragged shapes (queries past one block of 128, keys past whole key tiles, widths padded, 256 value columns
-    with 64 keys per step), a padded query, bf16 and fp16; the same gradients as with the Pallas forward (the
-    backward kernels are shared; only the residuals out and lse come from another kernel)."""
+    """Ragged shapes (queries past one block of 128, keys past whole key tiles, widths padded), a padded query,
+    bf16 and fp16; the same gradients as with the Pallas forward (the backward kernels are shared; only the
+    residuals out and lse come from another kernel)."""
     _require_gluon()
     inputs = list(_inputs(shape, dtype, seed=3))
     inputs[5] = inputs[5].at[:, 1].set(-1)
