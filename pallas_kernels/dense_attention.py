@@ -232,31 +232,22 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-FORWARD_KERNELS = ("auto", "gluon", "pallas")
-
-
 def resolve_forward_kernel(forward_kernel: str, *, interpret: bool, dtypes, widths, pallas_tiling: bool) -> str:
-    """"pallas" or "gluon" (`dense_attention_gluon`, Hopper) for the forward. "auto" takes Gluon where it runs
-    (a Hopper GPU with triton and jax-triton; q, k and values all bf16 or all fp16; widths it fits), unless Pallas
-    forward tiles were given (pallas_tiling); an explicit "gluon" that cannot run is an error that says why.
-    dtypes: of q_nope, q_rope, k_nope, k_rope, values; widths: (N, P, V)."""
-    if forward_kernel not in FORWARD_KERNELS:
-        raise ValueError(f"forward_kernel must be one of {list(FORWARD_KERNELS)}, got {forward_kernel!r}")
-    if forward_kernel == "pallas":
+    """"pallas" or "gluon" (`dense_attention_gluon`, Hopper) for the forward, by
+    `sparse_attention.resolve_kernel_choice`: "auto" takes Gluon where it runs (a Hopper GPU with triton and
+    jax-triton; q, k and values all bf16 or all fp16; widths it fits), unless Pallas forward tiles were given
+    (pallas_tiling). dtypes: of q_nope, q_rope, k_nope, k_rope, values; widths: (N, P, V)."""
+    from pallas_kernels.sparse_attention import resolve_kernel_choice
+    if forward_kernel == "auto" and pallas_tiling:
         return "pallas"
-    dtypes = [jnp.dtype(d) for d in dtypes]
-    if interpret:
-        reason = "the Pallas interpreter runs Pallas kernels only"
-    elif len(set(dtypes)) != 1:
-        reason = f"it takes q, k and values of one dtype, got {[d.name for d in dtypes]}"
-    else:
+
+    def reason():
+        names = [jnp.dtype(d).name for d in dtypes]
+        if len(set(names)) != 1:
+            return f"it takes q, k and values of one dtype, got {names}"
         from pallas_kernels import _gluon
-        reason = _gluon.unavailable_or_unsupported("pallas_kernels.dense_attention_gluon", dtypes[0], *widths)
-    if forward_kernel == "gluon":
-        if reason is not None:
-            raise ValueError(f"forward_kernel='gluon' cannot run: {reason}")
-        return "gluon"
-    return "gluon" if reason is None and not pallas_tiling else "pallas"
+        return _gluon.unavailable_or_unsupported("pallas_kernels.dense_attention_gluon", dtypes[0], *widths)
+    return resolve_kernel_choice("forward_kernel", forward_kernel, interpret, reason)
 
 
 def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, kernel, block_q, block_k,
@@ -475,7 +466,7 @@ def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, 
     Differentiable in every input but q_positions, by the backward kernels (module docstring). `tiles` and
     `backward_tiles` are (block_q, block_k, num_warps) of the Pallas forward (None: FORWARD_TILES) and of the two
     backward kernels. forward_kernel: "gluon" (`dense_attention_gluon`, Hopper, bf16/fp16: on an H100 at
-    DeepSeek-V3.2's shapes 1.46-1.52x this module's Pallas forward, docs/BENCHMARKS.md session 43), "pallas", or
+    DeepSeek-V3.2's shapes 1.43-1.52x this module's Pallas forward, docs/BENCHMARKS.md session 43), "pallas", or
     "auto" (`resolve_forward_kernel`: Gluon where it runs, unless `tiles` is given)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
     kernel = resolve_forward_kernel(forward_kernel, interpret=bool(interpret),

@@ -36,12 +36,13 @@ from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 BLOCK_Q = gl.constexpr(128)  # queries per program: two warpgroups of m64
 NUM_WARPS = 8
-# (keys per step, key blocks in flight), the first that fits: on an H100 at DeepSeek-V3.2's widths (128 + 64 -> 128),
-# last chunk of 1024 queries, 128x2 ran at 507-514 TFLOP/s, 64x3 at 480-493, 64x4 469-495, 64x2 476-488, 32x4 409-415
-# (docs/BENCHMARKS.md, session 43). 128 keys per step only up to 128 value columns (the registers of logits + acc).
-KEY_TILES = ((128, 2),)  # 64 keys per step (tried where 128 does not fit) gave wrong outputs on an H100 at
-# 128 + 128 -> 128 (session 43, not yet found why; at 128 + 64 -> 128 64x3 was right): such widths take Pallas
-MAX_WIDTH = 128  # N, P and V padded (wider inputs would need 64 keys per step: see KEY_TILES)
+# Keys per step and key blocks in flight: on an H100 at DeepSeek-V3.2's widths (128 + 64 -> 128), last chunk of 1024
+# queries, 128x2 ran at 507-514 TFLOP/s, 64x3 at 480-493, 64x4 469-495, 64x2 476-488, 32x4 409-415 (docs/BENCHMARKS.md,
+# session 43). 64 keys per step, which wider inputs would need, gave wrong outputs on an H100 at 128 + 128 -> 128
+# (not yet found why; at 128 + 64 -> 128 64x3 was right): widths that do not fit at 128 keys per step take Pallas.
+BLOCK_K = 128
+STAGES = 2
+MAX_WIDTH = 128  # N, P and V padded
 _LOG2_E = 1.4426950408889634
 
 
@@ -203,19 +204,9 @@ def padded_widths(nope: int, rope: int, value: int) -> tuple[int, int, int]:
     return dot_size(nope), dot_size(rope), dot_size(value)
 
 
-def smem_bytes(nope_p: int, rope_p: int, value_p: int, stages: int, block_k: int, itemsize: int = 2) -> int:
+def smem_bytes(nope_p: int, rope_p: int, value_p: int, itemsize: int = 2) -> int:
     """Shared memory of one program: the query tile and the key ring."""
-    return itemsize * (BLOCK_Q.value * (nope_p + rope_p) + stages * block_k * (nope_p + rope_p + value_p))
-
-
-def key_tile(nope_p: int, rope_p: int, value_p: int):
-    """(block_k, stages) for padded widths: the first of KEY_TILES that fits shared memory (and 128 keys per step
-    only up to 128 value columns); None when none fits."""
-    for block_k, stages in KEY_TILES:
-        if (block_k <= 64 or value_p <= 128) and smem_bytes(nope_p, rope_p, value_p, stages,
-                                                            block_k) <= GLUON_SMEM_BYTES:
-            return block_k, stages
-    return None
+    return itemsize * (BLOCK_Q.value * (nope_p + rope_p) + STAGES * BLOCK_K * (nope_p + rope_p + value_p))
 
 
 def unsupported_reason(dtype, nope: int, rope: int, value: int):
@@ -226,36 +217,30 @@ def unsupported_reason(dtype, nope: int, rope: int, value: int):
     if max(widths) > MAX_WIDTH:
         return (f"it takes widths up to {MAX_WIDTH} (padded to powers of two), got nope {nope}, rope {rope}, "
                 f"value {value}")
-    if key_tile(*widths) is None:
+    if smem_bytes(*widths) > GLUON_SMEM_BYTES:
         return f"its tiles for widths {widths} need more than {GLUON_SMEM_BYTES} bytes of shared memory"
     return None
 
 
 def kernel_constants(num_q: int, num_keys: int, heads: int, nope: int, rope: int, value: int, *, batch: int,
-                     scale: float, block_k: int = 0, stages: int = 0) -> tuple[dict, tuple[int, int, int]]:
-    """The kernel's compile-time constants (sizes padded) and its grid (also used by the CPU compile test).
-    block_k, stages: 0 takes `key_tile`'s."""
+                     scale: float) -> tuple[dict, tuple[int, int, int]]:
+    """The kernel's compile-time constants (sizes padded) and its grid (also used by the CPU compile test)."""
     nope_p, rope_p, value_p = padded_widths(nope, rope, value)
-    if not (block_k and stages):
-        block_k, stages = key_tile(nope_p, rope_p, value_p)
-    num_q_p, keys_p = round_up(num_q, BLOCK_Q.value), round_up(num_keys, block_k)
+    num_q_p, keys_p = round_up(num_q, BLOCK_Q.value), round_up(num_keys, BLOCK_K)
     constants = dict(NUM_Q=num_q_p, NUM_KEYS=num_keys, KEYS_P=keys_p, HEADS=heads, NOPE=nope_p, ROPE=rope_p,
-                     VALUE=value_p, SCALE_LOG2=scale * _LOG2_E, STAGES=stages, BLOCK_K=block_k)
+                     VALUE=value_p, SCALE_LOG2=scale * _LOG2_E, STAGES=STAGES, BLOCK_K=BLOCK_K)
     return constants, (num_q_p // BLOCK_Q.value, heads, batch)
 
 
-def dense_forward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
-                        block_k: int = 0, stages: int = 0):
+def dense_forward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float):
     """(out [B,T,H,V] in the dtype of values, lse f32[B,T,H]), as `dense_attention._forward` (inputs checked by
-    the caller; `unsupported_reason` None). block_k, stages: the key tile (0: `key_tile`'s). Maps under vmap by
-    folding into the batch."""
-    (batch, num_q, heads, nope), num_keys = q_nope.shape, k_nope.shape[1]
+    the caller; `unsupported_reason` None). Maps under vmap by folding into the batch."""
+    (_, num_q, heads, nope), num_keys = q_nope.shape, k_nope.shape[1]
     rope, value = q_rope.shape[-1], values.shape[-1]
 
     def unmapped(q_nope, q_rope, k_nope, k_rope, values, q_positions):
         batch = q_nope.shape[0]
-        constants, grid = kernel_constants(num_q, num_keys, heads, nope, rope, value, batch=batch, scale=scale,
-                                           block_k=block_k, stages=stages)
+        constants, grid = kernel_constants(num_q, num_keys, heads, nope, rope, value, batch=batch, scale=scale)
         num_q_p, keys_p = constants["NUM_Q"], constants["KEYS_P"]
         nope_p, rope_p, value_p = constants["NOPE"], constants["ROPE"], constants["VALUE"]
         dtype = values.dtype
@@ -271,5 +256,4 @@ def dense_forward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, 
                               grid=grid, num_warps=NUM_WARPS, **constants)
         return out[:, :num_q, :, :value], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
 
-    del batch
     return vmap_by_folding_into_batch(unmapped)(q_nope, q_rope, k_nope, k_rope, values, q_positions)
