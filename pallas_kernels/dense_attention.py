@@ -19,8 +19,10 @@ Gradients (`jax.custom_vjp`): the forward saves its output and lse; the backward
 from the lse (flash-attention's backward) in two kernels: `_key_grads_kernel`, one program per (row, block of
 keys) looping over heads and over the query blocks that see those keys, gives d_k_nope and d_values per head and
 d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program per (row, head, block of queries),
-gives d_q. The dense warm-up never differentiates its attention (its main model is frozen); the `dense` stage
-does. The distribution is a target: not differentiable, the dispatch stops its inputs' gradients.
+gives d_q. On Hopper `dense_attention_backward_gluon` runs the same two kernels in Gluon (`backward_kernel`,
+1.5x these at DeepSeek-V3.2's shapes). The dense warm-up never differentiates its attention (its main model is
+frozen); the `dense` stage does. The distribution is a target: not differentiable, the dispatch stops its
+inputs' gradients.
 
 In the forward and the two gradient kernels, tiles that every real query of a block sees whole skip the causal mask
 (only those straddling the diagonal pay for it; queries that see nothing get lse +inf, so p = 0 with no mask), and
@@ -232,13 +234,14 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def resolve_forward_kernel(forward_kernel: str, *, interpret: bool, dtypes, widths, pallas_tiling: bool) -> str:
-    """"pallas" or "gluon" (`dense_attention_gluon`, Hopper) for the forward, by
-    `sparse_attention.resolve_kernel_choice`: "auto" takes Gluon where it runs (a Hopper GPU with triton and
-    jax-triton; q, k and values all bf16 or all fp16; widths it fits), unless Pallas forward tiles were given
-    (pallas_tiling). dtypes: of q_nope, q_rope, k_nope, k_rope, values; widths: (N, P, V)."""
+def _resolve_gluon_choice(which: str, choice: str, module: str, *, interpret: bool, dtypes, widths,
+                          pallas_tiling: bool) -> str:
+    """"pallas" or "gluon" by `sparse_attention.resolve_kernel_choice`: "auto" takes Gluon where it runs (a Hopper
+    GPU with triton and jax-triton; q, k and values all bf16 or all fp16; `module`'s unsupported_reason None for
+    the widths), unless Pallas tiles were given (pallas_tiling). dtypes: of q_nope, q_rope, k_nope, k_rope,
+    values; widths: (N, P, V)."""
     from pallas_kernels.sparse_attention import resolve_kernel_choice
-    if forward_kernel == "auto" and pallas_tiling:
+    if choice == "auto" and pallas_tiling:
         return "pallas"
 
     def reason():
@@ -246,8 +249,20 @@ def resolve_forward_kernel(forward_kernel: str, *, interpret: bool, dtypes, widt
         if len(set(names)) != 1:
             return f"it takes q, k and values of one dtype, got {names}"
         from pallas_kernels import _gluon
-        return _gluon.unavailable_or_unsupported("pallas_kernels.dense_attention_gluon", dtypes[0], *widths)
-    return resolve_kernel_choice("forward_kernel", forward_kernel, interpret, reason)
+        return _gluon.unavailable_or_unsupported(module, dtypes[0], *widths)
+    return resolve_kernel_choice(which, choice, interpret, reason)
+
+
+def resolve_forward_kernel(forward_kernel: str, **kwargs) -> str:
+    """The forward's kernel (`dense_attention_gluon` on Hopper) by `_resolve_gluon_choice`'s rule; keyword
+    arguments interpret, dtypes, widths, pallas_tiling."""
+    return _resolve_gluon_choice("forward_kernel", forward_kernel, "pallas_kernels.dense_attention_gluon", **kwargs)
+
+
+def resolve_backward_kernel(backward_kernel: str, **kwargs) -> str:
+    """The backward's two kernels (`dense_attention_backward_gluon` on Hopper), by the same rule."""
+    return _resolve_gluon_choice("backward_kernel", backward_kernel, "pallas_kernels.dense_attention_backward_gluon",
+                                 **kwargs)
 
 
 def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, kernel, block_q, block_k,
@@ -281,15 +296,15 @@ def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpr
     return out[:, :num_q, :, :value_dim], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel, forward_tiles,
-               backward_tiles):
+               backward_kernel, backward_tiles):
     return _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
                     *forward_tiles)
 
 
 def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
-                   forward_tiles, backward_tiles):
+                   forward_tiles, backward_kernel, backward_tiles):
     out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
                         *forward_tiles)
     return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
@@ -384,13 +399,18 @@ def _query_grads_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, pos_ref, do_ref, 
 
 
 def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_out, d_lse, *, scale, interpret,
-              block_q, block_k, num_warps):
+              kernel, block_q, block_k, num_warps):
     """Flash-attention backward: d_logits = p (dO . v - delta) with delta = rowsum(dO * out) - d_lse (the lse's
     cotangent adds p d_lse), recomputing p from the saved lse. Two kernels: per key block (all heads, so that the
-    rope key's gradient sums over heads in registers) d_k and d_v; per (head, query block) d_q."""
+    rope key's gradient sums over heads in registers) d_k and d_v; per (head, query block) d_q. kernel "gluon":
+    `dense_attention_backward_gluon`'s two (the tiles are the Pallas kernels')."""
     (batch, num_q, heads, n), num_keys = q_nope.shape, k_nope.shape[1]
     p, v = q_rope.shape[-1], values.shape[-1]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [B,T,H]
+    if kernel == "gluon":
+        from pallas_kernels.dense_attention_backward_gluon import dense_backward_gluon
+        return dense_backward_gluon(q_nope, q_rope, k_nope, k_rope, values, q_positions, d_out,
+                                    _lse_for_kernels(lse, q_positions, num_q), jnp.moveaxis(delta, 2, 1), scale=scale)
     qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
     heads_p = next_pow2(heads)
     t_p, s_p, n_p, p_p, v_p = qn.shape[1], kn.shape[1], qn.shape[-1], qr.shape[-1], dot_size(v)
@@ -446,12 +466,13 @@ def _backward(q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse, d_o
             dkr[:, :num_keys, :p], dv[:, :num_keys, :heads, :v])
 
 
-def _attention_bwd(scale, interpret, forward_kernel, forward_tiles, backward_tiles, residuals, cotangents):
+def _attention_bwd(scale, interpret, forward_kernel, forward_tiles, backward_kernel, backward_tiles, residuals,
+                   cotangents):
     *inputs, q_positions, out, lse = residuals
     d_out, d_lse = cotangents
     block_q, block_k, num_warps = backward_tiles
     grads = _backward(*inputs, q_positions, out, lse, d_out, d_lse, scale=scale, interpret=interpret,
-                      block_q=block_q, block_k=block_k, num_warps=num_warps)
+                      kernel=backward_kernel, block_q=block_q, block_k=block_k, num_warps=num_warps)
     return (*grads, None)
 
 
@@ -461,21 +482,26 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scale: float,
                            interpret: bool = False, return_lse: bool = False,
                            tiles: tuple[int, int, int] | None = None,
-                           backward_tiles: tuple[int, int, int] = BACKWARD_TILES, forward_kernel: str = "auto"):
+                           backward_tiles: tuple[int, int, int] | None = None, forward_kernel: str = "auto",
+                           backward_kernel: str = "auto"):
     """Inputs and outputs as `dense_attention_reference` (out in the dtype of values; lse f32[B,T,H]).
     Differentiable in every input but q_positions, by the backward kernels (module docstring). `tiles` and
     `backward_tiles` are (block_q, block_k, num_warps) of the Pallas forward (None: FORWARD_TILES) and of the two
-    backward kernels. forward_kernel: "gluon" (`dense_attention_gluon`, Hopper, bf16/fp16: on an H100 at
-    DeepSeek-V3.2's shapes 1.43-1.52x this module's Pallas forward, docs/BENCHMARKS.md session 43), "pallas", or
-    "auto" (`resolve_forward_kernel`: Gluon where it runs, unless `tiles` is given)."""
+    Pallas backward kernels (None: BACKWARD_TILES). forward_kernel: "gluon" (`dense_attention_gluon`, Hopper,
+    bf16/fp16: on an H100 at DeepSeek-V3.2's shapes 1.43-1.52x this module's Pallas forward, docs/BENCHMARKS.md
+    session 43), "pallas", or "auto" (`resolve_forward_kernel`: Gluon where it runs, unless `tiles` is given);
+    backward_kernel likewise for the backward (`dense_attention_backward_gluon`; "auto" keeps Pallas where
+    `backward_tiles` is given)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, values=values)
-    kernel = resolve_forward_kernel(forward_kernel, interpret=bool(interpret),
-                                    dtypes=[x.dtype for x in (q_nope, q_rope, k_nope, k_rope, values)],
-                                    widths=(q_nope.shape[-1], q_rope.shape[-1], values.shape[-1]),
+    dtypes = [x.dtype for x in (q_nope, q_rope, k_nope, k_rope, values)]
+    widths = (q_nope.shape[-1], q_rope.shape[-1], values.shape[-1])
+    kernel = resolve_forward_kernel(forward_kernel, interpret=bool(interpret), dtypes=dtypes, widths=widths,
                                     pallas_tiling=tiles is not None)
+    backward = resolve_backward_kernel(backward_kernel, interpret=bool(interpret), dtypes=dtypes, widths=widths,
+                                       pallas_tiling=backward_tiles is not None)
     out, lse = _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, _check_scale(scale), bool(interpret),
-                          kernel, _tiles(FORWARD_TILES if tiles is None else tiles, "tiles"),
-                          _tiles(backward_tiles, "backward_tiles"))
+                          kernel, _tiles(FORWARD_TILES if tiles is None else tiles, "tiles"), backward,
+                          _tiles(BACKWARD_TILES if backward_tiles is None else backward_tiles, "backward_tiles"))
     return (out, lse) if return_lse else out
 
 

@@ -38,8 +38,9 @@ BLOCK_Q = gl.constexpr(128)  # queries per program: two warpgroups of m64
 NUM_WARPS = 8
 # Keys per step and key blocks in flight: on an H100 at DeepSeek-V3.2's widths (128 + 64 -> 128), last chunk of 1024
 # queries, 128x2 ran at 507-514 TFLOP/s, 64x3 at 480-493, 64x4 469-495, 64x2 476-488, 32x4 409-415 (docs/BENCHMARKS.md,
-# session 43). 64 keys per step, which wider inputs would need, gave wrong outputs on an H100 at 128 + 128 -> 128
-# (not yet found why; at 128 + 64 -> 128 64x3 was right): widths that do not fit at 128 keys per step take Pallas.
+# session 43). 64 keys per step, which wider inputs would need, gave wrong outputs on an H100 at 128 + 128 -> 128 in
+# session 43's GPU test (cause not found; session 44 could not reproduce it on 256 queries x 1024 keys, 4 heads, at
+# 64x3, 64x2 or 32x4): widths that do not fit at 128 keys per step take Pallas until it is found.
 BLOCK_K = 128
 STAGES = 2
 MAX_WIDTH = 128  # N, P and V padded
@@ -75,6 +76,34 @@ def _copy_key_block(kn_base, kr_base, v_base, block, kn_dst, kr_dst, v_dst, HEAD
     _copy_rows(kr_base + first * ROPE, ROPE, kr_dst, BLOCK_K, ROPE, num_warps)
     _copy_rows(v_base + first * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE, num_warps)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _walk_bounds(pos_ptr, first_query, NUM_KEYS: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """(the block's query positions, key blocks to walk, leading key blocks every real query sees whole), as the
+    Pallas kernels' _blocks_to_walk and _blocks_seen_whole."""
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    all_positions = gl.load(pos_ptr + first_query + gl.arange(0, BLOCK_Q, layout=flat))
+    last = gl.minimum(gl.max(all_positions, axis=0), NUM_KEYS - 1)
+    walk = gl.maximum(last + BLOCK_K, 0) // BLOCK_K  # 0 when every query is padding
+    first_real = gl.min(gl.where(all_positions >= 0, all_positions, NUM_KEYS), axis=0)
+    whole = gl.minimum(gl.minimum((first_real + 1) // BLOCK_K, NUM_KEYS // BLOCK_K), walk)
+    return all_positions, walk, whole
+
+
+@gluon.jit
+def _start_key_ring(kn_ptr, kr_ptr, v_ptr, batch, head, walk, kn_ring, kr_ring, v_ring, KEYS_P: gl.constexpr,
+                    HEADS: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr,
+                    STAGES: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """Start the copies of the first STAGES - 1 key blocks of this head (block walk - 1 again past the walk: a
+    load of nothing new) -> this head's bases (k_nope, k_rope, values) for `_copy_key_block`."""
+    kn_base = kn_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * NOPE
+    kr_base = kr_ptr + batch.to(gl.int64) * KEYS_P * ROPE
+    v_base = v_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * VALUE
+    for stage in gl.static_range(STAGES - 1):
+        _copy_key_block(kn_base, kr_base, v_base, gl.maximum(gl.minimum(walk - 1, stage), 0), kn_ring.index(stage),
+                        kr_ring.index(stage), v_ring.index(stage), HEADS, NOPE, ROPE, VALUE, BLOCK_K, num_warps)
+    return kn_base, kr_base, v_base
 
 
 @gluon.jit
@@ -156,20 +185,9 @@ def _forward_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, out_ptr, lse
     _copy_rows(qr_ptr + q_row * ROPE, HEADS * ROPE, q_rope, BLOCK_Q, ROPE, num_warps)
     async_copy.commit_group()
 
-    # Walk bounds, from every query's position (as the Pallas kernel's _blocks_to_walk and _blocks_seen_whole).
-    flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    all_positions = gl.load(pos_ptr + first_query + gl.arange(0, BLOCK_Q, layout=flat))
-    last = gl.minimum(gl.max(all_positions, axis=0), NUM_KEYS - 1)
-    walk = gl.maximum(last + BLOCK_K, 0) // BLOCK_K  # 0 when every query is padding
-    first_real = gl.min(gl.where(all_positions >= 0, all_positions, NUM_KEYS), axis=0)
-    whole = gl.minimum(gl.minimum((first_real + 1) // BLOCK_K, NUM_KEYS // BLOCK_K), walk)
-
-    kn_base = kn_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * NOPE
-    kr_base = kr_ptr + batch.to(gl.int64) * KEYS_P * ROPE
-    v_base = v_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * VALUE
-    for stage in gl.static_range(STAGES - 1):  # block walk - 1 again past the walk: a load of nothing new
-        _copy_key_block(kn_base, kr_base, v_base, gl.maximum(gl.minimum(walk - 1, stage), 0), kn_ring.index(stage),
-                        kr_ring.index(stage), v_ring.index(stage), HEADS, NOPE, ROPE, VALUE, BLOCK_K, num_warps)
+    all_positions, walk, whole = _walk_bounds(pos_ptr, first_query, NUM_KEYS, BLOCK_K, num_warps)
+    kn_base, kr_base, v_base = _start_key_ring(kn_ptr, kr_ptr, v_ptr, batch, head, walk, kn_ring, kr_ring, v_ring,
+                                               KEYS_P, HEADS, NOPE, ROPE, VALUE, STAGES, BLOCK_K, num_warps)
 
     positions = gl.convert_layout(all_positions, gl.SliceLayout(1, logits_layout))
     carry_max = gl.full([BLOCK_Q], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout))

@@ -61,7 +61,8 @@ class Kernels:
       slot_scores      the indexer's scores over selected slots, forward and backward: the sparse stages'
                        distillation trains through them (`indexer_slots.resolve_kernel`)
       dense_forward    the dense stages' attention forward, output and lse (`dense_attention.resolve_forward_kernel`;
-                       its backward and the distribution are Pallas kernels)
+                       the distribution is a Pallas kernel)
+      dense_backward   the dense attention's backward, d_q and d_k/d_v (`dense_attention.resolve_backward_kernel`)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -75,6 +76,7 @@ class Kernels:
     topk: KernelName = "auto"
     slot_scores: KernelName = "auto"
     dense_forward: KernelName = "auto"
+    dense_backward: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -86,7 +88,7 @@ class Kernels:
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
         for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward",
-                     "topk", "slot_scores", "dense_forward"):
+                     "topk", "slot_scores", "dense_forward", "dense_backward"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -213,7 +215,7 @@ def dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, *, scal
                                          mask=mask, return_lse=return_lse)
     return dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
                                   interpret=options.impl == "interpret", return_lse=return_lse,
-                                  forward_kernel=options.dense_forward)
+                                  forward_kernel=options.dense_forward, backward_kernel=options.dense_backward)
 
 
 def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *, scale: float, lse=None,

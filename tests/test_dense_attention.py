@@ -403,9 +403,179 @@ def test_gluon_forward_equals_the_reference_and_the_pallas_forward(shape, dtype)
 
     def grads(kernel):
         def loss(*x):
-            return jnp.sum(dense_attention_pallas(*x, inputs[5], scale=SCALE, forward_kernel=kernel)
-                           .astype(jnp.float32) * cot)
+            return jnp.sum(dense_attention_pallas(*x, inputs[5], scale=SCALE, forward_kernel=kernel,
+                                                  backward_kernel="pallas").astype(jnp.float32) * cot)
         return jax.grad(loss, argnums=range(5))(*inputs[:5])
     for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), grads("gluon"), grads("pallas"),
                           strict=True):
         assert rel_err(g, w) < 1e-2, name
+
+
+# ---- the Gluon backward (`dense_attention_backward_gluon`): compiled on CPU, run on a Hopper GPU --------------------
+
+
+@pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
+def test_gluon_backward_compiles_for_hopper_with_its_dots_and_does_not_spill(case, tmp_path, monkeypatch):
+    """Triton's compiler, no GPU: both kernels fit shared memory, keep within 255 registers without spilling and
+    issue their wgmma steps. d_q per key block (unmasked loop, masked loop): S (N + P) / 16 steps of m64n(block_k),
+    dP V / 16 of m64n(block_k), then dS . k block_k / 16 of m64nN and of m64nP. d_k, d_v per query block, keys on
+    the rows: S^T (N + P) / 16 of m64n(block_q), dP^T V / 16, then block_q / 16 each of m64nV, m64nN, m64nP."""
+    pytest.importorskip("triton.experimental.gluon")
+    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log  # noqa: PLC0415
+
+    from pallas_kernels import _gluon, dense_attention_backward_gluon as bwd  # noqa: PLC0415
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    num_q, num_keys, heads, n, p, v = case
+    plan = bwd.kernel_constants(num_q, num_keys, heads, n, p, v, batch=2, scale=0.1)
+    (query, query_grid), (key, key_grid) = plan["query"], plan["key"]
+    n_p, p_p, v_p = query["NOPE"], query["ROPE"], query["VALUE"]
+    assert (n_p, p_p, v_p) == tuple(max(16, 1 << (w - 1).bit_length()) for w in (n, p, v))
+    assert query_grid == (-(-num_q // 128), heads, 2) and query["KEYS_P"] % 128 == 0
+    groups = -(-heads // key["GROUP"])
+    assert key_grid == (query["KEYS_P"] // 128, groups, 2) and (groups - 1) * key["GROUP"] < heads
+    steps = {"query": (query["BLOCK_K"], 2), "key": (key["BLOCK_Q"], 1)}  # the d_q kernel has two loops
+    for name, kernel, pointers in (("query", bwd._query_grads_kernel,
+                                    ["*bf16"] * 5 + ["*i32", "*bf16", "*fp32", "*fp32", "*bf16", "*bf16"]),
+                                   ("key", bwd._key_grads_kernel,
+                                    ["*bf16"] * 5 + ["*i32", "*bf16", "*fp32", "*fp32", "*i32", "*bf16", "*bf16",
+                                                     "*fp32"])):
+        compiled, _ = _gluon.compile_gluon(kernel, pointers, num_warps=8, capability=90, constexprs=plan[name][0])
+        assert compiled.metadata.shared <= SMEM_LIMIT, name
+        block, loops = steps[name]
+        want = {}
+        for shape, count in ((f"m64n{block}k16", (n_p + p_p + v_p) // 16), (f"m64n{n_p}k16", block // 16),
+                             (f"m64n{p_p}k16", block // 16), (f"m64n{v_p}k16", block // 16 if name == "key" else 0)):
+            want[shape] = want.get(shape, 0) + count * loops
+        shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
+        assert {s: shapes.count(s) for s in set(shapes)} == {s: c for s, c in want.items() if c}, name
+        log = _ptxas_log(compiled.asm["ptx"], tmp_path)
+        assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255, name
+        assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], (name, log)
+
+
+def test_backward_kernel_choice_is_validated_and_follows_the_platform(monkeypatch):
+    from pallas_kernels import _gluon  # noqa: PLC0415
+    from pallas_kernels.dense_attention import resolve_backward_kernel  # noqa: PLC0415
+    bf16 = [jnp.bfloat16] * 5
+    choose = functools.partial(resolve_backward_kernel, widths=(128, 64, 128), pallas_tiling=False)
+    check_kernel_choice_rules(lambda kernel, interpret: choose(kernel, interpret=interpret, dtypes=bf16),
+                              "backward_kernel")
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)  # as on a Hopper GPU
+    assert choose("auto", interpret=False, dtypes=bf16) == "gluon"
+    assert choose("auto", interpret=False, dtypes=[jnp.float16] * 5) == "gluon"
+    assert choose("auto", interpret=False, dtypes=bf16, pallas_tiling=True) == "pallas"  # Pallas tiles were given
+    assert choose("auto", interpret=False, dtypes=[jnp.float32] * 5) == "pallas"
+    with pytest.raises(ValueError, match="backward_kernel='gluon' cannot run: .*bfloat16 or float16 inputs"):
+        choose("gluon", interpret=False, dtypes=[jnp.float32] * 5)
+    with pytest.raises(ValueError, match=r"one dtype, got \['bfloat16', 'bfloat16', 'bfloat16', 'bfloat16', "
+                                         r"'float16'\]"):
+        choose("gluon", interpret=False, dtypes=bf16[:4] + [jnp.float16])
+    with pytest.raises(ValueError, match="widths up to 128 .* got nope 192"):
+        resolve_backward_kernel("gluon", interpret=False, dtypes=bf16, widths=(192, 64, 128), pallas_tiling=False)
+    assert choose("auto", interpret=False, dtypes=bf16, widths=(100, 28, 128)) == "gluon"  # padded: 128 + 32
+    assert choose("auto", interpret=False, dtypes=bf16, widths=(128, 128, 128)) == "pallas"
+    with pytest.raises(ValueError, match=r"registers, widths up to 320 in all \(padded\), got \(128, 128, 128\)"):
+        resolve_backward_kernel("gluon", interpret=False, dtypes=bf16, widths=(128, 128, 128), pallas_tiling=False)
+
+
+def _stand_in_backward_launch(*arrays, kernel, out_shape, grid, num_warps, **constants):
+    """`gluon_call` for `dense_backward_gluon`: each kernel's outputs computed in float32 from the padded inputs,
+    checked against the constants, through a callback with no batching rule. The key kernel's stand-in takes
+    only the query blocks from `start` on, as the kernel walks them, so a start past a query that sees the keys
+    loses its share and the gradients come out wrong."""
+    from pallas_kernels import dense_attention_backward_gluon as bwd  # noqa: PLC0415
+    del num_warps
+    qn, qr, kn, kr, v, positions, d_o, lse2, delta = (x.astype(jnp.float32) if x.dtype != jnp.int32 else x
+                                                      for x in arrays[:9])
+    batch, num_q_p, heads, _ = qn.shape
+    keys_p, num_keys, scale = kn.shape[1], constants["NUM_KEYS"], constants["SCALE"]
+    assert (num_q_p, keys_p, heads) == (constants["NUM_Q"], constants["KEYS_P"], constants["HEADS"])
+    assert (qn.shape[-1], qr.shape[-1], v.shape[-1]) == (constants["NOPE"], constants["ROPE"], constants["VALUE"])
+    assert lse2.shape == delta.shape == (batch, heads, num_q_p) and positions.shape == (batch, num_q_p)
+    ids = jnp.arange(keys_p)
+    visible = (ids[None, None, :] <= positions[:, :, None]) & (ids < num_keys)[None, None, :]  # [B, T_p, S_p]
+    logits = jnp.einsum("bthn,bshn->bhts", qn, kn) + jnp.einsum("bthp,bsp->bhts", qr, kr)
+    probs = jnp.where(visible[:, None], jnp.exp2(logits * scale * 1.4426950408889634 - lse2[..., None]), 0.0)
+    d_logits = probs * (jnp.einsum("bthv,bshv->bhts", d_o, v) - delta[..., None]) * scale
+    if kernel is bwd._query_grads_kernel:
+        assert grid == (num_q_p // 128, heads, batch) and keys_p % constants["BLOCK_K"] == 0
+        outs = (jnp.einsum("bhts,bshn->bthn", d_logits, kn), jnp.einsum("bhts,bsp->bthp", d_logits, kr))
+    else:
+        assert kernel is bwd._key_grads_kernel
+        block_q, group, start = constants["BLOCK_Q"], constants["GROUP"], arrays[9]
+        assert grid == (keys_p // 128, -(-heads // group), batch) and start.shape == (batch, grid[0])
+        walked = jnp.arange(num_q_p)[None, :, None] // block_q >= jnp.repeat(start, 128, axis=1)[:, None, :]
+        probs, d_logits = probs * walked[:, None], d_logits * walked[:, None]
+        d_rope = jnp.einsum("bhts,bthp->bhsp", d_logits, qr)
+        d_rope = jnp.stack([d_rope[:, g * group:(g + 1) * group].sum(1) for g in range(grid[1])], axis=1)
+        outs = (jnp.einsum("bhts,bthn->bshn", d_logits, qn), jnp.einsum("bhts,bthv->bshv", probs, d_o), d_rope)
+    outs = tuple(x.astype(shape.dtype) for x, shape in zip(outs, out_shape, strict=True))
+    return jax.pure_callback(lambda *x: x, tuple(out_shape), *outs)
+
+
+def test_gluon_backward_wrapper_pads_plans_the_walk_and_maps_under_vmap(monkeypatch):
+    """On CPU, around stand-ins for the launches: the wrapper pads queries, keys and widths, hands the key kernel
+    the first query block that sees each key block, sums the rope gradient's per-group partials, slices the
+    gradients back, and maps under vmap. Positions not in order (a later chunk's queries first) and a padded
+    query."""
+    bwd = pytest.importorskip("pallas_kernels.dense_attention_backward_gluon")  # needs triton, not a GPU
+    from pallas_kernels import _gluon, dense_attention_gluon  # noqa: PLC0415
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(bwd, "gluon_call", _stand_in_backward_launch)
+    monkeypatch.setattr(dense_attention_gluon, "gluon_call", _stand_in_forward_launch)  # its residuals, on CPU
+    monkeypatch.setattr(bwd, "TARGET_PROGRAMS", 8)  # two keys blocks x batch 2: two groups of heads
+    shape = (2, 150, 300, 3, 24, 8, 40, 150)
+    inputs = list(_inputs(shape, jnp.bfloat16, seed=4))
+    inputs[5] = jnp.concatenate([inputs[5][:, 75:], inputs[5][:, :75] - 150], axis=1).at[1, 2].set(-1)
+    cot = jax.random.normal(jax.random.key(8), inputs[4].shape[:1] + inputs[0].shape[1:3] + inputs[4].shape[3:])
+
+    def grads(fn, xs):
+        return jax.grad(lambda *x: jnp.sum(fn(*x, xs[5]).astype(jnp.float32) * cot), argnums=range(5))(*xs[:5])
+    got = grads(functools.partial(dense_attention_pallas, scale=SCALE, forward_kernel="gluon",
+                                  backward_kernel="gluon"), inputs)
+    with jax.default_matmul_precision("highest"):
+        want = grads(functools.partial(dense_attention_reference, scale=SCALE), _f32(inputs))
+    for name, g, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == jnp.bfloat16, name
+        assert rel_err(g, w) < 2e-2, name
+    assert np.all(np.asarray(got[0][1, 2]) == 0)  # the padded query
+    starts = bwd.first_query_blocks(jnp.asarray([[0, 1, 2, 3, 5, 6, 7, 8], [5, 6, 7, 8, 0, 1, 2, 3], [-1] * 8]),
+                                    4, 4, 4)  # query blocks of 4, key blocks of 4
+    np.testing.assert_array_equal(np.asarray(starts), [[0, 1, 1, 2], [0, 0, 0, 2], [2, 2, 2, 2]])
+    cot = cot[:, :, None]
+    mapped = jax.vmap(lambda *x: jax.grad(lambda *y: jnp.sum(dense_attention_pallas(
+        *y, x[5], scale=SCALE, forward_kernel="gluon", backward_kernel="gluon").astype(jnp.float32) * x[6]),
+        argnums=(0, 2))(*x[:5]), in_axes=(1, 1, None, None, None, 1, 1))(
+        *(x[:, :, None] if i in (0, 1, 5) else x for i, x in enumerate(inputs)), cot)
+    np.testing.assert_allclose(np.asarray(jnp.moveaxis(mapped[0], 0, 1)[:, :, 0], np.float32),
+                               np.asarray(got[0], np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 300, 1000, 5, 24, 8, 40, 700), (1, 130, 600, 2, 100, 28, 128, 0)])
+def test_gluon_backward_equals_the_reference_and_the_pallas_backward(shape, dtype):
+    """Ragged shapes (queries past one block, keys past whole key blocks, widths padded, the widest it takes),
+    padded queries, bf16 and fp16: the Gluon backward's gradients against the float32 reference's and the Pallas
+    backward's, through the lse's cotangent too."""
+    _require_gluon()
+    inputs = list(_inputs(shape, dtype, seed=5))
+    inputs[5] = inputs[5].at[:, 1].set(-1)
+    cot = jax.random.normal(jax.random.key(9), inputs[0].shape[:3] + inputs[4].shape[-1:])
+    cot_lse = jax.random.normal(jax.random.key(10), inputs[0].shape[:3])
+
+    def grads(fn, xs):
+        def loss(*x):
+            out, lse = fn(*x, xs[5])
+            return jnp.sum(out.astype(jnp.float32) * cot) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0) * cot_lse)
+        return jax.grad(loss, argnums=range(5))(*xs[:5])
+    got = grads(functools.partial(dense_attention_pallas, scale=SCALE, return_lse=True, backward_kernel="gluon"),
+                inputs)
+    pallas = grads(functools.partial(dense_attention_pallas, scale=SCALE, return_lse=True,
+                                     backward_kernel="pallas"), inputs)
+    with jax.default_matmul_precision("highest"):
+        want = grads(functools.partial(dense_attention_reference, scale=SCALE, return_lse=True), _f32(inputs))
+    for name, g, p, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, pallas, want, strict=True):
+        assert rel_err(g, w) < 2e-2 and rel_err(g, p) < 2e-2, name
+    assert np.all(np.asarray(got[0][:, 1]) == 0)
