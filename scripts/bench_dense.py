@@ -10,6 +10,7 @@ backward too (alone: the saved output and lse given). Where the XLA reference fi
     python scripts/bench_dense.py --contexts 8192 32768 131072 --json docs/bench_dense_h100_DATE.json
     python scripts/bench_dense.py --contexts 131072 --tiles default distribution=64,64,4 --backward  # one kernel's
     python scripts/bench_dense.py --contexts 32768 --forward-kernels gluon pallas  # the two forwards
+    python scripts/bench_dense.py --contexts 32768 --backward --backward-kernel pallas  # the Pallas backward
 
 One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_kernels import rel_err, timed  # noqa: E402
 from pallas_kernels.dense_attention import (  # noqa: E402
     BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES, dense_attention_distribution_pallas, dense_attention_pallas,
-    resolve_forward_kernel)
+    resolve_backward_kernel, resolve_forward_kernel)
 from pallas_kernels.dense_attention_reference import dense_attention_with_distribution_reference  # noqa: E402
 
 
@@ -52,14 +53,15 @@ def visible_pairs(first_position: int, num_q: int) -> int:
     return num_q * (first_position + 1) + num_q * (num_q - 1) // 2
 
 
-def kernels(tiles: dict, scale: float, interpret: bool, forward_kernel: str = "auto"):
+def kernels(tiles: dict, scale: float, interpret: bool, forward_kernel: str = "auto", backward_kernel: str = "auto"):
     """The forward (with its backward) and the distribution, each at `tiles`' (block_q, block_k, num_warps) for it.
     The forward tiles are the Pallas forward's: given where it runs by choice (forward_kernel "pallas") or by
-    necessity (interpret); "auto" and "gluon" take the Gluon forward where it runs."""
+    necessity (interpret); "auto" and "gluon" take the Gluon forward where it runs. Likewise the backward's."""
     forward_tiles = tuple(tiles["forward"]) if forward_kernel == "pallas" or interpret else None
+    backward_tiles = tuple(tiles["backward"]) if backward_kernel == "pallas" or interpret else None
     forward = jax.jit(functools.partial(dense_attention_pallas, scale=scale, return_lse=True, interpret=interpret,
-                                        tiles=forward_tiles, backward_tiles=tuple(tiles["backward"]),
-                                        forward_kernel=forward_kernel))
+                                        tiles=forward_tiles, backward_tiles=backward_tiles,
+                                        forward_kernel=forward_kernel, backward_kernel=backward_kernel))
     distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
                                              tiles=tuple(tiles["distribution"])))
     return forward, distribution
@@ -97,11 +99,12 @@ def parse_tiling(text: str, error=None) -> dict:
     return tiling
 
 
-def forward_kernel_run(x, forward_kernel: str, interpret: bool) -> str:
-    """The forward kernel that `kernels` runs on inputs x: "gluon" or "pallas"."""
+def forward_kernel_run(x, forward_kernel: str, interpret: bool, resolve=resolve_forward_kernel) -> str:
+    """The forward kernel that `kernels` runs on inputs x: "gluon" or "pallas" (resolve_backward_kernel: the
+    backward's)."""
     pallas = forward_kernel == "pallas" or interpret
-    return resolve_forward_kernel(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:5]],
-                                  widths=(x[0].shape[-1], x[1].shape[-1], x[4].shape[-1]), pallas_tiling=pallas)
+    return resolve(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:5]],
+                   widths=(x[0].shape[-1], x[1].shape[-1], x[4].shape[-1]), pallas_tiling=pallas)
 
 
 def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: str = "auto") -> dict:
@@ -109,7 +112,7 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: st
     n, p, v = args.widths
     scale = (n + p) ** -0.5
     num_q, num_keys = x[0].shape[1], x[2].shape[1]
-    forward, distribution = kernels(tiles, scale, args.interpret, forward_kernel)
+    forward, distribution = kernels(tiles, scale, args.interpret, forward_kernel, args.backward_kernel)
     out, lse = forward(*x)
     record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles,
               "forward_kernel": forward_kernel_run(x, forward_kernel, args.interpret)}
@@ -131,7 +134,9 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: st
         d_out = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
         _, vjp = jax.vjp(lambda *a: forward(*a, x[5])[0], *x[:5])  # the forward runs here, once
         t_backward = timed(jax.jit(lambda vjp, d_out: vjp(d_out)), vjp, d_out, repeats=args.repeats)
-        record.update(backward_ms=round(t_backward * 1e3, 3),
+        record.update(backward_kernel=forward_kernel_run(x, args.backward_kernel, args.interpret,
+                                                         resolve_backward_kernel),
+                      backward_ms=round(t_backward * 1e3, 3),
                       backward_tflops=round(pairs * 2 * args.heads * (4 * (n + p) + 3 * v) / t_backward / 1e12, 1))
     return record
 
@@ -175,6 +180,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backward", action="store_true",
                         help="also time the backward (FLOPs counted as executed: 2 x H x (4 (N + P) + 3 V) per pair)")
+    parser.add_argument("--backward-kernel", default="auto", choices=["auto", "gluon", "pallas"],
+                        help="the backward's kernels (the backward tiles apply to the Pallas backward only)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (any platform; slow)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
