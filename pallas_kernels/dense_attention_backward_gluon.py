@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
 from pallas_kernels._pallas import pad_axis, round_up
-from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _copy_key_block, _copy_rows, _start_key_ring,
+from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
                                                   _walk_bounds, padded_widths)
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
@@ -99,16 +99,9 @@ def _query_step(q_nope, q_rope, d_out, kn_ring, kr_ring, v_ring, kn_base, kr_bas
                 NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE: gl.constexpr,
                 STAGES: gl.constexpr, BLOCK_K: gl.constexpr, s_layout: gl.constexpr, nope_operand: gl.constexpr,
                 rope_operand: gl.constexpr, num_warps: gl.constexpr):
-    """Key block `block`: wait for it, start the copy of block + STAGES - 1 into the slot the previous block
-    used (every warp is past it after the barrier: the dots are synchronous), and take its share of d_q."""
-    slot = block % STAGES
-    async_copy.wait_group(STAGES - 2)
-    gl.thread_barrier()
-    fence_async_shared()
-    ahead = block + STAGES - 1
-    _copy_key_block(kn_base, kr_base, v_base, gl.minimum(ahead, walk - 1), kn_ring.index(ahead % STAGES),
-                    kr_ring.index(ahead % STAGES), v_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE,
-                    BLOCK_K, num_warps)
+    """Key block `block`: wait for it, start the copy of block + STAGES - 1, and take its share of d_q."""
+    slot = _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block, walk, HEADS, NOPE, ROPE,
+                             VALUE, STAGES, BLOCK_K, num_warps)
     return _query_block_step(q_nope, q_rope, d_out, kn_ring.index(slot), kr_ring.index(slot), v_ring.index(slot),
                              d_nope, d_rope, block, positions, lse2, delta, MASKED, NUM_KEYS, SCALE, BLOCK_K,
                              s_layout, nope_operand, rope_operand)

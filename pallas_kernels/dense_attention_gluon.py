@@ -107,6 +107,23 @@ def _start_key_ring(kn_ptr, kr_ptr, v_ptr, batch, head, walk, kn_ring, kr_ring, 
 
 
 @gluon.jit
+def _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block, walk, HEADS: gl.constexpr,
+                      NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, STAGES: gl.constexpr,
+                      BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """Wait for key block `block`, start the copy of block + STAGES - 1 (clamped to the walk's last block) into the
+    slot the block before it used -> the ring slot holding `block`. The forward's and the d_q kernel's step."""
+    slot = block % STAGES
+    async_copy.wait_group(STAGES - 2)  # this block (and q) landed for this thread's copies ...
+    gl.thread_barrier()  # ... and every thread's; every warp is also done with the block before (synchronous dots)
+    fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+    ahead = block + STAGES - 1
+    _copy_key_block(kn_base, kr_base, v_base, gl.minimum(ahead, walk - 1), kn_ring.index(ahead % STAGES),
+                    kr_ring.index(ahead % STAGES), v_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE,
+                    BLOCK_K, num_warps)
+    return slot
+
+
+@gluon.jit
 def _attend_block(q_nope, q_rope, kn, kr, v, carry_max, carry_sum, acc, block, positions, MASKED: gl.constexpr,
                   NUM_KEYS: gl.constexpr, SCALE_LOG2: gl.constexpr, BLOCK_K: gl.constexpr,
                   logits_layout: gl.constexpr, p_operand: gl.constexpr):
@@ -133,16 +150,9 @@ def _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, ca
           walk, positions, MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, HEADS: gl.constexpr, NOPE: gl.constexpr,
           ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr, STAGES: gl.constexpr,
           BLOCK_K: gl.constexpr, logits_layout: gl.constexpr, p_operand: gl.constexpr, num_warps: gl.constexpr):
-    """Key block `block`: wait for it, start the copy of block + STAGES - 1 into the slot the block before last
-    used, and attend to it."""
-    slot = block % STAGES
-    async_copy.wait_group(STAGES - 2)  # this block (and q) landed for this thread's copies ...
-    gl.thread_barrier()  # ... and every thread's; every warp is also done with the block before last
-    fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
-    ahead = block + STAGES - 1
-    _copy_key_block(kn_base, kr_base, v_base, gl.minimum(ahead, walk - 1), kn_ring.index(ahead % STAGES),
-                    kr_ring.index(ahead % STAGES), v_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE,
-                    BLOCK_K, num_warps)
+    """Key block `block`: wait for it, start the copy of block + STAGES - 1, and attend to it."""
+    slot = _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block, walk, HEADS, NOPE, ROPE,
+                             VALUE, STAGES, BLOCK_K, num_warps)
     return _attend_block(q_nope, q_rope, kn_ring.index(slot), kr_ring.index(slot), v_ring.index(slot), carry_max,
                          carry_sum, acc, block, positions, MASKED, NUM_KEYS, SCALE_LOG2, BLOCK_K, logits_layout,
                          p_operand)
