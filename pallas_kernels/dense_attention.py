@@ -237,9 +237,9 @@ def _precision(dtype):
 def _resolve_gluon_choice(which: str, choice: str, module: str, *, interpret: bool, dtypes, widths,
                           pallas_tiling: bool) -> str:
     """"pallas" or "gluon" by `sparse_attention.resolve_kernel_choice`: "auto" takes Gluon where it runs (a Hopper
-    GPU with triton and jax-triton; q, k and values all bf16 or all fp16; `module`'s unsupported_reason None for
-    the widths), unless Pallas tiles were given (pallas_tiling). dtypes: of q_nope, q_rope, k_nope, k_rope,
-    values; widths: (N, P, V)."""
+    GPU with triton and jax-triton; the inputs all bf16 or all fp16; `module`'s unsupported_reason None for the
+    widths), unless Pallas tiles were given (pallas_tiling). dtypes: of q_nope, q_rope, k_nope, k_rope (and
+    values for the attention); widths: (N, P, V), or (N, P) for the distribution."""
     from pallas_kernels.sparse_attention import resolve_kernel_choice
     if choice == "auto" and pallas_tiling:
         return "pallas"
@@ -247,7 +247,8 @@ def _resolve_gluon_choice(which: str, choice: str, module: str, *, interpret: bo
     def reason():
         names = [jnp.dtype(d).name for d in dtypes]
         if len(set(names)) != 1:
-            return f"it takes q, k and values of one dtype, got {names}"
+            inputs = "q, k and values" if len(names) == 5 else "q and k"
+            return f"it takes {inputs} of one dtype, got {names}"
         from pallas_kernels import _gluon
         return _gluon.unavailable_or_unsupported(module, dtypes[0], *widths)
     return resolve_kernel_choice(which, choice, interpret, reason)
@@ -262,6 +263,22 @@ def resolve_forward_kernel(forward_kernel: str, **kwargs) -> str:
 def resolve_backward_kernel(backward_kernel: str, **kwargs) -> str:
     """The backward's two kernels (`dense_attention_backward_gluon` on Hopper), by the same rule."""
     return _resolve_gluon_choice("backward_kernel", backward_kernel, "pallas_kernels.dense_attention_backward_gluon",
+                                 **kwargs)
+
+
+# Whether "auto" takes the Gluon distribution where it runs. Not yet: the kernel has not run on a GPU (session 45 was
+# lent none), so "auto" keeps the Pallas kernel until its GPU test
+# (tests/test_dense_attention.py::test_gluon_distribution_equals_the_reference_and_the_pallas_distribution) passes on
+# a Hopper GPU; distribution_kernel="gluon" (Kernels.dense_distribution) runs it.
+GLUON_DISTRIBUTION_BY_DEFAULT = False
+
+
+def resolve_distribution_kernel(distribution_kernel: str, **kwargs) -> str:
+    """The distribution's kernel (`dense_distribution_gluon` on Hopper), by the same rule (widths (N, P)), except
+    that "auto" is "pallas" while GLUON_DISTRIBUTION_BY_DEFAULT is False."""
+    if distribution_kernel == "auto" and not GLUON_DISTRIBUTION_BY_DEFAULT:
+        return "pallas"
+    return _resolve_gluon_choice("distribution_kernel", distribution_kernel, "pallas_kernels.dense_distribution_gluon",
                                  **kwargs)
 
 
@@ -505,15 +522,25 @@ def dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, 
     return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "tiles"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "tiles", "kernel"))
 def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, *, scale: float,
-                                        interpret: bool = False, tiles: tuple[int, int, int] = DISTRIBUTION_TILES):
+                                        interpret: bool = False, tiles: tuple[int, int, int] | None = None,
+                                        kernel: str = "auto"):
     """The head-averaged distribution f32[B,T,S] given the attention's lse f32[B,T,H] (`dense_attention_pallas(...,
     return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP). `tiles` is (block_q,
-    block_k, num_warps)."""
+    block_k, num_warps) of the Pallas kernel (None: DISTRIBUTION_TILES). kernel: "gluon"
+    (`dense_distribution_gluon`, Hopper, bf16/fp16), "pallas", or "auto" (`resolve_distribution_kernel`: Pallas
+    until the Gluon kernel has run on a GPU, GLUON_DISTRIBUTION_BY_DEFAULT)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, lse=lse)
     scale = _check_scale(scale)
-    block_q, block_k, num_warps = _tiles(tiles, "tiles")
+    block_q, block_k, num_warps = _tiles(DISTRIBUTION_TILES if tiles is None else tiles, "tiles")
+    kernel = resolve_distribution_kernel(kernel, interpret=bool(interpret),
+                                         dtypes=[x.dtype for x in (q_nope, q_rope, k_nope, k_rope)],
+                                         widths=(q_nope.shape[-1], q_rope.shape[-1]), pallas_tiling=tiles is not None)
+    if kernel == "gluon":
+        from pallas_kernels.dense_distribution_gluon import dense_distribution_gluon
+        return dense_distribution_gluon(q_nope, q_rope, k_nope, k_rope, q_positions,
+                                        _lse_for_kernels(lse, q_positions, q_nope.shape[1]), scale=scale)
     (batch, num_q, heads, _), num_keys = q_nope.shape, k_nope.shape[1]
     qn, qr, kn, kr, positions = _padded(q_nope, q_rope, k_nope, k_rope, q_positions, block_q, block_k)
     # The heads are a block dimension here, which Triton wants a power of two; the padded heads are never read.

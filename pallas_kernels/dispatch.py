@@ -60,9 +60,10 @@ class Kernels:
                        (`topk.resolve_candidates_kernel`, `topk.resolve_select_kernel`)
       slot_scores      the indexer's scores over selected slots, forward and backward: the sparse stages'
                        distillation trains through them (`indexer_slots.resolve_kernel`)
-      dense_forward    the dense stages' attention forward, output and lse (`dense_attention.resolve_forward_kernel`;
-                       the distribution is a Pallas kernel)
+      dense_forward    the dense stages' attention forward, output and lse (`dense_attention.resolve_forward_kernel`)
       dense_backward   the dense attention's backward, d_q and d_k/d_v (`dense_attention.resolve_backward_kernel`)
+      dense_distribution  the dense warm-up's distillation target (`dense_attention.resolve_distribution_kernel`:
+                       "auto" is Pallas until the Gluon kernel has run on a GPU)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries
@@ -77,6 +78,7 @@ class Kernels:
     slot_scores: KernelName = "auto"
     dense_forward: KernelName = "auto"
     dense_backward: KernelName = "auto"
+    dense_distribution: KernelName = "auto"
     backward_d_s_bytes: int = 0
     indexer_chunk_bytes: int = 1 << 30
 
@@ -88,7 +90,7 @@ class Kernels:
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"{where}.impl: must be one of {list(IMPLS)} or null, got {self.impl!r}")
         for name in ("sparse_forward", "sparse_backward", "distribution", "indexer_scores", "indexer_backward",
-                     "topk", "slot_scores", "dense_forward", "dense_backward"):
+                     "topk", "slot_scores", "dense_forward", "dense_backward", "dense_distribution"):
             if getattr(self, name) not in KERNEL_NAMES:
                 raise ValueError(f"{where}.{name}: must be one of {list(KERNEL_NAMES)}, got {getattr(self, name)!r}")
         for name, least in (("backward_d_s_bytes", 0), ("indexer_chunk_bytes", 1)):  # 0: the kernel's default
@@ -237,4 +239,4 @@ def dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions, *,
         lse = dense_attention_pallas(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale=scale,
                                      interpret=interpret, return_lse=True, forward_kernel=options.dense_forward)[1]
     return dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positions, lse, scale=scale,
-                                               interpret=interpret)
+                                               interpret=interpret, kernel=options.dense_distribution)

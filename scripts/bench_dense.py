@@ -11,6 +11,7 @@ backward too (alone: the saved output and lse given). Where the XLA reference fi
     python scripts/bench_dense.py --contexts 131072 --tiles default distribution=64,64,4 --backward  # one kernel's
     python scripts/bench_dense.py --contexts 32768 --forward-kernels gluon pallas  # the two forwards
     python scripts/bench_dense.py --contexts 32768 --backward --backward-kernel pallas  # the Pallas backward
+    python scripts/bench_dense.py --contexts 131072 --distribution-kernels gluon pallas  # the two distributions
 
 One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_kernels import rel_err, timed  # noqa: E402
 from pallas_kernels.dense_attention import (  # noqa: E402
     BACKWARD_TILES, DISTRIBUTION_TILES, FORWARD_TILES, dense_attention_distribution_pallas, dense_attention_pallas,
-    resolve_backward_kernel, resolve_forward_kernel)
+    resolve_backward_kernel, resolve_distribution_kernel, resolve_forward_kernel)
 from pallas_kernels.dense_attention_reference import dense_attention_with_distribution_reference  # noqa: E402
 
 
@@ -53,17 +54,20 @@ def visible_pairs(first_position: int, num_q: int) -> int:
     return num_q * (first_position + 1) + num_q * (num_q - 1) // 2
 
 
-def kernels(tiles: dict, scale: float, interpret: bool, forward_kernel: str = "auto", backward_kernel: str = "auto"):
+def kernels(tiles: dict, scale: float, interpret: bool, forward_kernel: str = "auto", backward_kernel: str = "auto",
+            distribution_kernel: str = "auto"):
     """The forward (with its backward) and the distribution, each at `tiles`' (block_q, block_k, num_warps) for it.
     The forward tiles are the Pallas forward's: given where it runs by choice (forward_kernel "pallas") or by
-    necessity (interpret); "auto" and "gluon" take the Gluon forward where it runs. Likewise the backward's."""
+    necessity (interpret); "auto" and "gluon" take the Gluon forward where it runs. Likewise the backward's and the
+    distribution's."""
     forward_tiles = tuple(tiles["forward"]) if forward_kernel == "pallas" or interpret else None
     backward_tiles = tuple(tiles["backward"]) if backward_kernel == "pallas" or interpret else None
+    distribution_tiles = tuple(tiles["distribution"]) if distribution_kernel == "pallas" or interpret else None
     forward = jax.jit(functools.partial(dense_attention_pallas, scale=scale, return_lse=True, interpret=interpret,
                                         tiles=forward_tiles, backward_tiles=backward_tiles,
                                         forward_kernel=forward_kernel, backward_kernel=backward_kernel))
     distribution = jax.jit(functools.partial(dense_attention_distribution_pallas, scale=scale, interpret=interpret,
-                                             tiles=tuple(tiles["distribution"])))
+                                             tiles=distribution_tiles, kernel=distribution_kernel))
     return forward, distribution
 
 
@@ -101,21 +105,28 @@ def parse_tiling(text: str, error=None) -> dict:
 
 def forward_kernel_run(x, forward_kernel: str, interpret: bool, resolve=resolve_forward_kernel) -> str:
     """The forward kernel that `kernels` runs on inputs x: "gluon" or "pallas" (resolve_backward_kernel: the
-    backward's)."""
+    backward's; resolve_distribution_kernel: the distribution's)."""
     pallas = forward_kernel == "pallas" or interpret
+    if resolve is resolve_distribution_kernel:
+        return resolve(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:4]],
+                       widths=(x[0].shape[-1], x[1].shape[-1]), pallas_tiling=pallas)
     return resolve(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:5]],
                    widths=(x[0].shape[-1], x[1].shape[-1], x[4].shape[-1]), pallas_tiling=pallas)
 
 
-def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: str = "auto") -> dict:
+def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: str = "auto",
+               distribution_kernel: str = "auto") -> dict:
     """The two kernels on inputs x (`inputs`) whose queries start at position `first`."""
     n, p, v = args.widths
     scale = (n + p) ** -0.5
     num_q, num_keys = x[0].shape[1], x[2].shape[1]
-    forward, distribution = kernels(tiles, scale, args.interpret, forward_kernel, args.backward_kernel)
+    forward, distribution = kernels(tiles, scale, args.interpret, forward_kernel, args.backward_kernel,
+                                    distribution_kernel)
     out, lse = forward(*x)
     record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles,
-              "forward_kernel": forward_kernel_run(x, forward_kernel, args.interpret)}
+              "forward_kernel": forward_kernel_run(x, forward_kernel, args.interpret),
+              "distribution_kernel": forward_kernel_run(x, distribution_kernel, args.interpret,
+                                                        resolve_distribution_kernel)}
     if check:
         dist = distribution(*x[:4], x[5], lse)
         want_out, want_dist = jax.jit(functools.partial(dense_attention_with_distribution_reference,
@@ -141,7 +152,8 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: st
     return record
 
 
-def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto") -> dict:
+def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto",
+               distribution_kernel: str = "auto") -> dict:
     """A whole causal layer as the chunks `query_chunk` makes, each timed against all keys, summed."""
     n, p, v = args.widths
     num_q = min(args.chunk, num_keys)
@@ -150,13 +162,14 @@ def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto") -
     for first in range(0, num_keys, num_q):
         x = (whole[0][:, first:first + num_q], whole[1][:, first:first + num_q], *whole[2:5],
              whole[5][:, first:first + num_q])
-        chunk = time_chunk(args, x, first, tiles, check=False, forward_kernel=forward_kernel)
+        chunk = time_chunk(args, x, first, tiles, check=False, forward_kernel=forward_kernel,
+                           distribution_kernel=distribution_kernel)
         chunk_forward_ms.append(chunk["forward_ms"])
         chunk_dist_ms.append(chunk["distribution_ms"])
     forward_ms, dist_ms = sum(chunk_forward_ms), sum(chunk_dist_ms)
     pairs = visible_pairs(0, num_keys)
     return {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
-            "forward_kernel": chunk["forward_kernel"],
+            "forward_kernel": chunk["forward_kernel"], "distribution_kernel": chunk["distribution_kernel"],
             "chunk_forward_ms": chunk_forward_ms, "chunk_distribution_ms": chunk_dist_ms,
             "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
             "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
@@ -175,6 +188,8 @@ def main(argv=None) -> list[dict]:
                              "some kernels' own with the rest at default (distribution=128,128,8+forward=64,64,4)")
     parser.add_argument("--forward-kernels", nargs="+", default=["auto"], choices=["auto", "gluon", "pallas"],
                         help="forward kernels to time (the forward tiles apply to the Pallas forward only)")
+    parser.add_argument("--distribution-kernels", nargs="+", default=["auto"], choices=["auto", "gluon", "pallas"],
+                        help="distribution kernels to time (the distribution tiles apply to the Pallas kernel only)")
     parser.add_argument("--layer", action="store_true", help="also time a whole causal layer as chunks")
     parser.add_argument("--reference-up-to", type=int, default=8192, help="time the XLA reference up to this S")
     parser.add_argument("--repeats", type=int, default=3)
@@ -193,15 +208,16 @@ def main(argv=None) -> list[dict]:
     for num_keys in args.contexts:
         num_q = min(args.chunk, num_keys)
         x = inputs(1, num_q, num_keys, args.heads, args.widths, num_keys - num_q)
-        runs = [(tiles, kernel) for kernel in args.forward_kernels for tiles in tilings]
-        for tiles, kernel in runs:
+        runs = [(tiles, kernel, dist) for kernel in args.forward_kernels for dist in args.distribution_kernels
+                for tiles in tilings]
+        for tiles, kernel, dist in runs:
             results.append(time_chunk(args, x, num_keys - num_q, tiles, check=num_keys <= args.reference_up_to,
-                                      forward_kernel=kernel))
+                                      forward_kernel=kernel, distribution_kernel=dist))
             print(json.dumps(results[-1]), flush=True)
         del x
         if args.layer:
-            for tiles, kernel in runs:
-                results.append(time_layer(args, num_keys, tiles, kernel))
+            for tiles, kernel, dist in runs:
+                results.append(time_layer(args, num_keys, tiles, kernel, dist))
                 print(json.dumps(results[-1]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"header": header, "runs": results}, indent=1))

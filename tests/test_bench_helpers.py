@@ -138,6 +138,7 @@ def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
     assert chunk["out_rel_err"] < 2e-2 and chunk["dist_rel_err"] < 2e-2
     assert chunk["forward_ms"] > 0 and chunk["distribution_ms"] > 0 and chunk["reference_ms"] > 0
     assert chunk["backward_ms"] > 0 and chunk["forward_kernel"] == chunk["backward_kernel"] == "pallas"
+    assert chunk["distribution_kernel"] == layer["distribution_kernel"] == "pallas"  # the interpreter's
     # The layer is its three chunks, each timed (the last one again: compared with `chunk` it would compare two
     # timings of one interpreted call, which on a loaded 2-core machine differ either way).
     assert layer["whole_layer"] and len(layer["chunk_forward_ms"]) == len(layer["chunk_distribution_ms"]) == 3

@@ -8,6 +8,7 @@ the keys (as `query_chunk` gives), padded queries with position -1 (nothing visi
 are not powers of two, batch 2."""
 
 import functools
+import importlib
 import re
 
 import jax
@@ -308,29 +309,54 @@ def test_gluon_forward_compiles_for_hopper_with_its_dots_and_does_not_spill(case
     assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
 
 
-def test_forward_kernel_choice_is_validated_and_follows_the_platform(monkeypatch):
+# (option, resolver in dense_attention, number of inputs, their widths) and each kernel's own width cases: (widths,
+# what "auto" takes, the error of an explicit "gluon" or None)
+KERNEL_CHOICES = {
+    "forward_kernel": ("resolve_forward_kernel", 5, (128, 64, 128), [
+        ((128, 64, 256), "pallas", None),
+        ((128, 128, 128), "pallas", "more than .* bytes of shared memory")]),  # 128 keys per step do not fit
+    "backward_kernel": ("resolve_backward_kernel", 5, (128, 64, 128), [
+        ((100, 28, 128), "gluon", None),  # padded: 128 + 32
+        ((128, 128, 128), "pallas", r"registers, widths up to 320 in all \(padded\), got \(128, 128, 128\)")]),
+    "distribution_kernel": ("resolve_distribution_kernel", 4, (128, 64), [
+        ((100, 28), "gluon", None),
+        ((128, 128), "pallas", "more than .* bytes of shared memory")]),
+}
+
+
+@pytest.mark.parametrize("which", KERNEL_CHOICES)
+def test_kernel_choice_is_validated_and_follows_the_platform(which, monkeypatch):
+    """The Gluon-or-Pallas rules the three resolvers share (`dense_attention._resolve_gluon_choice`), then the
+    widths each Gluon kernel takes."""
     from pallas_kernels import _gluon  # noqa: PLC0415
-    from pallas_kernels.dense_attention import resolve_forward_kernel  # noqa: PLC0415
-    bf16 = [jnp.bfloat16] * 5
-    choose = functools.partial(resolve_forward_kernel, widths=(128, 64, 128), pallas_tiling=False)
-    check_kernel_choice_rules(lambda kernel, interpret: choose(kernel, interpret=interpret, dtypes=bf16),
-                              "forward_kernel")
+    dense_attention = importlib.import_module("pallas_kernels.dense_attention")  # the package's name is a function
+    if which == "distribution_kernel":  # "auto" keeps Pallas until the Gluon kernel has run on a GPU: then the rules
+        assert dense_attention.resolve_distribution_kernel(
+            "auto", interpret=False, dtypes=[jnp.bfloat16] * 4, widths=(128, 64), pallas_tiling=False) == "pallas"
+        monkeypatch.setattr(dense_attention, "GLUON_DISTRIBUTION_BY_DEFAULT", True)
+    resolver, num_inputs, widths, width_cases = KERNEL_CHOICES[which]
+    bf16 = [jnp.bfloat16] * num_inputs
+    choose = functools.partial(getattr(dense_attention, resolver), interpret=False, dtypes=bf16, widths=widths,
+                               pallas_tiling=False)
+    check_kernel_choice_rules(lambda kernel, interpret: choose(kernel, interpret=interpret), which)
     pytest.importorskip("triton.experimental.gluon")
     monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)  # as on a Hopper GPU
-    assert choose("auto", interpret=False, dtypes=bf16) == "gluon"
-    assert choose("auto", interpret=False, dtypes=[jnp.float16] * 5) == "gluon"
-    assert choose("auto", interpret=False, dtypes=bf16, pallas_tiling=True) == "pallas"  # Pallas tiles were given
-    assert choose("auto", interpret=False, dtypes=[jnp.float32] * 5) == "pallas"
-    with pytest.raises(ValueError, match="bfloat16 or float16 inputs, got float32"):
-        choose("gluon", interpret=False, dtypes=[jnp.float32] * 5)
-    with pytest.raises(ValueError, match=r"one dtype, got \['bfloat16', 'bfloat16', 'bfloat16', 'bfloat16', "
-                                         r"'float16'\]"):
-        choose("gluon", interpret=False, dtypes=bf16[:4] + [jnp.float16])
+    assert choose("auto") == "gluon"
+    assert choose("auto", dtypes=[jnp.float16] * num_inputs) == "gluon"
+    assert choose("auto", pallas_tiling=True) == "pallas"  # Pallas tiles were given
+    assert choose("auto", dtypes=[jnp.float32] * num_inputs) == "pallas"
+    with pytest.raises(ValueError, match=f"{which}='gluon' cannot run: .*bfloat16 or float16 inputs, got float32"):
+        choose("gluon", dtypes=[jnp.float32] * num_inputs)
+    mixed = bf16[:-1] + [jnp.float16]
+    with pytest.raises(ValueError, match=re.escape(f"of one dtype, got {[jnp.dtype(d).name for d in mixed]}")):
+        choose("gluon", dtypes=mixed)
     with pytest.raises(ValueError, match="widths up to 128 .* got nope 192"):
-        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(192, 64, 128), pallas_tiling=False)
-    assert choose("auto", interpret=False, dtypes=bf16, widths=(128, 64, 256)) == "pallas"
-    with pytest.raises(ValueError, match="more than .* bytes of shared memory"):  # 128 keys per step do not fit
-        resolve_forward_kernel("gluon", interpret=False, dtypes=bf16, widths=(128, 128, 128), pallas_tiling=False)
+        choose("gluon", widths=(192,) + widths[1:])
+    for case_widths, auto, error in width_cases:
+        assert choose("auto", widths=case_widths) == auto, case_widths
+        if error is not None:
+            with pytest.raises(ValueError, match=error):
+                choose("gluon", widths=case_widths)
 
 
 def _lse_err(lse, want) -> float:
@@ -453,32 +479,6 @@ def test_gluon_backward_compiles_for_hopper_with_its_dots_and_does_not_spill(cas
         assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], (name, log)
 
 
-def test_backward_kernel_choice_is_validated_and_follows_the_platform(monkeypatch):
-    from pallas_kernels import _gluon  # noqa: PLC0415
-    from pallas_kernels.dense_attention import resolve_backward_kernel  # noqa: PLC0415
-    bf16 = [jnp.bfloat16] * 5
-    choose = functools.partial(resolve_backward_kernel, widths=(128, 64, 128), pallas_tiling=False)
-    check_kernel_choice_rules(lambda kernel, interpret: choose(kernel, interpret=interpret, dtypes=bf16),
-                              "backward_kernel")
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)  # as on a Hopper GPU
-    assert choose("auto", interpret=False, dtypes=bf16) == "gluon"
-    assert choose("auto", interpret=False, dtypes=[jnp.float16] * 5) == "gluon"
-    assert choose("auto", interpret=False, dtypes=bf16, pallas_tiling=True) == "pallas"  # Pallas tiles were given
-    assert choose("auto", interpret=False, dtypes=[jnp.float32] * 5) == "pallas"
-    with pytest.raises(ValueError, match="backward_kernel='gluon' cannot run: .*bfloat16 or float16 inputs"):
-        choose("gluon", interpret=False, dtypes=[jnp.float32] * 5)
-    with pytest.raises(ValueError, match=r"one dtype, got \['bfloat16', 'bfloat16', 'bfloat16', 'bfloat16', "
-                                         r"'float16'\]"):
-        choose("gluon", interpret=False, dtypes=bf16[:4] + [jnp.float16])
-    with pytest.raises(ValueError, match="widths up to 128 .* got nope 192"):
-        resolve_backward_kernel("gluon", interpret=False, dtypes=bf16, widths=(192, 64, 128), pallas_tiling=False)
-    assert choose("auto", interpret=False, dtypes=bf16, widths=(100, 28, 128)) == "gluon"  # padded: 128 + 32
-    assert choose("auto", interpret=False, dtypes=bf16, widths=(128, 128, 128)) == "pallas"
-    with pytest.raises(ValueError, match=r"registers, widths up to 320 in all \(padded\), got \(128, 128, 128\)"):
-        resolve_backward_kernel("gluon", interpret=False, dtypes=bf16, widths=(128, 128, 128), pallas_tiling=False)
-
-
 def _stand_in_backward_launch(*arrays, kernel, out_shape, grid, num_warps, **constants):
     """`gluon_call` for `dense_backward_gluon`: each kernel's outputs computed in float32 from the padded inputs,
     checked against the constants, through a callback with no batching rule. The key kernel's stand-in takes
@@ -579,3 +579,103 @@ def test_gluon_backward_equals_the_reference_and_the_pallas_backward(shape, dtyp
     for name, g, p, w in zip(("q_nope", "q_rope", "k_nope", "k_rope", "values"), got, pallas, want, strict=True):
         assert rel_err(g, w) < 2e-2 and rel_err(g, p) < 2e-2, name
     assert np.all(np.asarray(got[0][:, 1]) == 0)
+
+
+# ---- the Gluon distribution (`dense_distribution_gluon`): compiled on CPU, run on a Hopper GPU ----------------------
+
+
+@pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
+def test_gluon_distribution_compiles_for_hopper_with_its_dots_and_hardly_spills(case, tmp_path, monkeypatch):
+    """Triton's compiler, no GPU: the kernel fits shared memory, keeps within 255 registers and issues per head, for
+    each half of its 256 keys, (N + P) / 16 logits steps of m64n128 (each warpgroup 64 of the 128 queries). Its two
+    halves' sums and one set of logits take 192 registers a thread; ptxas spills at most 16 bytes (at DeepSeek-V3.2's
+    widths one 8-byte wgmma shared-memory descriptor, reloaded once per head; 352 bytes, the sums among them, with
+    a second set of logits)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log  # noqa: PLC0415
+
+    from pallas_kernels import _gluon, dense_distribution_gluon as dist  # noqa: PLC0415
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    num_q, num_keys, heads, n, p, _ = case
+    constants, grid = dist.kernel_constants(num_q, num_keys, heads, n, p, batch=2, scale=0.1)
+    n_p, p_p = constants["NOPE"], constants["ROPE"]
+    assert (n_p, p_p) == tuple(max(16, 1 << (w - 1).bit_length()) for w in (n, p))
+    assert (constants["OUT_Q"], constants["NUM_KEYS"]) == (num_q, num_keys) and constants["KEYS_P"] % 256 == 0
+    assert grid == (-(-num_q // 128), constants["KEYS_P"] // 256, 2)
+    compiled, _ = _gluon.compile_gluon(dist._distribution_kernel, ["*bf16"] * 4 + ["*i32", "*fp32", "*fp32"],
+                                       num_warps=8, capability=90, constexprs=constants)
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
+    assert shapes == ["m64n128k16"] * (2 * (n_p + p_p) // 16)
+    log = _ptxas_log(compiled.asm["ptx"], tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert len(spills) == 1 and int(spills[0]) <= 16, log
+
+
+def _stand_in_distribution_launch(qn, qr, kn, kr, positions, lse2, *, kernel, out_shape, grid, num_warps,
+                                  **constants):
+    """`gluon_call` for `dense_distribution_gluon`: the distribution in float32 from the padded inputs and the lse
+    the kernel reads (base 2, +inf where nothing is seen), checked against the constants, written at the real
+    [B, T, S] as the kernel writes it, through a callback with no batching rule."""
+    del kernel, num_warps
+    qn, qr, kn, kr = (x.astype(jnp.float32) for x in (qn, qr, kn, kr))
+    batch, num_q_p, heads, _ = qn.shape
+    keys_p, num_keys, num_q = kn.shape[1], constants["NUM_KEYS"], constants["OUT_Q"]
+    assert (num_q_p, keys_p, heads) == (constants["NUM_Q"], constants["KEYS_P"], constants["HEADS"])
+    assert (qn.shape[-1], qr.shape[-1]) == (constants["NOPE"], constants["ROPE"]) and keys_p % 256 == 0
+    assert grid == (num_q_p // 128, keys_p // 256, batch) and num_q_p % 128 == 0
+    assert lse2.shape == (batch, heads, num_q_p) and positions.shape == (batch, num_q_p)
+    assert out_shape.shape == (batch, num_q, num_keys)
+    logits = jnp.einsum("bthn,bshn->bhts", qn, kn) + jnp.einsum("bthp,bsp->bhts", qr, kr)
+    probs = jnp.exp2(logits * constants["SCALE_LOG2"] - lse2[..., None])
+    visible = jnp.arange(keys_p)[None, None, :] <= positions[:, :, None]
+    dist = jnp.where(visible, probs.sum(1) / heads, 0.0)[:, :num_q, :num_keys]
+    return jax.pure_callback(lambda x: x, out_shape, dist)
+
+
+def test_gluon_distribution_wrapper_pads_hands_the_lse_and_maps_under_vmap(monkeypatch):
+    """On CPU, around a stand-in for the launch: the wrapper pads queries to 128, keys to 256 and widths to powers
+    of two, hands the lse in base 2 (+inf for a padded query, whose row is zeros), and maps under vmap."""
+    dist_gluon = pytest.importorskip("pallas_kernels.dense_distribution_gluon")  # needs triton, not a GPU
+    from pallas_kernels import _gluon  # noqa: PLC0415
+    monkeypatch.setattr(_gluon, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(dist_gluon, "gluon_call", _stand_in_distribution_launch)
+    inputs = list(_inputs(SHAPES[0], jnp.bfloat16))
+    inputs[5] = inputs[5].at[1, 2].set(-1)
+    _, lse, want = _want(tuple(inputs))
+    q_nope, q_rope, k_nope, k_rope, _, positions = inputs
+    got = dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, lse, scale=SCALE,
+                                              kernel="gluon")
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert rel_err(got, want) < 1e-5 and np.all(np.asarray(got[1, 2]) == 0)
+    mapped = jax.vmap(lambda *x: dense_attention_distribution_pallas(*x, scale=SCALE, kernel="gluon"),
+                      in_axes=(1, 1, None, None, 1, 1))(q_nope[:, :, None], q_rope[:, :, None], k_nope, k_rope,
+                                                        positions[:, :, None], lse[:, :, None])
+    np.testing.assert_array_equal(np.asarray(jnp.moveaxis(mapped, 0, 1)[:, :, 0]), np.asarray(got))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 300, 1000, 5, 24, 8, 40, 700), (1, 130, 600, 2, 100, 28, 128, 0),
+                                            (2, 200, 700, 3, 128, 64, 16, 500)])
+def test_gluon_distribution_equals_the_reference_and_the_pallas_distribution(shape, dtype):
+    """Ragged shapes (queries past one block, keys past whole tiles and halves of a tile, widths padded,
+    DeepSeek-V3.2's widths), a padded query, bf16 and fp16, given the forward's lse: zeros exactly where the query
+    does not see the key, rows summing to 1."""
+    _require_gluon()
+    inputs = list(_inputs(shape, dtype, seed=6))
+    inputs[5] = inputs[5].at[:, 1].set(-1)
+    q_nope, q_rope, k_nope, k_rope, _, positions = inputs
+    _, lse = dense_attention_pallas(*inputs, scale=SCALE, return_lse=True)
+    got = dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, lse, scale=SCALE,
+                                              kernel="gluon")
+    pallas = dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, positions, lse, scale=SCALE,
+                                                 kernel="pallas")
+    _, _, want = _want(tuple(inputs))
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert rel_err(got, want) < 1e-2 and rel_err(got, pallas) < 1e-4
+    visible = np.arange(shape[2])[None, None, :] <= np.asarray(positions)[:, :, None]
+    assert np.all(np.asarray(got)[~visible] == 0) and np.all(np.asarray(got[:, 1]) == 0)
+    real = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(got).sum(-1)[real], 1.0, rtol=1e-3)
