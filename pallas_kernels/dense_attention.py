@@ -20,7 +20,8 @@ from the lse (flash-attention's backward) in two kernels: `_key_grads_kernel`, o
 keys) looping over heads and over the query blocks that see those keys, gives d_k_nope and d_values per head and
 d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program per (row, head, block of queries),
 gives d_q. On Hopper `dense_attention_backward_gluon` runs the same two kernels in Gluon (`backward_kernel`,
-1.5x these at DeepSeek-V3.2's shapes). The dense warm-up never differentiates its attention (its main model is
+1.5x these at DeepSeek-V3.2's shapes), and `dense_distribution_gluon` the distribution (opt-in until it has run on a
+GPU: GLUON_DISTRIBUTION_BY_DEFAULT). The dense warm-up never differentiates its attention (its main model is
 frozen); the `dense` stage does. The distribution is a target: not differentiable, the dispatch stops its
 inputs' gradients.
 
