@@ -48,8 +48,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
 from pallas_kernels._pallas import pad_axis, round_up
-from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
-                                                  _walk_bounds, padded_widths)
+from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _operand_buffer,
+                                                  _start_key_ring, _walk_bounds, _wgmma_layout, padded_widths)
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 NUM_WARPS = 8  # two warpgroups
@@ -131,27 +131,18 @@ def _query_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, 
     batch = gl.program_id(2)
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * T_p]
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_K, 16])
-    nope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, NOPE, 16])
-    rope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, ROPE, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_K, num_warps)
+    nope_layout: gl.constexpr = _wgmma_layout(NOPE, num_warps)
+    rope_layout: gl.constexpr = _wgmma_layout(ROPE, num_warps)
     nope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=nope_layout, k_width=2)
     rope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rope_layout, k_width=2)
 
-    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_Q, NOPE],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_Q, NOPE], dtype))
-    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_Q, ROPE],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_Q, ROPE], dtype))
-    d_out = gl.allocate_shared_memory(dtype, [BLOCK_Q, VALUE],
-                                      gl.NVMMASharedLayout.get_default_for([BLOCK_Q, VALUE], dtype))
-    kn_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, NOPE],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_K, NOPE], dtype))
-    kr_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, ROPE],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_K, ROPE], dtype))
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, VALUE],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_K, VALUE], dtype))
+    q_nope = _operand_buffer(dtype, [BLOCK_Q, NOPE])
+    q_rope = _operand_buffer(dtype, [BLOCK_Q, ROPE])
+    d_out = _operand_buffer(dtype, [BLOCK_Q, VALUE])
+    kn_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, NOPE])
+    kr_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, ROPE])
+    v_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, VALUE])
 
     q_row = first_query.to(gl.int64) * HEADS + head
     _copy_rows(qn_ptr + q_row * NOPE, HEADS * NOPE, q_nope, BLOCK_Q, NOPE, num_warps)
@@ -245,31 +236,21 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
     first_key = key_block * K_BLOCK_K
     num_blocks: gl.constexpr = NUM_Q // BLOCK_Q
 
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_Q, 16])
-    value_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, VALUE, 16])
-    nope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, NOPE, 16])
-    rope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, ROPE, 16])
+    st_layout: gl.constexpr = _wgmma_layout(BLOCK_Q, num_warps)
+    value_layout: gl.constexpr = _wgmma_layout(VALUE, num_warps)
+    nope_layout: gl.constexpr = _wgmma_layout(NOPE, num_warps)
+    rope_layout: gl.constexpr = _wgmma_layout(ROPE, num_warps)
     value_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=value_layout, k_width=2)
     nope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=nope_layout, k_width=2)
     rope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rope_layout, k_width=2)
     query_columns: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    k_nope = gl.allocate_shared_memory(dtype, [K_BLOCK_K, NOPE],
-                                       gl.NVMMASharedLayout.get_default_for([K_BLOCK_K, NOPE], dtype))
-    k_rope = gl.allocate_shared_memory(dtype, [K_BLOCK_K, ROPE],
-                                       gl.NVMMASharedLayout.get_default_for([K_BLOCK_K, ROPE], dtype))
-    values = gl.allocate_shared_memory(dtype, [K_BLOCK_K, VALUE],
-                                       gl.NVMMASharedLayout.get_default_for([K_BLOCK_K, VALUE], dtype))
-    qn_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, NOPE],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_Q, NOPE], dtype))
-    qr_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, ROPE],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_Q, ROPE], dtype))
-    do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, VALUE],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_Q, VALUE], dtype))
+    k_nope = _operand_buffer(dtype, [K_BLOCK_K, NOPE])
+    k_rope = _operand_buffer(dtype, [K_BLOCK_K, ROPE])
+    values = _operand_buffer(dtype, [K_BLOCK_K, VALUE])
+    qn_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, NOPE])
+    qr_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, ROPE])
+    do_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, VALUE])
 
     start = gl.load(start_ptr + batch * (KEYS_P // K_BLOCK_K) + key_block)
     walk = num_blocks - start
