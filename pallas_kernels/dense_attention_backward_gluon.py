@@ -47,9 +47,10 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels._pallas import pad_axis, round_up
-from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _operand_buffer,
-                                                  _start_key_ring, _walk_bounds, _wgmma_layout, padded_widths)
+from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
+                                                  _walk_bounds, padded_widths)
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 NUM_WARPS = 8  # two warpgroups
@@ -131,18 +132,18 @@ def _query_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, 
     batch = gl.program_id(2)
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * T_p]
 
-    s_layout: gl.constexpr = _wgmma_layout(BLOCK_K, num_warps)
-    nope_layout: gl.constexpr = _wgmma_layout(NOPE, num_warps)
-    rope_layout: gl.constexpr = _wgmma_layout(ROPE, num_warps)
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_K, num_warps)
+    nope_layout: gl.constexpr = wgmma_layout(NOPE, num_warps)
+    rope_layout: gl.constexpr = wgmma_layout(ROPE, num_warps)
     nope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=nope_layout, k_width=2)
     rope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rope_layout, k_width=2)
 
-    q_nope = _operand_buffer(dtype, [BLOCK_Q, NOPE])
-    q_rope = _operand_buffer(dtype, [BLOCK_Q, ROPE])
-    d_out = _operand_buffer(dtype, [BLOCK_Q, VALUE])
-    kn_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, NOPE])
-    kr_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, ROPE])
-    v_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, VALUE])
+    q_nope = operand_buffer(dtype, [BLOCK_Q, NOPE])
+    q_rope = operand_buffer(dtype, [BLOCK_Q, ROPE])
+    d_out = operand_buffer(dtype, [BLOCK_Q, VALUE])
+    kn_ring = operand_buffer(dtype, [STAGES, BLOCK_K, NOPE])
+    kr_ring = operand_buffer(dtype, [STAGES, BLOCK_K, ROPE])
+    v_ring = operand_buffer(dtype, [STAGES, BLOCK_K, VALUE])
 
     q_row = first_query.to(gl.int64) * HEADS + head
     _copy_rows(qn_ptr + q_row * NOPE, HEADS * NOPE, q_nope, BLOCK_Q, NOPE, num_warps)
@@ -236,21 +237,21 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
     first_key = key_block * K_BLOCK_K
     num_blocks: gl.constexpr = NUM_Q // BLOCK_Q
 
-    st_layout: gl.constexpr = _wgmma_layout(BLOCK_Q, num_warps)
-    value_layout: gl.constexpr = _wgmma_layout(VALUE, num_warps)
-    nope_layout: gl.constexpr = _wgmma_layout(NOPE, num_warps)
-    rope_layout: gl.constexpr = _wgmma_layout(ROPE, num_warps)
+    st_layout: gl.constexpr = wgmma_layout(BLOCK_Q, num_warps)
+    value_layout: gl.constexpr = wgmma_layout(VALUE, num_warps)
+    nope_layout: gl.constexpr = wgmma_layout(NOPE, num_warps)
+    rope_layout: gl.constexpr = wgmma_layout(ROPE, num_warps)
     value_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=value_layout, k_width=2)
     nope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=nope_layout, k_width=2)
     rope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rope_layout, k_width=2)
     query_columns: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    k_nope = _operand_buffer(dtype, [K_BLOCK_K, NOPE])
-    k_rope = _operand_buffer(dtype, [K_BLOCK_K, ROPE])
-    values = _operand_buffer(dtype, [K_BLOCK_K, VALUE])
-    qn_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, NOPE])
-    qr_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, ROPE])
-    do_ring = _operand_buffer(dtype, [STAGES, BLOCK_Q, VALUE])
+    k_nope = operand_buffer(dtype, [K_BLOCK_K, NOPE])
+    k_rope = operand_buffer(dtype, [K_BLOCK_K, ROPE])
+    values = operand_buffer(dtype, [K_BLOCK_K, VALUE])
+    qn_ring = operand_buffer(dtype, [STAGES, BLOCK_Q, NOPE])
+    qr_ring = operand_buffer(dtype, [STAGES, BLOCK_Q, ROPE])
+    do_ring = operand_buffer(dtype, [STAGES, BLOCK_Q, VALUE])
 
     start = gl.load(start_ptr + batch * (KEYS_P // K_BLOCK_K) + key_block)
     walk = num_blocks - start

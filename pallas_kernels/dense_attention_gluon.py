@@ -31,6 +31,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels._pallas import dot_size, pad_axis, round_up
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
@@ -53,21 +54,6 @@ def _rows_layout(width, num_warps):
     a warp along one row's segment first."""
     across = min(32, width // 8)
     return gl.BlockedLayout([1, 8], [32 // across, across], [num_warps, 1], [1, 0])
-
-
-@gluon.constexpr_function
-def _wgmma_layout(columns, num_warps):
-    """The register layout of a wgmma accumulator with `columns` columns, the warps stacked along the rows (each
-    warpgroup its own m64 rows)."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
-
-
-@gluon.jit
-def _operand_buffer(dtype: gl.constexpr, shape: gl.constexpr):
-    """A shared-memory buffer for wgmma operands: `shape` [rows, columns], or [slots, rows, columns] for a ring, in
-    the NVMMA layout of one [rows, columns] tile."""
-    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(shape[len(shape) - 2:], dtype)
-    return gl.allocate_shared_memory(dtype, shape, layout)
 
 
 @gluon.jit
@@ -188,15 +174,15 @@ def _forward_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, out_ptr, lse
     batch = gl.program_id(2)
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * T_p]
 
-    logits_layout: gl.constexpr = _wgmma_layout(BLOCK_K, num_warps)
-    out_layout: gl.constexpr = _wgmma_layout(VALUE, num_warps)
+    logits_layout: gl.constexpr = wgmma_layout(BLOCK_K, num_warps)
+    out_layout: gl.constexpr = wgmma_layout(VALUE, num_warps)
     p_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=out_layout, k_width=2)
 
-    q_nope = _operand_buffer(dtype, [BLOCK_Q, NOPE])
-    q_rope = _operand_buffer(dtype, [BLOCK_Q, ROPE])
-    kn_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, NOPE])
-    kr_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, ROPE])
-    v_ring = _operand_buffer(dtype, [STAGES, BLOCK_K, VALUE])
+    q_nope = operand_buffer(dtype, [BLOCK_Q, NOPE])
+    q_rope = operand_buffer(dtype, [BLOCK_Q, ROPE])
+    kn_ring = operand_buffer(dtype, [STAGES, BLOCK_K, NOPE])
+    kr_ring = operand_buffer(dtype, [STAGES, BLOCK_K, ROPE])
+    v_ring = operand_buffer(dtype, [STAGES, BLOCK_K, VALUE])
 
     q_row = first_query.to(gl.int64) * HEADS + head
     _copy_rows(qn_ptr + q_row * NOPE, HEADS * NOPE, q_nope, BLOCK_Q, NOPE, num_warps)

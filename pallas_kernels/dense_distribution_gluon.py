@@ -38,8 +38,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels._pallas import dot_size, pad_axis, round_up
-from pallas_kernels.dense_attention_gluon import _copy_rows, _operand_buffer, _wgmma_layout
+from pallas_kernels.dense_attention_gluon import _copy_rows
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 BLOCK_Q = gl.constexpr(128)  # queries per program: two warpgroups of m64
@@ -115,11 +116,11 @@ def _distribution_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, pos_ptr, lse_ptr, out_p
     batch = gl.program_id(2)
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * T_p]
 
-    layout: gl.constexpr = _wgmma_layout(HALF_K, num_warps)
-    q_nope = _operand_buffer(dtype, [2, BLOCK_Q, NOPE])
-    q_rope = _operand_buffer(dtype, [2, BLOCK_Q, ROPE])
-    k_nope = _operand_buffer(dtype, [2, HALF_K, NOPE])
-    k_rope = _operand_buffer(dtype, [2, HALF_K, ROPE])
+    layout: gl.constexpr = wgmma_layout(HALF_K, num_warps)
+    q_nope = operand_buffer(dtype, [2, BLOCK_Q, NOPE])
+    q_rope = operand_buffer(dtype, [2, BLOCK_Q, ROPE])
+    k_nope = operand_buffer(dtype, [2, HALF_K, NOPE])
+    k_rope = operand_buffer(dtype, [2, HALF_K, ROPE])
 
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     all_positions = gl.load(pos_ptr + first_query + gl.arange(0, BLOCK_Q, layout=flat))

@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU
 from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.sparse_attention_gluon import _row_layout
@@ -74,10 +75,8 @@ def _query_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, d_q_ptr, d_w_ptr, NU
     tiles: gl.constexpr = NUM_Q * HEADS // ROWS
     batch = gl.program_id(1)
     first_row = (tiles - 1 - gl.program_id(0)) * ROWS
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK_K, 16])
-    d_q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, WIDTH, 16])
+    logits_layout: gl.constexpr = wgmma_layout(BLOCK_K, num_warps)
+    d_q_layout: gl.constexpr = wgmma_layout(WIDTH, num_warps)
     row_layout: gl.constexpr = gl.SliceLayout(1, logits_layout)
     rows = first_row + gl.arange(0, ROWS, layout=row_layout)  # within the batch row
     query = rows // HEADS
@@ -86,8 +85,7 @@ def _query_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, d_q_ptr, d_w_ptr, NU
     last = gl.max(positions, axis=0)
     num_tiles = gl.where(last >= 0, gl.minimum(last // BLOCK_K + 1, NUM_KEYS // BLOCK_K), 0)
 
-    keys = gl.allocate_shared_memory(dtype, [3, BLOCK_K, WIDTH],
-                                     gl.NVMMASharedLayout.get_default_for([BLOCK_K, WIDTH], dtype))
+    keys = operand_buffer(dtype, [3, BLOCK_K, WIDTH])
     k_base = k_ptr + batch.to(gl.int64) * NUM_KEYS * WIDTH
     _copy_rows(k_base, keys.index(0), WIDTH, num_warps)
     async_copy.commit_group()
@@ -138,10 +136,8 @@ def _key_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, steps_ptr, d_k_ptr, NU
     batch = gl.program_id(1)
     tile = gl.program_id(0) // SPLITS
     split = gl.program_id(0) % SPLITS
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, STEP_ROWS, 16])
-    d_k_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, WIDTH, 16])
+    logits_layout: gl.constexpr = wgmma_layout(STEP_ROWS, num_warps)
+    d_k_layout: gl.constexpr = wgmma_layout(WIDTH, num_warps)
     key_layout: gl.constexpr = gl.SliceLayout(1, logits_layout)
     row_layout: gl.constexpr = gl.SliceLayout(0, logits_layout)
     key_ids = tile * KEYS + gl.arange(0, KEYS, layout=key_layout)
@@ -149,8 +145,7 @@ def _key_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, steps_ptr, d_k_ptr, NU
     first_step = gl.load(steps)
     num_steps = gl.load(steps + 1)
 
-    q_tiles = gl.allocate_shared_memory(dtype, [3, STEP_ROWS, WIDTH],
-                                        gl.NVMMASharedLayout.get_default_for([STEP_ROWS, WIDTH], dtype))
+    q_tiles = operand_buffer(dtype, [3, STEP_ROWS, WIDTH])
     q_base = q_ptr + batch.to(gl.int64) * NUM_Q * HEADS * WIDTH
     if num_steps > 0:  # (an empty run's first step may lie past the last row)
         _copy_rows(q_base + (first_step * STEP_ROWS).to(gl.int64) * WIDTH, q_tiles.index(0), WIDTH, num_warps)

@@ -54,6 +54,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, dot_size, next_pow2, pad_axis, round_up
 from pallas_kernels.indexer import GLUON_SCORES_DTYPES
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
@@ -97,8 +98,7 @@ def _weight_tile(w_ptr, first_query, HEADS: gl.constexpr, ROWS: gl.constexpr, N:
     row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, layout))[None, :]
     mine = (row // HEADS) == column
     weights = gl.load(w_ptr + first_query * HEADS + row + 0 * column, mask=mine, other=0.0)
-    tile = gl.allocate_shared_memory(gl.bfloat16, [N, ROWS], gl.NVMMASharedLayout.get_default_for([N, ROWS],
-                                                                                                  gl.bfloat16))
+    tile = operand_buffer(gl.bfloat16, [N, ROWS])
     tile.store(weights.to(gl.bfloat16))
     return tile
 
@@ -131,20 +131,17 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
     batch = gl.program_id(2)
     first_block = gl.program_id(1) * SPLIT_BLOCKS
     first_query = batch * NUM_Q + query_block * BLOCK_Q  # row in [B * NUM_Q]
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, ROWS, 32 if FP8 else 16])
+    logits_layout: gl.constexpr = wgmma_layout(ROWS, num_warps, 32 if FP8 else 16)
     if TENSOR_HEAD_SUM:
-        sums_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                              instr_shape=[16, N, 16])
+        sums_layout: gl.constexpr = wgmma_layout(N, num_warps)
     else:  # the layout _fp32_head_sum's reduction gives (this probe is traced for its type only)
         sums_layout: gl.constexpr = _fp32_head_sum(gl.zeros([BLOCK, ROWS], gl.float32, logits_layout),
                                                    gl.zeros([ROWS], gl.float32, gl.SliceLayout(0, logits_layout)),
                                                    BLOCK_Q, HEADS).type.layout
     p_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sums_layout, k_width=2)
 
-    q_tile = gl.allocate_shared_memory(dtype, [ROWS, DIM], gl.NVMMASharedLayout.get_default_for([ROWS, DIM], dtype))
-    key_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, DIM],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK, DIM], dtype))
+    q_tile = operand_buffer(dtype, [ROWS, DIM])
+    key_ring = operand_buffer(dtype, [STAGES, BLOCK, DIM])
     _copy_rows(q_ptr + first_query.to(gl.int64) * HEADS * DIM, q_tile, ROWS, DIM, num_warps)
     async_copy.commit_group()
     total_blocks: gl.constexpr = NUM_KEYS // BLOCK

@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels.indexer_backward_gluon import _copy_rows
 from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.sparse_attention_backward_gluon import _scatter_add
@@ -91,12 +92,10 @@ def _forward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, out_ptr, NUM_Q: gl.constexpr, 
     k_base = k_ptr + k_offset
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
     out_base = out_ptr + token.to(gl.int64) * SLOTS
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, HEADS, 16])
+    logits_layout: gl.constexpr = wgmma_layout(HEADS, num_warps)
     slot_rows: gl.constexpr = gl.SliceLayout(1, logits_layout)
-    smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, WIDTH], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [HEADS, WIDTH], smem)
-    keys = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, WIDTH], smem)
+    q_smem = operand_buffer(dtype, [HEADS, WIDTH])
+    keys = operand_buffer(dtype, [STAGES, BLOCK_K, WIDTH])
     _copy_rows(q_ptr + token.to(gl.int64) * HEADS * WIDTH, q_smem, WIDTH, num_warps)
     live = _live_blocks(ids_base, SLOTS, num_warps)
     for s in gl.static_range(STAGES - 1):  # (a group per block, empty past the live ones: the waits count groups)
@@ -137,23 +136,18 @@ def _backward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, d_ptr, d_k_in_ptr, d_q_ptr, d
     k_base = k_ptr + k_offset
     d_k_base = d_k_ptr + k_offset
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, HEADS, 16])
-    rows_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, WIDTH, 16])
+    logits_layout: gl.constexpr = wgmma_layout(HEADS, num_warps)
+    rows_layout: gl.constexpr = wgmma_layout(WIDTH, num_warps)
     PIECE: gl.constexpr = min(WIDTH, 64)  # d_rows columns per dot and atomic add
-    piece_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, PIECE, 16])
+    piece_layout: gl.constexpr = wgmma_layout(PIECE, num_warps)
     grad_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=piece_layout, k_width=2)
     slot_rows: gl.constexpr = gl.SliceLayout(1, logits_layout)
     head_columns: gl.constexpr = gl.SliceLayout(0, logits_layout)
-    smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, WIDTH], dtype)
     # [1, rows, columns], indexed in the loop with an opaque 0 (`_opaque_zero`): hoisted, the wgmma descriptors of
     # q and G^T held registers through the loop, and ptxas spilled
-    q_all = gl.allocate_shared_memory(dtype, [1, HEADS, WIDTH], smem)
-    keys = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, WIDTH], smem)
-    grad_all = gl.allocate_shared_memory(dtype, [1, BLOCK_K, HEADS],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_K, HEADS], dtype))
+    q_all = operand_buffer(dtype, [1, HEADS, WIDTH])
+    keys = operand_buffer(dtype, [STAGES, BLOCK_K, WIDTH])
+    grad_all = operand_buffer(dtype, [1, BLOCK_K, HEADS])
     _copy_rows(q_ptr + token.to(gl.int64) * HEADS * WIDTH, q_all.index(0), WIDTH, num_warps)
     live = _live_blocks(ids_base, SLOTS, num_warps)
     for s in gl.static_range(STAGES - 1):

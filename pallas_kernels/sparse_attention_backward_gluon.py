@@ -60,6 +60,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_backward_width_reason, gluon_d_q_parts
 from pallas_kernels.sparse_attention_gluon import (BLOCK_H, BLOCK_N, _gather_columns, _gather_rows, _load_q,
                                                    _opaque_zero, _row_layout)
@@ -136,26 +137,21 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, first_pt
     first_head = token * HEADS + head_block * BLOCK_H  # row in [B * T * H]
     d_s_base = d_s_ptr + ((batch * CHUNK + local) * HEADS + head_block * BLOCK_H).to(gl.int64) * SLOTS
 
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK_H, 16])
-    piece_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, PIECE, 16])
-    rope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, ROPE_DIM, 16])
+    logits_layout: gl.constexpr = wgmma_layout(BLOCK_H, num_warps)
+    piece_layout: gl.constexpr = wgmma_layout(PIECE, num_warps)
+    rope_layout: gl.constexpr = wgmma_layout(ROPE_DIM, num_warps)
     piece_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=piece_layout, k_width=2)
     rope_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rope_layout, k_width=2)
     slot_rows: gl.constexpr = gl.SliceLayout(1, logits_layout)
     head_columns: gl.constexpr = gl.SliceLayout(0, logits_layout)
 
-    value_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, VALUE_DIM], dtype)
-    rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype)
     # [1, rows, columns], indexed in the loop with an opaque 0 (`_opaque_zero`: hoisted, the wgmma descriptors
     # would hold registers through the loop)
-    q_values_all = gl.allocate_shared_memory(dtype, [1, BLOCK_H, VALUE_DIM], value_smem)
-    q_rope_all = gl.allocate_shared_memory(dtype, [1, BLOCK_H, ROPE_DIM], rope_smem)
-    d_out_all = gl.allocate_shared_memory(dtype, [1, BLOCK_H, VALUE_DIM], value_smem)
-    kv_values_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, VALUE_DIM], value_smem)
-    kv_rope_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, ROPE_DIM], rope_smem)
+    q_values_all = operand_buffer(dtype, [1, BLOCK_H, VALUE_DIM])
+    q_rope_all = operand_buffer(dtype, [1, BLOCK_H, ROPE_DIM])
+    d_out_all = operand_buffer(dtype, [1, BLOCK_H, VALUE_DIM])
+    kv_values_all = operand_buffer(dtype, [1, BLOCK_N, VALUE_DIM])
+    kv_rope_all = operand_buffer(dtype, [1, BLOCK_N, ROPE_DIM])
     q_values, q_rope, d_out = q_values_all.index(0), q_rope_all.index(0), d_out_all.index(0)
     kv_values, kv_rope = kv_values_all.index(0), kv_rope_all.index(0)
 
@@ -289,16 +285,11 @@ def _d_q_kernel(kv_ptr, idx_ptr, d_s_ptr, first_ptr, d_q_in_ptr, d_q_ptr, NUM_Q:
     ids_base = idx_ptr + (batch * NUM_Q + t).to(gl.int64) * SLOTS
     d_s_base = d_s_ptr + ((batch * CHUNK + local) * HEADS + head_block * BLOCK_M).to(gl.int64) * SLOTS
 
-    values_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, values, 16])
-    rope_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                          instr_shape=[16, rope, 16])
-    values_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, values],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, values], dtype))
-    rope_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, rope],
-                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, rope], dtype))
-    d_s_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_N],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    values_layout: gl.constexpr = wgmma_layout(values, num_warps)
+    rope_layout: gl.constexpr = wgmma_layout(rope, num_warps)
+    values_smem = operand_buffer(dtype, [STAGES, BLOCK_N, values])
+    rope_smem = operand_buffer(dtype, [STAGES, BLOCK_N, rope])
+    d_s_smem = operand_buffer(dtype, [STAGES, BLOCK_M, BLOCK_N])
     for s in gl.static_range(STAGES - 2):
         _load_block(kv_base, ids_base + s * BLOCK_N, d_s_base + s * BLOCK_N, values_smem.index(s),
                     rope_smem.index(s), d_s_smem.index(s), part, VALUE_DIM, ROPE_DIM, PARTS, NUM_KEYS, SLOTS,

@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels.sparse_attention import GLUON_DTYPES, GLUON_MAX_VALUE_DIM, GLUON_SMEM_BYTES
 
 BLOCK_H = gl.constexpr(64)  # heads per program: one wgmma row block
@@ -141,12 +142,10 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
                                                             instr_shape=[16, BLOCK_N // 2, 16])
     out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                          instr_shape=[16, VALUE_DIM // 2, 16])
-    value_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, VALUE_DIM], dtype)
-    rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype)
-    q_values = gl.allocate_shared_memory(dtype, [BLOCK_H, VALUE_DIM], value_smem)
-    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_H, ROPE_DIM], rope_smem)
-    kv_values = gl.allocate_shared_memory(dtype, [2, BLOCK_N, VALUE_DIM], value_smem)
-    kv_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, ROPE_DIM], rope_smem)
+    q_values = operand_buffer(dtype, [BLOCK_H, VALUE_DIM])
+    q_rope = operand_buffer(dtype, [BLOCK_H, ROPE_DIM])
+    kv_values = operand_buffer(dtype, [2, BLOCK_N, VALUE_DIM])
+    kv_rope = operand_buffer(dtype, [2, BLOCK_N, ROPE_DIM])
 
     _load_q(q_ptr + (token * HEADS + head_block * BLOCK_H).to(gl.int64) * width, q_values, q_rope, VALUE_DIM,
             ROPE_DIM, num_warps)
@@ -162,8 +161,7 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     # the row sums stay per column until after the loop (no cross-warpgroup sum per block); the probabilities go
     # through an explicit shared-memory tile that the value dot reads, not through a layout conversion.
     sums = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=logits_layout)
-    probs_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
+    probs_smem = operand_buffer(dtype, [BLOCK_H, BLOCK_N])
     acc = gl.zeros([BLOCK_H, VALUE_DIM], gl.float32, layout=out_layout)
     for j in range(num_blocks):
         buf = j % 2
@@ -279,10 +277,8 @@ def _seesaw_warpgroup(q_values, q_rope, kv_values, kv_rope, probs, maxes, sums, 
     probs_ready[1], sums_ready."""
     half: gl.constexpr = VALUE_DIM // 2
     dtype: gl.constexpr = kv_values.dtype
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_N, 16])
-    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, half, 16])
+    logits_layout: gl.constexpr = wgmma_layout(BLOCK_N, 4)
+    out_layout: gl.constexpr = wgmma_layout(half, 4)
     probs_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=out_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, logits_layout)
     out_rows: gl.constexpr = gl.SliceLayout(1, out_layout)
@@ -380,18 +376,15 @@ def _seesaw_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     batch, token, split, head_block = _program_coordinates(NUM_Q, HEADS, SPLITS)
 
-    value_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, VALUE_DIM], dtype)
-    rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype)
     # q as [1, H, D]: indexed with an opaque 0 in the loop (see _opaque_zero)
-    q_values = gl.allocate_shared_memory(dtype, [1, BLOCK_H, VALUE_DIM], value_smem)
-    q_rope = gl.allocate_shared_memory(dtype, [1, BLOCK_H, ROPE_DIM], rope_smem)
-    kv_values = gl.allocate_shared_memory(dtype, [2, BLOCK_N, VALUE_DIM], value_smem)
-    kv_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, ROPE_DIM], rope_smem)
+    q_values = operand_buffer(dtype, [1, BLOCK_H, VALUE_DIM])
+    q_rope = operand_buffer(dtype, [1, BLOCK_H, ROPE_DIM])
+    kv_values = operand_buffer(dtype, [2, BLOCK_N, VALUE_DIM])
+    kv_rope = operand_buffer(dtype, [2, BLOCK_N, ROPE_DIM])
     if ROPE_DIM == BLOCK_N:
         probs = kv_rope  # a block's rope columns are dead once its logits are computed
     else:
-        probs = gl.allocate_shared_memory(dtype, [2, BLOCK_H, BLOCK_N],
-                                          gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
+        probs = operand_buffer(dtype, [2, BLOCK_H, BLOCK_N])
     maxes = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     sums = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     bars = gl.allocate_shared_memory(gl.int64, [5, 1], mbarrier.MBarrierLayout())

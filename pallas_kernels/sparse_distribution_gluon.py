@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
+from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
 from pallas_kernels.sparse_attention_gluon import _gather_columns
 from pallas_kernels.sparse_distribution import GLUON_SHAPES as SHAPES  # (heads, slots) per program and step
 
@@ -81,13 +82,10 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
     token = batch * NUM_Q + gl.program_id(0) // head_blocks
     head_block = gl.program_id(0) % head_blocks
 
-    logits_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK_N, 16])
+    logits_layout: gl.constexpr = wgmma_layout(BLOCK_N, num_warps)
     q_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=logits_layout, k_width=2)
-    kv_values = gl.allocate_shared_memory(dtype, [2, BLOCK_N, VALUE_DIM],
-                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, VALUE_DIM], dtype))
-    kv_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, ROPE_DIM],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dtype))
+    kv_values = operand_buffer(dtype, [2, BLOCK_N, VALUE_DIM])
+    kv_rope = operand_buffer(dtype, [2, BLOCK_N, ROPE_DIM])
     kv_base = kv_ptr + batch.to(gl.int64) * NUM_KEYS * width
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS
     _gather(kv_base, ids_base, kv_values.index(0), kv_rope.index(0), NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)

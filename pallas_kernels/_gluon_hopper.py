@@ -1,0 +1,27 @@
+"""Layouts shared by the Hopper Gluon kernels: where a wgmma's accumulator lives in registers, and the
+shared-memory buffers its operands are read from.
+
+Every kernel stacks its warps along the rows of its dots (each warpgroup its own m64 rows), so one helper names that
+layout for any column count; the sparse forward's seesaw kernel, whose two warpgroups split the columns instead,
+spells its own out.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.constexpr_function
+def wgmma_layout(columns, num_warps, k=16):
+    """The register layout of a wgmma accumulator with `columns` columns, the warps stacked along the rows.
+    k: the instruction's depth (16 for 16-bit inputs, 32 for fp8)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, k])
+
+
+@gluon.jit
+def operand_buffer(dtype: gl.constexpr, shape: gl.constexpr):
+    """A shared-memory buffer for wgmma operands: `shape` [rows, columns], or [slots, rows, columns] for a ring, in
+    the NVMMA layout of one [rows, columns] tile."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(shape[len(shape) - 2:], dtype)
+    return gl.allocate_shared_memory(dtype, shape, layout)
