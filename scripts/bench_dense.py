@@ -103,15 +103,18 @@ def parse_tiling(text: str, error=None) -> dict:
     return tiling
 
 
-def forward_kernel_run(x, forward_kernel: str, interpret: bool, resolve=resolve_forward_kernel) -> str:
-    """The forward kernel that `kernels` runs on inputs x: "gluon" or "pallas" (resolve_backward_kernel: the
-    backward's; resolve_distribution_kernel: the distribution's)."""
-    pallas = forward_kernel == "pallas" or interpret
-    if resolve is resolve_distribution_kernel:
-        return resolve(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:4]],
-                       widths=(x[0].shape[-1], x[1].shape[-1]), pallas_tiling=pallas)
-    return resolve(forward_kernel, interpret=interpret, dtypes=[a.dtype for a in x[:5]],
-                   widths=(x[0].shape[-1], x[1].shape[-1], x[4].shape[-1]), pallas_tiling=pallas)
+# which kernel -> (its resolver, how many of `inputs`' arrays it reads: q_nope, q_rope, k_nope, k_rope[, values])
+RESOLVERS = {"forward": (resolve_forward_kernel, 5), "backward": (resolve_backward_kernel, 5),
+             "distribution": (resolve_distribution_kernel, 4)}
+
+
+def kernel_run(x, which: str, choice: str, interpret: bool) -> str:
+    """The kernel that `kernels` runs for `which` ("forward", "backward", "distribution") on inputs x, given the
+    choice: "gluon" or "pallas"."""
+    resolve, arrays = RESOLVERS[which]
+    return resolve(choice, interpret=interpret, dtypes=[a.dtype for a in x[:arrays]],
+                   widths=tuple(x[i].shape[-1] for i in (0, 1, 4)[:arrays - 2]),
+                   pallas_tiling=choice == "pallas" or interpret)
 
 
 def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: str = "auto",
@@ -124,9 +127,8 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: st
                                     distribution_kernel)
     out, lse = forward(*x)
     record = {"keys": num_keys, "queries": num_q, "first_position": first, **tiles,
-              "forward_kernel": forward_kernel_run(x, forward_kernel, args.interpret),
-              "distribution_kernel": forward_kernel_run(x, distribution_kernel, args.interpret,
-                                                        resolve_distribution_kernel)}
+              "forward_kernel": kernel_run(x, "forward", forward_kernel, args.interpret),
+              "distribution_kernel": kernel_run(x, "distribution", distribution_kernel, args.interpret)}
     if check:
         dist = distribution(*x[:4], x[5], lse)
         want_out, want_dist = jax.jit(functools.partial(dense_attention_with_distribution_reference,
@@ -145,8 +147,7 @@ def time_chunk(args, x, first: int, tiles: dict, check: bool, forward_kernel: st
         d_out = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
         _, vjp = jax.vjp(lambda *a: forward(*a, x[5])[0], *x[:5])  # the forward runs here, once
         t_backward = timed(jax.jit(lambda vjp, d_out: vjp(d_out)), vjp, d_out, repeats=args.repeats)
-        record.update(backward_kernel=forward_kernel_run(x, args.backward_kernel, args.interpret,
-                                                         resolve_backward_kernel),
+        record.update(backward_kernel=kernel_run(x, "backward", args.backward_kernel, args.interpret),
                       backward_ms=round(t_backward * 1e3, 3),
                       backward_tflops=round(pairs * 2 * args.heads * (4 * (n + p) + 3 * v) / t_backward / 1e12, 1))
     return record
