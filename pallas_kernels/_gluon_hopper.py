@@ -1,5 +1,5 @@
-"""Layouts shared by the Hopper Gluon kernels: where a wgmma's accumulator lives in registers, and the
-shared-memory buffers its operands are read from.
+"""What every Hopper Gluon kernel here declares and does alike: where a wgmma's accumulator lives in registers, the
+shared-memory buffers its operands are read from, and the wait for its cp.async copies before a dot reads them.
 
 Every kernel stacks its warps along the rows of its dots (each warpgroup its own m64 rows), so one helper names that
 layout for any column count; the sparse forward's seesaw kernel, whose two warpgroups split the columns instead,
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
 
 @gluon.constexpr_function
@@ -25,3 +27,14 @@ def operand_buffer(dtype: gl.constexpr, shape: gl.constexpr):
     the NVMMA layout of one [rows, columns] tile."""
     layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(shape[len(shape) - 2:], dtype)
     return gl.allocate_shared_memory(dtype, shape, layout)
+
+
+@gluon.jit
+def wait_for_copies(outstanding: gl.constexpr):
+    """Wait until at most `outstanding` of this thread's cp.async groups are in flight, then for every thread (so
+    the CTA's copies up to that group have landed, and every warp is past what it issued before: with synchronous
+    dots, done reading the slots the next copies overwrite), and make the landed rows visible to wgmma, which reads
+    shared memory through the async proxy."""
+    async_copy.wait_group(outstanding)
+    gl.thread_barrier()
+    fence_async_shared()

@@ -44,10 +44,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import pad_axis, round_up
 from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
                                                   _walk_bounds, padded_widths)
@@ -282,9 +282,7 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
             lse2 = gl.load(lse_ptr + row_of_head + queries)
             delta = gl.load(delta_ptr + row_of_head + queries)
             slot = step % STAGES
-            async_copy.wait_group(STAGES - 2)  # this block (and the head's keys) landed for this thread ...
-            gl.thread_barrier()  # ... and every thread's; every warp is past the previous block's dots
-            fence_async_shared()
+            wait_for_copies(STAGES - 2)  # this block (and the head's keys); every warp is past the last block's dots
             ahead = step + STAGES - 1
             _copy_query_block(qn_base, qr_base, do_base, start + gl.minimum(ahead, walk - 1),
                               qn_ring.index(ahead % STAGES), qr_ring.index(ahead % STAGES),

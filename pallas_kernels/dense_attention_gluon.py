@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import dot_size, pad_axis, round_up
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
@@ -114,9 +114,7 @@ def _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block,
     """Wait for key block `block`, start the copy of block + STAGES - 1 (clamped to the walk's last block) into the
     slot the block before it used -> the ring slot holding `block`. The forward's and the d_q kernel's step."""
     slot = block % STAGES
-    async_copy.wait_group(STAGES - 2)  # this block (and q) landed for this thread's copies ...
-    gl.thread_barrier()  # ... and every thread's; every warp is also done with the block before (synchronous dots)
-    fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+    wait_for_copies(STAGES - 2)  # this block (and q) landed; every warp is done with the one before (synchronous dots)
     ahead = block + STAGES - 1
     _copy_key_block(kn_base, kr_base, v_base, gl.minimum(ahead, walk - 1), kn_ring.index(ahead % STAGES),
                     kr_ring.index(ahead % STAGES), v_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE,

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import dot_size, pad_axis, round_up
 from pallas_kernels.dense_attention_gluon import _copy_rows
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
@@ -79,15 +79,6 @@ def _add_head(q_nope, q_rope, k_nope, k_rope, lse_rows, total, logits, SCALE_LOG
     logits = warpgroup_mma(q_nope, k_nope.permute((1, 0)), logits, use_acc=False)
     logits = warpgroup_mma(q_rope, k_rope.permute((1, 0)), logits)
     return total + gl.exp2(logits * SCALE_LOG2 - lse_rows[:, None]), logits
-
-
-@gluon.jit
-def _ready(outstanding: gl.constexpr):
-    """Wait until at most `outstanding` copy groups of this thread are in flight, then for every thread (so every
-    warp is also done with the slots read before this point), and make the landed rows visible to wgmma."""
-    async_copy.wait_group(outstanding)
-    gl.thread_barrier()
-    fence_async_shared()
 
 
 @gluon.jit
@@ -144,13 +135,13 @@ def _distribution_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, pos_ptr, lse_ptr, out_p
             following = gl.minimum(head + 1, HEADS - 1)  # past the last head: a copy of nothing new
             slot = head % 2
             lse = gl.load(lse_rows + head * NUM_Q)
-            _ready(0)  # q(head), k(head, 0); every warp is done with k slot 1 and q slot 1 - slot
+            wait_for_copies(0)  # q(head), k(head, 0); every warp is done with k slot 1 and q slot 1 - slot
             _copy_keys(kn_ptr, key_row, head, 1, k_nope.index(1), HEADS, NOPE, num_warps)
             _copy_queries(qn_ptr, qr_ptr, q_row, following, q_nope.index(1 - slot), q_rope.index(1 - slot), HEADS,
                           NOPE, ROPE, num_warps)
             total_0, logits = _add_head(q_nope.index(slot), q_rope.index(slot), k_nope.index(0), k_rope.index(0),
                                         lse, total_0, logits, SCALE_LOG2)
-            _ready(1)  # k(head, 1) (q(head + 1) may be in flight); every warp is done with k slot 0
+            wait_for_copies(1)  # k(head, 1) (q(head + 1) may be in flight); every warp is done with k slot 0
             _copy_keys(kn_ptr, key_row, following, 0, k_nope.index(0), HEADS, NOPE, num_warps)
             total_1, logits = _add_head(q_nope.index(slot), q_rope.index(slot), k_nope.index(1), k_rope.index(1),
                                         lse, total_1, logits, SCALE_LOG2)

@@ -37,11 +37,11 @@ from jax import lax
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+from triton.experimental.gluon.language.nvidia.hopper import (warpgroup_mma, warpgroup_mma_init,
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU
 from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.sparse_attention_gluon import _row_layout
@@ -102,9 +102,7 @@ def _query_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, d_q_ptr, d_w_ptr, NU
     # step j - 2's buffer, whose dots every warp waited for in step j - 1, before this step's barrier.
     for j in range(num_tiles):
         buf = j % 3
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # tile j has landed; no warp still reads tile j - 2's buffer
-        fence_async_shared()  # the landed keys are visible to wgmma, which reads through the async proxy
+        wait_for_copies(0)  # tile j has landed; no warp still reads tile j - 2's buffer
         if j + 1 < num_tiles:
             _copy_rows(k_base + (j + 1) * BLOCK_K * WIDTH, keys.index((j + 1) % 3), WIDTH, num_warps)
             async_copy.commit_group()
@@ -159,9 +157,7 @@ def _key_side_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, d_ptr, steps_ptr, d_k_ptr, NU
     for i in range(num_steps):
         buf = i % 3  # three buffers, as in `_query_side_kernel`
         row0 = (first_step + i) * STEP_ROWS
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # step i's rows have landed; no warp still reads step i - 2's buffer
-        fence_async_shared()
+        wait_for_copies(0)  # step i's rows have landed; no warp still reads step i - 2's buffer
         if i + 1 < num_steps:
             _copy_rows(q_base + (row0 + STEP_ROWS).to(gl.int64) * WIDTH, q_tiles.index((i + 1) % 3), WIDTH,
                        num_warps)

@@ -51,10 +51,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import PROGRAMS_TO_FILL_GPU, dot_size, next_pow2, pad_axis, round_up
 from pallas_kernels.indexer import GLUON_SCORES_DTYPES
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
@@ -166,14 +166,10 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, k_scale_ptr, pos_ptr, out_ptr, NUM_Q: gl
     stored = (columns < BLOCK_Q)[None, :] & (key_offsets >= 0)[:, None]
     out_base = out_ptr + first_query.to(gl.int64) * NUM_KEYS + columns[None, :] * NUM_KEYS
     # the query tile (the first copy group) and the weights are read by wgmma through the async proxy
-    async_copy.wait_group(STAGES - 1)
-    gl.thread_barrier()
-    fence_async_shared()
+    wait_for_copies(STAGES - 1)
     for block in range(first_block, walked_end):
         step = block - first_block
-        async_copy.wait_group(STAGES - 2)  # this block's keys have landed (for this thread's copies) ...
-        gl.thread_barrier()  # ... and every thread's; every thread is also done with the block before last
-        fence_async_shared()
+        wait_for_copies(STAGES - 2)  # this block's keys landed; every thread is done with the block before last
         logits = warpgroup_mma(key_ring.index(step % STAGES), q_tile.permute((1, 0)),
                                gl.zeros([BLOCK, ROWS], gl.float32, layout=logits_layout), use_acc=False,
                                is_async=True, max_num_imprecise_acc=DIM if FP8 else 0)

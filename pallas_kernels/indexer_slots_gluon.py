@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels.indexer_backward_gluon import _copy_rows
 from pallas_kernels.sparse_attention import GLUON_DTYPES
 from pallas_kernels.sparse_attention_backward_gluon import _scatter_add
@@ -105,9 +105,7 @@ def _forward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, out_ptr, NUM_Q: gl.constexpr, 
     weights = gl.load(w_ptr + token * HEADS + gl.arange(0, HEADS, layout=gl.SliceLayout(0, logits_layout)))
     slot_ids = gl.arange(0, BLOCK_K, layout=slot_rows)
     for j in range(live):
-        async_copy.wait_group(STAGES - 2)  # block j (and q) landed for this thread
-        gl.thread_barrier()  # ... for every thread, and every warp is done with block j - 1's buffer
-        fence_async_shared()  # the landed copies are visible to wgmma, which reads through the async proxy
+        wait_for_copies(STAGES - 2)  # block j (and q) landed, and every warp is done with block j - 1's buffer
         ahead = j + STAGES - 1
         if ahead < live:
             _gather_keys(k_base, ids_base + ahead * BLOCK_K, keys.index(ahead % STAGES), NUM_KEYS, WIDTH,
@@ -160,9 +158,7 @@ def _backward_kernel(q_ptr, w_ptr, k_ptr, idx_ptr, d_ptr, d_k_in_ptr, d_q_ptr, d
     d_w = gl.zeros([BLOCK_K, HEADS], gl.float32, layout=logits_layout)  # summed over the slots after the loop
     for j in range(live):
         buf = j % STAGES
-        async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # block j (and q) landed; every warp is done with block j - 1 (its buffer, grad_smem)
-        fence_async_shared()
+        wait_for_copies(STAGES - 2)  # block j (and q) landed; every warp is done with block j - 1 (buffer, grad_smem)
         ahead = j + STAGES - 1
         if ahead < live:
             _gather_keys(k_base, ids_base + ahead * BLOCK_K, keys.index(ahead % STAGES), NUM_KEYS, WIDTH,

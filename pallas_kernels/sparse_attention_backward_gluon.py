@@ -57,10 +57,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_backward_width_reason, gluon_d_q_parts
 from pallas_kernels.sparse_attention_gluon import (BLOCK_H, BLOCK_N, _gather_columns, _gather_rows, _load_q,
                                                    _opaque_zero, _row_layout)
@@ -169,9 +169,7 @@ def _d_kv_kernel(q_ptr, kv_ptr, idx_ptr, d_out_ptr, lse_ptr, delta_ptr, first_pt
     delta = gl.load(delta_ptr + heads)
     scale_log2: gl.constexpr = SCALE * 1.4426950408889634
     for j in range(num_blocks):
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # block j (and, the first time, q and dO) landed for every thread
-        fence_async_shared()  # ... and is visible to wgmma, which reads through the async proxy
+        wait_for_copies(0)  # block j (and, the first time, q and dO) landed for every thread
         zero = _opaque_zero(j)
         q_values, q_rope, d_out = q_values_all.index(zero), q_rope_all.index(zero), d_out_all.index(zero)
         kv_values, kv_rope = kv_values_all.index(zero), kv_rope_all.index(zero)
@@ -298,9 +296,7 @@ def _d_q_kernel(kv_ptr, idx_ptr, d_s_ptr, first_ptr, d_q_in_ptr, d_q_ptr, NUM_Q:
     acc = gl.zeros([BLOCK_M, values], gl.float32, layout=values_layout)
     rope_acc = gl.zeros([BLOCK_M, rope], gl.float32, layout=rope_layout)
     for j in range(num_blocks):
-        async_copy.wait_group(STAGES - 3)  # block j's copies (this thread's) have landed
-        gl.thread_barrier()  # ... every thread's, and every warp has waited for block j - 2's dots
-        fence_async_shared()  # the landed copies are visible to wgmma, which reads through the async proxy
+        wait_for_copies(STAGES - 3)  # block j's copies landed, and every warp has waited for block j - 2's dots
         ahead = j + STAGES - 2
         if ahead < num_blocks:  # into the buffers block j - 2 used
             buf = ahead % STAGES

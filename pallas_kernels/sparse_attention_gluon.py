@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels.sparse_attention import GLUON_DTYPES, GLUON_MAX_VALUE_DIM, GLUON_SMEM_BYTES
 
 BLOCK_H = gl.constexpr(64)  # heads per program: one wgmma row block
@@ -165,9 +165,7 @@ def _sparse_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     acc = gl.zeros([BLOCK_H, VALUE_DIM], gl.float32, layout=out_layout)
     for j in range(num_blocks):
         buf = j % 2
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # block j has landed, and every warp is done with block j - 1 (buffer and probs)
-        fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+        wait_for_copies(0)  # block j has landed, and every warp is done with block j - 1 (buffer and probs)
         if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
             _gather_rows(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf), kv_rope.index(1 - buf),
                          NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)
@@ -397,9 +395,7 @@ def _seesaw_forward_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, NUM_Q: gl.c
     _load_q(q_ptr + (token * HEADS + head_block * BLOCK_H).to(gl.int64) * width, q_values.index(0),
             q_rope.index(0), VALUE_DIM, ROPE_DIM, num_warps)
     async_copy.commit_group()
-    async_copy.wait_group(0)
-    gl.thread_barrier()
-    fence_async_shared()
+    wait_for_copies(0)
     kv_base = kv_ptr + batch.to(gl.int64) * NUM_KEYS * width
     ids_base = idx_ptr + token.to(gl.int64) * SLOTS + split * per_split
     out_row = (token * SPLITS + split) * HEADS + head_block * BLOCK_H

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels.sparse_attention_gluon import _gather_columns
 from pallas_kernels.sparse_distribution import GLUON_SHAPES as SHAPES  # (heads, slots) per program and step
 
@@ -101,9 +101,7 @@ def _distribution_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr, NUM_Q: gl.con
     next_ids = gl.load(ids_base + slot_columns)
     for j in range(num_blocks):
         buf = j % 2
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # block j has landed, and every warp is done with block j - 1's buffer
-        fence_async_shared()  # the landed rows are visible to wgmma, which reads through the async proxy
+        wait_for_copies(0)  # block j has landed, and every warp is done with block j - 1's buffer
         if j + 1 < num_blocks:  # gather the next block into the other buffer while this one is used
             _gather(kv_base, ids_base + (j + 1) * BLOCK_N, kv_values.index(1 - buf), kv_rope.index(1 - buf),
                     NUM_KEYS, VALUE_DIM, ROPE_DIM, num_warps)

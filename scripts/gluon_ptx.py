@@ -1,5 +1,5 @@
 """pytest plugin: write the PTX of every Gluon kernel compile the tests make into $GLUON_PTX_DIR, one file per
-(kernel, signature, constants), with the debug sections and line markers stripped.
+(kernel, signature, constants), with what only the debug information uses stripped.
 
 Why: the Gluon kernels cannot run on a CPU, but they compile there (`_gluon.compile_gluon`, for sm_90). A refactor
 that leaves every kernel's PTX unchanged needs no GPU to be trusted; one that changes it needs the GPU tests. So:
@@ -17,10 +17,15 @@ import os
 import re
 
 
+_DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")  # marks an inlined call's scope for the debug sections only
+
+
 def stripped(ptx: str) -> str:
-    """The PTX without its debug sections and `.loc` / `.file` lines, which move when source lines do."""
+    """The PTX without what only the debug information uses, which moves when source lines or helper functions do:
+    the debug sections, `.loc` / `.file` lines and the `$L__tmpN` labels of inlined scopes."""
     ptx = re.split(r"\n\s*\.section\s*\.debug", ptx)[0]
-    return "\n".join(line for line in ptx.splitlines() if ".loc" not in line and ".file" not in line)
+    return "\n".join(line for line in ptx.splitlines()
+                     if ".loc" not in line and ".file" not in line and not _DEBUG_LABEL.match(line.strip()))
 
 
 def pytest_configure(config):
