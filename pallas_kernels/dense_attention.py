@@ -20,10 +20,9 @@ from the lse (flash-attention's backward) in two kernels: `_key_grads_kernel`, o
 keys) looping over heads and over the query blocks that see those keys, gives d_k_nope and d_values per head and
 d_k_rope summed over the heads that share it; `_query_grads_kernel`, one program per (row, head, block of queries),
 gives d_q. On Hopper `dense_attention_backward_gluon` runs the same two kernels in Gluon (`backward_kernel`,
-1.5x these at DeepSeek-V3.2's shapes), and `dense_distribution_gluon` the distribution (opt-in until it has run on a
-GPU: GLUON_DISTRIBUTION_BY_DEFAULT). The dense warm-up never differentiates its attention (its main model is
-frozen); the `dense` stage does. The distribution is a target: not differentiable, the dispatch stops its
-inputs' gradients.
+1.5x these at DeepSeek-V3.2's shapes), and `dense_distribution_gluon` the distribution (1.34x the Pallas kernel
+at 128K). The dense warm-up never differentiates its attention (its main model is frozen); the `dense` stage does.
+The distribution is a target: not differentiable, the dispatch stops its inputs' gradients.
 
 In the forward and the two gradient kernels, tiles that every real query of a block sees whole skip the causal mask
 (only those straddling the diagonal pay for it; queries that see nothing get lse +inf, so p = 0 with no mask), and
@@ -267,18 +266,8 @@ def resolve_backward_kernel(backward_kernel: str, **kwargs) -> str:
                                  **kwargs)
 
 
-# Whether "auto" takes the Gluon distribution where it runs. Not yet: the kernel has not run on a GPU (session 45 was
-# lent none), so "auto" keeps the Pallas kernel until its GPU test
-# (tests/test_dense_attention.py::test_gluon_distribution_equals_the_reference_and_the_pallas_distribution) passes on
-# a Hopper GPU; distribution_kernel="gluon" (Kernels.dense_distribution) runs it.
-GLUON_DISTRIBUTION_BY_DEFAULT = False
-
-
 def resolve_distribution_kernel(distribution_kernel: str, **kwargs) -> str:
-    """The distribution's kernel (`dense_distribution_gluon` on Hopper), by the same rule (widths (N, P)), except
-    that "auto" is "pallas" while GLUON_DISTRIBUTION_BY_DEFAULT is False."""
-    if distribution_kernel == "auto" and not GLUON_DISTRIBUTION_BY_DEFAULT:
-        return "pallas"
+    """The distribution's kernel (`dense_distribution_gluon` on Hopper), by the same rule (widths (N, P))."""
     return _resolve_gluon_choice("distribution_kernel", distribution_kernel, "pallas_kernels.dense_distribution_gluon",
                                  **kwargs)
 
@@ -530,8 +519,7 @@ def dense_attention_distribution_pallas(q_nope, q_rope, k_nope, k_rope, q_positi
     """The head-averaged distribution f32[B,T,S] given the attention's lse f32[B,T,H] (`dense_attention_pallas(...,
     return_lse=True)`); inputs as `dense_attention_reference`. Not differentiable (no VJP). `tiles` is (block_q,
     block_k, num_warps) of the Pallas kernel (None: DISTRIBUTION_TILES). kernel: "gluon"
-    (`dense_distribution_gluon`, Hopper, bf16/fp16), "pallas", or "auto" (`resolve_distribution_kernel`: Pallas
-    until the Gluon kernel has run on a GPU, GLUON_DISTRIBUTION_BY_DEFAULT)."""
+    (`dense_distribution_gluon`, Hopper, bf16/fp16), "pallas", or "auto" (`resolve_distribution_kernel`)."""
     _check(q_nope, q_rope, k_nope, k_rope, q_positions, lse=lse)
     scale = _check_scale(scale)
     block_q, block_k, num_warps = _tiles(DISTRIBUTION_TILES if tiles is None else tiles, "tiles")

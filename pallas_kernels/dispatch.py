@@ -62,8 +62,8 @@ class Kernels:
                        distillation trains through them (`indexer_slots.resolve_kernel`)
       dense_forward    the dense stages' attention forward, output and lse (`dense_attention.resolve_forward_kernel`)
       dense_backward   the dense attention's backward, d_q and d_k/d_v (`dense_attention.resolve_backward_kernel`)
-      dense_distribution  the dense warm-up's distillation target (`dense_attention.resolve_distribution_kernel`:
-                       "auto" is Pallas until the Gluon kernel has run on a GPU)
+      dense_distribution  the dense warm-up's distillation target
+                       (`dense_attention.resolve_distribution_kernel`)
     Memory bounds, in bytes:
       backward_d_s_bytes   the Gluon backward's dS buffer, over which it chunks the tokens (0 = 1 GiB)
       indexer_chunk_bytes  the prefill indexer's fp32 scores [B, chunk, S], over which it chunks the queries

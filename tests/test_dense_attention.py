@@ -330,10 +330,6 @@ def test_kernel_choice_is_validated_and_follows_the_platform(which, monkeypatch)
     widths each Gluon kernel takes."""
     from pallas_kernels import _gluon  # noqa: PLC0415
     dense_attention = importlib.import_module("pallas_kernels.dense_attention")  # the package's name is a function
-    if which == "distribution_kernel":  # "auto" keeps Pallas until the Gluon kernel has run on a GPU: then the rules
-        assert dense_attention.resolve_distribution_kernel(
-            "auto", interpret=False, dtypes=[jnp.bfloat16] * 4, widths=(128, 64), pallas_tiling=False) == "pallas"
-        monkeypatch.setattr(dense_attention, "GLUON_DISTRIBUTION_BY_DEFAULT", True)
     resolver, num_inputs, widths, width_cases = KERNEL_CHOICES[which]
     bf16 = [jnp.bfloat16] * num_inputs
     choose = functools.partial(getattr(dense_attention, resolver), interpret=False, dtypes=bf16, widths=widths,
