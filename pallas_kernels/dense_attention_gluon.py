@@ -14,7 +14,9 @@ H100 at DeepSeek-V3.2's shapes (docs/BENCHMARKS.md, sessions 41-42). Here the sc
   - logits [BLOCK_Q, BLOCK_K] = two wgmma chains (nope, then rope) into one fp32 accumulator, each warpgroup 64 of
     the queries (m64nBLOCK_K), so neither duplicates the other's work;
   - the probabilities stay in registers as the A operand of the value dot (no shared-memory round trip, no CTA
-    barrier for them): acc [BLOCK_Q, V] += P . V (m64nV).
+    barrier for them): acc [BLOCK_Q, V] += P . V (m64nV);
+  - that dot runs one key block late, asynchronously, under the next block's exp2s (FA3's intra-warpgroup
+    overlap, in the one order ptxas keeps: `_step`), so the keys and values of a block arrive a step apart.
 Gluon has no interpreter: the CPU tests compile this kernel for sm_90 (wgmma shapes, no spills, shared memory) and
 check the Pallas kernel, which computes the same arithmetic, in interpret mode; this kernel's outputs are checked
 against the reference and the Pallas kernel on the GPU (`tests/test_dense_attention.py`).
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
 from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
@@ -112,7 +114,8 @@ def _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block,
                       NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, STAGES: gl.constexpr,
                       BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
     """Wait for key block `block`, start the copy of block + STAGES - 1 (clamped to the walk's last block) into the
-    slot the block before it used -> the ring slot holding `block`. The forward's and the d_q kernel's step."""
+    slot the block before it used -> the ring slot holding `block`. The d_q kernel's step
+    (`dense_attention_backward_gluon`; the forward keeps its keys and values a step apart: `_step`)."""
     slot = block % STAGES
     wait_for_copies(STAGES - 2)  # this block (and q) landed; every warp is done with the one before (synchronous dots)
     ahead = block + STAGES - 1
@@ -123,10 +126,28 @@ def _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block,
 
 
 @gluon.jit
-def _attend_block(q_nope, q_rope, kn, kr, v, carry_max, carry_sum, acc, block, positions, MASKED: gl.constexpr,
+def _copy_keys(kn_base, kr_base, block, kn_dst, kr_dst, HEADS: gl.constexpr, NOPE: gl.constexpr,
+               ROPE: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """Start the copies of key block `block`'s nope keys (this head's) and rope keys (shared); not committed."""
+    first = block.to(gl.int64) * BLOCK_K
+    _copy_rows(kn_base + first * (HEADS * NOPE), HEADS * NOPE, kn_dst, BLOCK_K, NOPE, num_warps)
+    _copy_rows(kr_base + first * ROPE, ROPE, kr_dst, BLOCK_K, ROPE, num_warps)
+
+
+@gluon.jit
+def _copy_values(v_base, block, v_dst, HEADS: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Start the copy of key block `block`'s values (this head's); not committed."""
+    _copy_rows(v_base + block.to(gl.int64) * BLOCK_K * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE,
+               num_warps)
+
+
+@gluon.jit
+def _block_logits(q_nope, q_rope, kn, kr, carry_max, block, positions, MASKED: gl.constexpr,
                   NUM_KEYS: gl.constexpr, SCALE_LOG2: gl.constexpr, BLOCK_K: gl.constexpr,
-                  logits_layout: gl.constexpr, p_operand: gl.constexpr):
-    """One key block of the online softmax (base 2), as `dense_attention._forward_kernel`'s attend_block."""
+                  logits_layout: gl.constexpr):
+    """Key block `block`'s logits in base 2, masked where MASKED, and the running max -> (logits, new max, the max
+    to subtract (0 while nothing is visible: exp2 stays finite), the factor taking what was summed so far to it)."""
     logits = warpgroup_mma(q_nope, kn.permute((1, 0)),
                            gl.zeros([BLOCK_Q, BLOCK_K], gl.float32, layout=logits_layout), use_acc=False)
     logits = warpgroup_mma(q_rope, kr.permute((1, 0)), logits) * SCALE_LOG2
@@ -135,26 +156,63 @@ def _attend_block(q_nope, q_rope, kn, kr, v, carry_max, carry_sum, acc, block, p
         visible = (ids[None, :] <= positions[:, None]) & (ids < NUM_KEYS)[None, :]
         logits = gl.where(visible, logits, float("-inf"))
     new_max = gl.maximum(carry_max, gl.max(logits, axis=1))
-    safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible yet: keep exp2() finite
-    probs = gl.exp2(logits - safe_max[:, None])
-    rescale = gl.exp2(carry_max - safe_max)
-    carry_sum = carry_sum * rescale + gl.sum(probs, axis=1)
-    acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, acc.type.layout))[:, None]
-    acc = warpgroup_mma(gl.convert_layout(probs.to(v.dtype), p_operand), v, acc)
-    return new_max, carry_sum, acc
+    safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)
+    return logits, new_max, safe_max, gl.exp2(carry_max - safe_max)
 
 
 @gluon.jit
-def _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, block,
-          walk, positions, MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, HEADS: gl.constexpr, NOPE: gl.constexpr,
-          ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr, STAGES: gl.constexpr,
-          BLOCK_K: gl.constexpr, logits_layout: gl.constexpr, p_operand: gl.constexpr, num_warps: gl.constexpr):
-    """Key block `block`: wait for it, start the copy of block + STAGES - 1, and attend to it."""
-    slot = _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block, walk, HEADS, NOPE, ROPE,
-                             VALUE, STAGES, BLOCK_K, num_warps)
-    return _attend_block(q_nope, q_rope, kn_ring.index(slot), kr_ring.index(slot), v_ring.index(slot), carry_max,
-                         carry_sum, acc, block, positions, MASKED, NUM_KEYS, SCALE_LOG2, BLOCK_K, logits_layout,
-                         p_operand)
+def _probabilities(logits, safe_max, rescale, carry_sum):
+    """-> (exp2(logits - max), the running sum taken to the new max plus their row sums)."""
+    probs = gl.exp2(logits - safe_max[:, None])
+    return probs, carry_sum * rescale + gl.sum(probs, axis=1)
+
+
+@gluon.jit
+def _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc,
+          probs_before, block, walk, positions, MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, HEADS: gl.constexpr,
+          NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr,
+          STAGES: gl.constexpr, BLOCK_K: gl.constexpr, logits_layout: gl.constexpr, p_operand: gl.constexpr,
+          num_warps: gl.constexpr):
+    """Key block `block` >= 1 of the online softmax, and the value dot of the block before (its probabilities
+    `probs_before`, in registers) on the tensor cores while this block's exp2s run.
+
+    The rings have two slots: keys of block + 1 go where block - 1's keys were, values of this block where
+    block - 2's were; the dots that read those finished in the step before, and the barrier at this step's start
+    makes that true of every warp. The value dot is issued after this block's row max, not beside its logits dot:
+    with both in flight, ptxas waited for both before the exp2s (on an H100 2-6% slower than synchronous dots,
+    docs/BENCHMARKS.md, session 47)."""
+    gl.static_assert(STAGES == 2, "the forward's rings have two slots")
+    wait_for_copies(0)  # this block's keys and the block before's values (committed together)
+    _copy_keys(kn_base, kr_base, gl.minimum(block + 1, walk - 1), kn_ring.index((block + 1) % 2),
+               kr_ring.index((block + 1) % 2), HEADS, NOPE, ROPE, BLOCK_K, num_warps)
+    _copy_values(v_base, block, v_ring.index(block % 2), HEADS, VALUE, BLOCK_K, num_warps)
+    async_copy.commit_group()
+    slot = block % 2
+    logits, carry_max, safe_max, rescale = _block_logits(
+        q_nope, q_rope, kn_ring.index(slot), kr_ring.index(slot), carry_max, block, positions, MASKED, NUM_KEYS,
+        SCALE_LOG2, BLOCK_K, logits_layout)
+    acc = warpgroup_mma(probs_before, v_ring.index(1 - slot), acc, is_async=True)
+    probs, carry_sum = _probabilities(logits, safe_max, rescale, carry_sum)
+    acc, probs_before = warpgroup_mma_wait(0, deps=[acc, probs_before])
+    # Rounded only after the wait: the loop carries the rounded probabilities in the registers the dot was reading.
+    probs = gl.convert_layout(probs.to(v_ring.dtype), p_operand)
+    acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, acc.type.layout))[:, None]
+    return carry_max, carry_sum, acc, probs
+
+
+@gluon.jit
+def _walk(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, probs,
+          start, stop, walk, positions, MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, HEADS: gl.constexpr,
+          NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, SCALE_LOG2: gl.constexpr,
+          STAGES: gl.constexpr, BLOCK_K: gl.constexpr, logits_layout: gl.constexpr, p_operand: gl.constexpr,
+          num_warps: gl.constexpr):
+    """`_step` over key blocks [start, stop)."""
+    for block in range(start, stop):
+        carry_max, carry_sum, acc, probs = _step(
+            q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, probs,
+            block, walk, positions, MASKED, NUM_KEYS, HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K,
+            logits_layout, p_operand, num_warps)
+    return carry_max, carry_sum, acc, probs
 
 
 @gluon.jit
@@ -186,26 +244,40 @@ def _forward_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, out_ptr, lse
     _copy_rows(qn_ptr + q_row * NOPE, HEADS * NOPE, q_nope, BLOCK_Q, NOPE, num_warps)
     _copy_rows(qr_ptr + q_row * ROPE, HEADS * ROPE, q_rope, BLOCK_Q, ROPE, num_warps)
     async_copy.commit_group()
-
     all_positions, walk, whole = _walk_bounds(pos_ptr, first_query, NUM_KEYS, BLOCK_K, num_warps)
-    kn_base, kr_base, v_base = _start_key_ring(kn_ptr, kr_ptr, v_ptr, batch, head, walk, kn_ring, kr_ring, v_ring,
-                                               KEYS_P, HEADS, NOPE, ROPE, VALUE, STAGES, BLOCK_K, num_warps)
-
+    kn_base = kn_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * NOPE
+    kr_base = kr_ptr + batch.to(gl.int64) * KEYS_P * ROPE
+    v_base = v_ptr + (batch.to(gl.int64) * KEYS_P * HEADS + head) * VALUE
+    _copy_keys(kn_base, kr_base, gl.to_tensor(0), kn_ring.index(0), kr_ring.index(0), HEADS, NOPE, ROPE, BLOCK_K,
+               num_warps)
+    async_copy.commit_group()
     positions = gl.convert_layout(all_positions, gl.SliceLayout(1, logits_layout))
-    carry_max = gl.full([BLOCK_Q], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout))
-    carry_sum = gl.zeros([BLOCK_Q], gl.float32, layout=gl.SliceLayout(1, logits_layout))
+
+    # Block 0 first, masked (a mask changes nothing on a block seen whole; with every query padding, walk = 0, it
+    # sees nothing): its probabilities wait for the next step's value dot, as each step's do.
+    wait_for_copies(0)
+    _copy_keys(kn_base, kr_base, gl.maximum(gl.minimum(walk - 1, 1), 0), kn_ring.index(1), kr_ring.index(1), HEADS,
+               NOPE, ROPE, BLOCK_K, num_warps)
+    _copy_values(v_base, gl.to_tensor(0), v_ring.index(0), HEADS, VALUE, BLOCK_K, num_warps)
+    async_copy.commit_group()
+    logits, carry_max, safe_max, rescale = _block_logits(
+        q_nope, q_rope, kn_ring.index(0), kr_ring.index(0),
+        gl.full([BLOCK_Q], float("-inf"), gl.float32, layout=gl.SliceLayout(1, logits_layout)), 0, positions, True,
+        NUM_KEYS, SCALE_LOG2, BLOCK_K, logits_layout)
+    probs, carry_sum = _probabilities(logits, safe_max, rescale,
+                                      gl.zeros([BLOCK_Q], gl.float32, layout=gl.SliceLayout(1, logits_layout)))
+    probs = gl.convert_layout(probs.to(dtype), p_operand)
     acc = gl.zeros([BLOCK_Q, VALUE], gl.float32, layout=out_layout)
-    for block in range(0, whole):
-        carry_max, carry_sum, acc = _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base,
-                                          carry_max, carry_sum, acc, block, walk, positions, False, NUM_KEYS,
-                                          HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K, logits_layout,
-                                          p_operand, num_warps)
-    for block in range(whole, walk):
-        carry_max, carry_sum, acc = _step(q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base,
-                                          carry_max, carry_sum, acc, block, walk, positions, True, NUM_KEYS,
-                                          HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K, logits_layout,
-                                          p_operand, num_warps)
-    async_copy.wait_group(0)
+    carry_max, carry_sum, acc, probs = _walk(
+        q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, probs, 1,
+        whole, walk, positions, False, NUM_KEYS, HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES, BLOCK_K,
+        logits_layout, p_operand, num_warps)
+    carry_max, carry_sum, acc, probs = _walk(
+        q_nope, q_rope, kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, carry_max, carry_sum, acc, probs,
+        gl.maximum(whole, 1), walk, walk, positions, True, NUM_KEYS, HEADS, NOPE, ROPE, VALUE, SCALE_LOG2, STAGES,
+        BLOCK_K, logits_layout, p_operand, num_warps)
+    wait_for_copies(0)  # the last block's values
+    acc = warpgroup_mma(probs, v_ring.index((gl.maximum(walk, 1) - 1) % 2), acc)
 
     has_any = (carry_sum > 0) & (positions >= 0)  # a padded query's row took the unmasked blocks: drop it
     total = gl.where(has_any, carry_sum, 1.0)

@@ -280,10 +280,12 @@ GLUON_COMPILE_CASES = [(1024, 131072, 128, 128, 64, 128), (300, 1000, 5, 24, 8, 
 @pytest.mark.parametrize("case", GLUON_COMPILE_CASES)
 def test_gluon_forward_compiles_for_hopper_with_its_dots_and_does_not_spill(case, tmp_path, monkeypatch):
     """Triton's compiler, no GPU: the kernel fits shared memory, keeps within 255 registers without spilling, and
-    issues per key block (once in the unmasked loop, once in the masked one) (N + P) / 16 logits steps of
-    m64n(block_k), each warpgroup 64 of the 128 queries, and block_k / 16 value steps of m64nV."""
+    issues (N + P) / 16 logits steps of m64n(block_k), each warpgroup 64 of the 128 queries, and block_k / 16 value
+    steps of m64nV three times each: block 0's logits, then per key block in the unmasked and the masked loop, and
+    the last block's value dot. In the SASS, each loop's value dot is still in flight while that loop's exp2s run
+    (ptxas waits for it only after most of them)."""
     pytest.importorskip("triton.experimental.gluon")
-    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log  # noqa: PLC0415
+    from test_gluon_kernels import SMEM_LIMIT, _ptxas_log, _sass  # noqa: PLC0415
 
     from pallas_kernels import _gluon, dense_attention_gluon  # noqa: PLC0415
     monkeypatch.setenv("TRITON_CACHE_DIR", "")
@@ -300,13 +302,25 @@ def test_gluon_forward_compiles_for_hopper_with_its_dots_and_does_not_spill(case
     shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
     logits, values = f"m64n{block_k}k16", f"m64n{v_p}k16"
     if logits == values:
-        assert shapes.count(logits) == 2 * ((n_p + p_p) // 16 + block_k // 16)
+        assert shapes.count(logits) == 3 * ((n_p + p_p) // 16 + block_k // 16)
     else:
-        assert shapes.count(logits) == 2 * (n_p + p_p) // 16 and shapes.count(values) == 2 * block_k // 16
-    assert len(shapes) == 2 * ((n_p + p_p) // 16 + block_k // 16), sorted(set(shapes))
+        assert shapes.count(logits) == 3 * (n_p + p_p) // 16 and shapes.count(values) == 3 * block_k // 16
+    assert len(shapes) == 3 * ((n_p + p_p) // 16 + block_k // 16), sorted(set(shapes))
     log = _ptxas_log(compiled.asm["ptx"], tmp_path)
     assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255
     assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], log
+    # exp2s between a value dot's first instruction (its A operand in registers) and the wait for it
+    exp2s_under_value_dots, in_flight = [], False
+    for line in _sass(tmp_path).splitlines():
+        if re.search(r"HGMMA\.\S+ R\d+, R\d+,", line) and not in_flight:
+            exp2s_under_value_dots.append(0)
+            in_flight = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            in_flight = False
+        elif in_flight and "MUFU.EX2" in line:
+            exp2s_under_value_dots[-1] += 1
+    per_thread = 128 * block_k // (32 * 8)  # one block's probabilities over 8 warps
+    assert sum(count >= per_thread // 2 for count in exp2s_under_value_dots) == 2, exp2s_under_value_dots
 
 
 # (option, resolver in dense_attention, number of inputs, their widths) and each kernel's own width cases: (widths,

@@ -52,6 +52,14 @@ def _ptxas_log(ptx, tmp_path):
                            str(tmp_path / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
 
 
+def _sass(tmp_path):
+    """The SASS of the cubin `_ptxas_log` last wrote to tmp_path, by the nvdisasm that ships with Triton."""
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    return subprocess.run([nvdisasm, "-c", str(tmp_path / "kernel.cubin")], capture_output=True, text=True,
+                          check=True).stdout
+
+
 @pytest.mark.parametrize("case", COMPILE_CASES)
 def test_gluon_forward_compiles_for_hopper_splits_each_dot_over_the_warpgroups_and_does_not_spill(
         case, tmp_path, monkeypatch):
