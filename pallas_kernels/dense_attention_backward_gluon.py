@@ -50,7 +50,7 @@ from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
 from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import pad_axis, round_up
 from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
-                                                  _walk_bounds, padded_widths)
+                                                  _visible_keys, _walk_bounds, padded_widths)
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 NUM_WARPS = 8  # two warpgroups
@@ -85,9 +85,7 @@ def _query_block_step(q_nope, q_rope, d_out, kn, kr, v, d_nope, d_rope, block, p
                             use_acc=False)
     probs = gl.exp2(logits * scale_log2 - lse2[:, None])
     if MASKED:
-        ids = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
-        visible = (ids[None, :] <= positions[:, None]) & (ids < NUM_KEYS)[None, :]
-        probs = gl.where(visible, probs, 0.0)
+        probs = gl.where(_visible_keys(block, positions, NUM_KEYS, BLOCK_K, s_layout), probs, 0.0)
     d_logits = (probs * (d_probs - delta[:, None]) * SCALE).to(kn.dtype)
     d_nope = warpgroup_mma(gl.convert_layout(d_logits, nope_operand), kn, d_nope)
     d_rope = warpgroup_mma(gl.convert_layout(d_logits, rope_operand), kr, d_rope)

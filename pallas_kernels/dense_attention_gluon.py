@@ -68,17 +68,39 @@ def _copy_rows(src, row_stride, dst, ROWS: gl.constexpr, WIDTH: gl.constexpr, nu
 
 
 @gluon.jit
-def _copy_key_block(kn_base, kr_base, v_base, block, kn_dst, kr_dst, v_dst, HEADS: gl.constexpr,
-                    NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """Start the copies of key block `block` (this head's nope keys and values, the shared rope keys) and commit
-    them as one group. Offsets within a block fit int32; the block's start is taken in int64 (B x S x H x N passes
-    2^31 at 128K keys of 128 heads)."""
+def _copy_keys(kn_base, kr_base, block, kn_dst, kr_dst, HEADS: gl.constexpr, NOPE: gl.constexpr,
+               ROPE: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """Start the copies of key block `block`'s nope keys (this head's) and rope keys (shared); not committed.
+    Offsets within a block fit int32; the block's start is taken in int64 (B x S x H x N passes 2^31 at 128K keys
+    of 128 heads)."""
     first = block.to(gl.int64) * BLOCK_K
     _copy_rows(kn_base + first * (HEADS * NOPE), HEADS * NOPE, kn_dst, BLOCK_K, NOPE, num_warps)
     _copy_rows(kr_base + first * ROPE, ROPE, kr_dst, BLOCK_K, ROPE, num_warps)
-    _copy_rows(v_base + first * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE, num_warps)
+
+
+@gluon.jit
+def _copy_values(v_base, block, v_dst, HEADS: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Start the copy of key block `block`'s values (this head's); not committed."""
+    _copy_rows(v_base + block.to(gl.int64) * BLOCK_K * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE,
+               num_warps)
+
+
+@gluon.jit
+def _copy_key_block(kn_base, kr_base, v_base, block, kn_dst, kr_dst, v_dst, HEADS: gl.constexpr,
+                    NOPE: gl.constexpr, ROPE: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """Start the copies of key block `block` (keys and values) and commit them as one group."""
+    _copy_keys(kn_base, kr_base, block, kn_dst, kr_dst, HEADS, NOPE, ROPE, BLOCK_K, num_warps)
+    _copy_values(v_base, block, v_dst, HEADS, VALUE, BLOCK_K, num_warps)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _visible_keys(block, positions, NUM_KEYS: gl.constexpr, BLOCK_K: gl.constexpr, layout: gl.constexpr):
+    """bool[queries, BLOCK_K]: which keys of block `block` each query (at `positions`) sees, in `layout`."""
+    ids = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+    return (ids[None, :] <= positions[:, None]) & (ids < NUM_KEYS)[None, :]
 
 
 @gluon.jit
@@ -126,23 +148,6 @@ def _advance_key_ring(kn_ring, kr_ring, v_ring, kn_base, kr_base, v_base, block,
 
 
 @gluon.jit
-def _copy_keys(kn_base, kr_base, block, kn_dst, kr_dst, HEADS: gl.constexpr, NOPE: gl.constexpr,
-               ROPE: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
-    """Start the copies of key block `block`'s nope keys (this head's) and rope keys (shared); not committed."""
-    first = block.to(gl.int64) * BLOCK_K
-    _copy_rows(kn_base + first * (HEADS * NOPE), HEADS * NOPE, kn_dst, BLOCK_K, NOPE, num_warps)
-    _copy_rows(kr_base + first * ROPE, ROPE, kr_dst, BLOCK_K, ROPE, num_warps)
-
-
-@gluon.jit
-def _copy_values(v_base, block, v_dst, HEADS: gl.constexpr, VALUE: gl.constexpr, BLOCK_K: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """Start the copy of key block `block`'s values (this head's); not committed."""
-    _copy_rows(v_base + block.to(gl.int64) * BLOCK_K * (HEADS * VALUE), HEADS * VALUE, v_dst, BLOCK_K, VALUE,
-               num_warps)
-
-
-@gluon.jit
 def _block_logits(q_nope, q_rope, kn, kr, carry_max, block, positions, MASKED: gl.constexpr,
                   NUM_KEYS: gl.constexpr, SCALE_LOG2: gl.constexpr, BLOCK_K: gl.constexpr,
                   logits_layout: gl.constexpr):
@@ -152,9 +157,7 @@ def _block_logits(q_nope, q_rope, kn, kr, carry_max, block, positions, MASKED: g
                            gl.zeros([BLOCK_Q, BLOCK_K], gl.float32, layout=logits_layout), use_acc=False)
     logits = warpgroup_mma(q_rope, kr.permute((1, 0)), logits) * SCALE_LOG2
     if MASKED:
-        ids = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, logits_layout))
-        visible = (ids[None, :] <= positions[:, None]) & (ids < NUM_KEYS)[None, :]
-        logits = gl.where(visible, logits, float("-inf"))
+        logits = gl.where(_visible_keys(block, positions, NUM_KEYS, BLOCK_K, logits_layout), logits, float("-inf"))
     new_max = gl.maximum(carry_max, gl.max(logits, axis=1))
     safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)
     return logits, new_max, safe_max, gl.exp2(carry_max - safe_max)
