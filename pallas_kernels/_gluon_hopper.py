@@ -1,5 +1,6 @@
 """What every Hopper Gluon kernel here declares and does alike: where a wgmma's accumulator lives in registers, the
-shared-memory buffers its operands are read from, and the wait for its cp.async copies before a dot reads them.
+shared-memory buffers its operands are read from, the wait for its cp.async copies before a dot reads them, and the
+store of an accumulator's rows.
 
 Every kernel stacks its warps along the rows of its dots (each warpgroup its own m64 rows), so one helper names that
 layout for any column count; the sparse forward's seesaw kernel, whose two warpgroups split the columns instead,
@@ -38,3 +39,14 @@ def wait_for_copies(outstanding: gl.constexpr):
     async_copy.wait_group(outstanding)
     gl.thread_barrier()
     fence_async_shared()
+
+
+@gluon.jit
+def store_rows(dst_ptr, first_row, row_stride, acc):
+    """dst[(first_row + r) * row_stride + c] = acc[r, c] in dst's dtype, from acc's own register layout (row
+    offsets in int64: a gradient of B x S x H x N elements passes 2^31)."""
+    layout: gl.constexpr = acc.type.layout
+    rows = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    columns = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    offsets = (first_row + rows).to(gl.int64) * row_stride
+    gl.store(dst_ptr + offsets[:, None] + columns[None, :], acc.to(dst_ptr.dtype.element_ty))

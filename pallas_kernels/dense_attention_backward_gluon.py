@@ -12,7 +12,8 @@ nothing; delta[t] = sum_v dO[t, v] out[t, v] - d_lse[t]):
 (`dense_attention_gluon`): q and dO stay in shared memory, the key block's k_nope, k_rope and values stream through
 a cp.async ring, S and dP are wgmma chains into fp32 accumulators (each warpgroup 64 queries), and dS stays in
 registers as the A operand of the two d_q dots (m64n(N), m64n(P)). 64 keys per step: S, dP and the two d_q
-accumulators then take ~160 fp32 registers a thread.
+accumulators then take ~160 fp32 registers a thread. The dots are asynchronous, three waits a step
+(`_query_block_step`).
 
 **d_k, d_v** (`_key_grads_kernel`): one program per (block of 128 keys, group of heads) on two warpgroups, the keys
 on the wgmma rows (64 per warpgroup) so that P^T and dS^T come out of the S^T and dP^T dots in the accumulator
@@ -22,18 +23,22 @@ dO, lse2 and delta stream through a cp.async ring. The rope key is shared by the
 heads, in registers over the group's heads, then one fp32 partial per group, which the wrapper sums (no atomics:
 the sum's order is fixed). Query blocks that see none of the block's keys are skipped; those whose every real
 query sees all of them skip the mask. Accumulators: d_v, d_k_nope and d_k_rope, 64 x (V + N + P) per warpgroup,
-~160 fp32 registers a thread at 128 + 128 + 64, which bounds the query block to BLOCK_Q queries per step.
+~160 fp32 registers a thread at 128 + 128 + 64, which bounds the query block to BLOCK_Q queries per step. dP^T runs
+under the exp2s of P^T and d_v under dS^T's arithmetic (`_key_block_step`), with a three-block ring.
 
 On an H100 at DeepSeek-V3.2's shapes (128 heads, 128 + 64 -> 128, bf16, last chunk of 1024 queries), the two
-kernels take 20.1-20.4 ms at 32K keys and 83.6-84.2 ms at 128K (468-485 TFLOP/s), the Pallas backward 31.8-31.9 and
-126.9-127.2 (305-311): 1.51-1.57x; a `dense` stage training step at 32K went 2720.7 -> 2280.9 ms (docs/BENCHMARKS.md,
-session 44). Measured beside it: 64 queries per step in the key kernel (216 bytes of spills) 0.4-1.4% faster; a
-second, unmasked body for the query blocks seen whole (64 bytes of spills at 32 queries) 15% slower.
+kernels took 20.1-20.4 ms at 32K keys and 83.6-84.2 ms at 128K (468-485 TFLOP/s) with synchronous dots, the Pallas
+backward 31.8-31.9 and 126.9-127.2 (305-311): 1.51-1.57x; a `dense` stage training step at 32K went 2720.7 ->
+2280.9 ms (docs/BENCHMARKS.md, session 44). Measured beside it: 64 queries per step in the key kernel (216 bytes of
+spills) 0.4-1.4% faster; a second, unmasked body for the query blocks seen whole (64 bytes of spills at 32 queries)
+15% slower. Both kernels' asynchronous schedules with the key kernel's three-block ring: 20.56 -> 20.30 ms at 32K,
+84.0 -> 83.4 and 84.9 -> 83.5 at 128K (session 48, one lease); the same schedules with two blocks were 2-4% slower
+than synchronous dots, three blocks with synchronous dots no faster.
 
-Gluon has no interpreter: the CPU tests compile both kernels for sm_90 (wgmma shapes, no spills, shared memory) and
-run the wrapper around stand-in launches; the Pallas kernels, which compute the same arithmetic, run in interpret
-mode against the reference; these kernels' gradients are checked against the reference and the Pallas backward
-on the GPU (`tests/test_dense_attention.py`).
+Gluon has no interpreter: the CPU tests compile both kernels for sm_90 (wgmma shapes, no spills in the loops, shared
+memory, the key kernel's exp2s under dP^T in the SASS) and run the wrapper around stand-in launches; the Pallas
+kernels, which compute the same arithmetic, run in interpret mode against the reference; these kernels' gradients
+are checked against the reference and the Pallas backward on the GPU (`tests/test_dense_attention.py`).
 Shapes: B batch, T queries (T_p padded), S keys (S_p), H heads, N nope width, P rope width, V value width.
 """
 
@@ -44,10 +49,10 @@ import jax.numpy as jnp
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
-from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, store_rows, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import pad_axis, round_up
 from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
                                                   _visible_keys, _walk_bounds, padded_widths)
@@ -61,9 +66,12 @@ Q_STAGES = 3
 # d_k, d_v: keys per program (two warpgroups of 64), queries per step and ring depth
 K_BLOCK_K = gl.constexpr(128)
 K_BLOCK_Q = 32  # 64 spills (216 bytes); every query block takes the masked body (a second body spilled)
-K_STAGES = 2
+# Three blocks: with the dots overlapped, a step is too short for the block copied during it to land by the next
+# (two blocks measured 2-4% slower than synchronous dots on an H100, three 0.7-1.7% faster; session 48)
+K_STAGES = 3
 # d_v, d_k_nope, d_k_rope: (N + P + V) / 2 fp32 registers a thread; at 128 + 64 -> 128 (160) the kernel compiles to
-# 252 registers without spills, at 128 + 128 -> 128 (192) it spills
+# 255 registers with 112 bytes spilled outside its loops (address offsets of the last store), none inside them; at
+# 128 + 128 -> 128 (192) it spills
 MAX_ACCUMULATED = 320
 TARGET_PROGRAMS = 4 * 132  # the key kernel splits the heads into groups until its grid has ~4 waves of an H100
 _LOG2_E = 1.4426950408889634
@@ -76,19 +84,28 @@ _LOG2_E = 1.4426950408889634
 def _query_block_step(q_nope, q_rope, d_out, kn, kr, v, d_nope, d_rope, block, positions, lse2, delta,
                       MASKED: gl.constexpr, NUM_KEYS: gl.constexpr, SCALE: gl.constexpr, BLOCK_K: gl.constexpr,
                       s_layout: gl.constexpr, nope_operand: gl.constexpr, rope_operand: gl.constexpr):
-    """One key block of d_q: S and dP, dS in registers, d_q += dS . k."""
+    """One key block of d_q: S and dP, dS in registers, d_q += dS . k. Three waits: the logits' two chains (nope,
+    rope) run back to back, dP's dot is issued after them and ptxas interleaves its instructions with the exp2s (which
+    do not need it), and the two d_q dots share one wait (five waits with synchronous dots). Timed on an H100 only
+    together with the key kernel's schedule; S and dP issued together with a wait for S alone (ptxas then waited for
+    dP after 9 of the 32 exp2s) timed within 0.5% of this (session 48)."""
     scale_log2: gl.constexpr = SCALE * 1.4426950408889634
     logits = warpgroup_mma(q_nope, kn.permute((1, 0)), gl.zeros([BLOCK_Q, BLOCK_K], gl.float32, layout=s_layout),
-                           use_acc=False)
-    logits = warpgroup_mma(q_rope, kr.permute((1, 0)), logits)
+                           use_acc=False, is_async=True)
+    logits = warpgroup_mma(q_rope, kr.permute((1, 0)), logits, is_async=True)
+    logits = warpgroup_mma_wait(0, deps=[logits])
     d_probs = warpgroup_mma(d_out, v.permute((1, 0)), gl.zeros([BLOCK_Q, BLOCK_K], gl.float32, layout=s_layout),
-                            use_acc=False)
+                            use_acc=False, is_async=True)
     probs = gl.exp2(logits * scale_log2 - lse2[:, None])
     if MASKED:
         probs = gl.where(_visible_keys(block, positions, NUM_KEYS, BLOCK_K, s_layout), probs, 0.0)
+    d_probs, probs = warpgroup_mma_wait(0, deps=[d_probs, probs])
     d_logits = (probs * (d_probs - delta[:, None]) * SCALE).to(kn.dtype)
-    d_nope = warpgroup_mma(gl.convert_layout(d_logits, nope_operand), kn, d_nope)
-    d_rope = warpgroup_mma(gl.convert_layout(d_logits, rope_operand), kr, d_rope)
+    ds_nope = gl.convert_layout(d_logits, nope_operand)
+    ds_rope = gl.convert_layout(d_logits, rope_operand)
+    d_nope = warpgroup_mma(ds_nope, kn, d_nope, is_async=True)
+    d_rope = warpgroup_mma(ds_rope, kr, d_rope, is_async=True)
+    d_nope, d_rope, ds_nope, ds_rope = warpgroup_mma_wait(0, deps=[d_nope, d_rope, ds_nope, ds_rope])
     return d_nope, d_rope
 
 
@@ -104,16 +121,6 @@ def _query_step(q_nope, q_rope, d_out, kn_ring, kr_ring, v_ring, kn_base, kr_bas
     return _query_block_step(q_nope, q_rope, d_out, kn_ring.index(slot), kr_ring.index(slot), v_ring.index(slot),
                              d_nope, d_rope, block, positions, lse2, delta, MASKED, NUM_KEYS, SCALE, BLOCK_K,
                              s_layout, nope_operand, rope_operand)
-
-
-@gluon.jit
-def _store_rows(dst_ptr, first_row, row_stride, acc, WIDTH: gl.constexpr):
-    """dst[(first_row + r) * row_stride + c] = acc[r, c] in dst's dtype."""
-    layout: gl.constexpr = acc.type.layout
-    rows = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
-    columns = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    offsets = (first_row + rows).to(gl.int64) * row_stride
-    gl.store(dst_ptr + offsets[:, None] + columns[None, :], acc.to(dst_ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -172,8 +179,8 @@ def _query_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, 
                                      rope_operand, num_warps)
     async_copy.wait_group(0)
     # a padded query (lse2 +inf) took p = 0 in every block, so its rows are zeros already
-    _store_rows(dqn_ptr + head * NOPE, first_query, HEADS * NOPE, d_nope, NOPE)
-    _store_rows(dqr_ptr + head * ROPE, first_query, HEADS * ROPE, d_rope, ROPE)
+    store_rows(dqn_ptr + head * NOPE, first_query, HEADS * NOPE, d_nope)
+    store_rows(dqr_ptr + head * ROPE, first_query, HEADS * ROPE, d_rope)
 
 
 # ---- d_k, d_v ------------------------------------------------------------------------------------------------------
@@ -198,23 +205,35 @@ def _key_block_step(k_nope, k_rope, values, qn, qr, d_out, d_values, d_nope, d_r
                     st_layout: gl.constexpr, value_operand: gl.constexpr, nope_operand: gl.constexpr,
                     rope_operand: gl.constexpr):
     """One query block's share of d_v, d_k_nope and d_k_rope, keys on the rows: S^T, dP^T, then P^T and dS^T as
-    register A operands."""
+    register A operands. S^T and dP^T are issued together and the wait is for S^T alone, so the exp2s (16 a thread)
+    run while dP^T is on the tensor cores; d_v is issued as soon as P^T is rounded and runs under dS^T's arithmetic;
+    d_k_nope and d_k_rope share the step's last wait (three waits a step, six with synchronous dots). The register
+    operands are kept to that wait (`deps`): the dots read them until then."""
     scale_log2: gl.constexpr = SCALE * 1.4426950408889634
     block_q: gl.constexpr = qn.shape[0]
     logits = warpgroup_mma(k_nope, qn.permute((1, 0)),
-                           gl.zeros([K_BLOCK_K, block_q], gl.float32, layout=st_layout), use_acc=False)
-    logits = warpgroup_mma(k_rope, qr.permute((1, 0)), logits)
+                           gl.zeros([K_BLOCK_K, block_q], gl.float32, layout=st_layout), use_acc=False,
+                           is_async=True)
+    logits = warpgroup_mma(k_rope, qr.permute((1, 0)), logits, is_async=True)
+    d_probs = warpgroup_mma(values, d_out.permute((1, 0)),
+                            gl.zeros([K_BLOCK_K, block_q], gl.float32, layout=st_layout), use_acc=False,
+                            is_async=True)
+    logits = warpgroup_mma_wait(1, deps=[logits])
     probs = gl.exp2(logits * scale_log2 - lse2[None, :])
     if MASKED:
         ids = first_key + gl.arange(0, K_BLOCK_K, layout=gl.SliceLayout(1, st_layout))
         visible = (ids[:, None] <= positions[None, :]) & (ids < NUM_KEYS)[:, None]
         probs = gl.where(visible, probs, 0.0)
-    d_values = warpgroup_mma(gl.convert_layout(probs.to(qn.dtype), value_operand), d_out, d_values)
-    d_probs = warpgroup_mma(values, d_out.permute((1, 0)),
-                            gl.zeros([K_BLOCK_K, block_q], gl.float32, layout=st_layout), use_acc=False)
+    p_operand = gl.convert_layout(probs.to(qn.dtype), value_operand)
+    d_values = warpgroup_mma(p_operand, d_out, d_values, is_async=True)
+    d_probs = warpgroup_mma_wait(1, deps=[d_probs])
     d_logits = (probs * (d_probs - delta[None, :]) * SCALE).to(qn.dtype)
-    d_nope = warpgroup_mma(gl.convert_layout(d_logits, nope_operand), qn, d_nope)
-    d_rope = warpgroup_mma(gl.convert_layout(d_logits, rope_operand), qr, d_rope)
+    ds_nope = gl.convert_layout(d_logits, nope_operand)
+    ds_rope = gl.convert_layout(d_logits, rope_operand)
+    d_nope = warpgroup_mma(ds_nope, qn, d_nope, is_async=True)
+    d_rope = warpgroup_mma(ds_rope, qr, d_rope, is_async=True)
+    d_values, d_nope, d_rope, p_operand, ds_nope, ds_rope = warpgroup_mma_wait(
+        0, deps=[d_values, d_nope, d_rope, p_operand, ds_nope, ds_rope])
     return d_values, d_nope, d_rope
 
 
@@ -291,10 +310,10 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
                     d_values, d_nope, d_rope, lse2, delta, positions, first_key, True, NUM_KEYS, SCALE,
                     st_layout, value_operand, nope_operand, rope_operand)
         async_copy.wait_group(0)
-        _store_rows(dkn_ptr + head * NOPE, key_row, HEADS * NOPE, d_nope, NOPE)
-        _store_rows(dv_ptr + head * VALUE, key_row, HEADS * VALUE, d_values, VALUE)
+        store_rows(dkn_ptr + head * NOPE, key_row, HEADS * NOPE, d_nope)
+        store_rows(dv_ptr + head * VALUE, key_row, HEADS * VALUE, d_values)
     groups = (HEADS + GROUP - 1) // GROUP
-    _store_rows(dkr_ptr, (batch * groups + group).to(gl.int64) * KEYS_P + first_key, ROPE, d_rope, ROPE)
+    store_rows(dkr_ptr, (batch * groups + group).to(gl.int64) * KEYS_P + first_key, ROPE, d_rope)
 
 
 # ---- the wrapper ---------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from pallas_kernels._gluon import gluon_call
-from pallas_kernels._gluon_hopper import operand_buffer, wait_for_copies, wgmma_layout
+from pallas_kernels._gluon_hopper import operand_buffer, store_rows, wait_for_copies, wgmma_layout
 from pallas_kernels.sparse_attention import GLUON_D_KV_PIECE, gluon_backward_width_reason, gluon_d_q_parts
 from pallas_kernels.sparse_attention_gluon import (BLOCK_H, BLOCK_N, _gather_columns, _gather_rows, _load_q,
                                                    _opaque_zero, _row_layout)
@@ -245,16 +245,6 @@ def _load_block(kv_base, ids_ptr, d_s_ptr, values_dst, rope_dst, d_s_dst, part, 
 
 
 @gluon.jit
-def _store_part(d_q_ptr, first_row, acc, FIRST: gl.constexpr, WIDTH: gl.constexpr):
-    """d_q[first_row + h, FIRST + c] = acc[h, c], in d_q's dtype."""
-    layout: gl.constexpr = acc.type.layout
-    heads = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
-    columns = FIRST + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
-    gl.store(d_q_ptr + (first_row + heads).to(gl.int64)[:, None] * WIDTH + columns[None, :],
-             acc.to(d_q_ptr.dtype.element_ty))
-
-
-@gluon.jit
 def _d_q_kernel(kv_ptr, idx_ptr, d_s_ptr, first_ptr, d_q_in_ptr, d_q_ptr, NUM_Q: gl.constexpr,
                 CHUNK: gl.constexpr, HEADS: gl.constexpr, NUM_KEYS: gl.constexpr, SLOTS: gl.constexpr,
                 VALUE_DIM: gl.constexpr, ROPE_DIM: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr,
@@ -311,8 +301,8 @@ def _d_q_kernel(kv_ptr, idx_ptr, d_s_ptr, first_ptr, d_q_in_ptr, d_q_ptr, NUM_Q:
     acc, rope_acc = warpgroup_mma_wait(0, deps=[acc, rope_acc])
     async_copy.wait_group(0)
     first_row = (batch * NUM_Q + t) * HEADS + head_block * BLOCK_M
-    _store_part(d_q_ptr, first_row, acc, part * values, width)
-    _store_part(d_q_ptr, first_row, rope_acc, VALUE_DIM + part * rope, width)
+    store_rows(d_q_ptr + part * values, first_row, width, acc)
+    store_rows(d_q_ptr + VALUE_DIM + part * rope, first_row, width, rope_acc)
 
 
 D_Q_STAGES = 4  # a ring of 4 blocks, loaded 2 ahead
