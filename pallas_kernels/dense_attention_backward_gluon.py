@@ -99,6 +99,7 @@ def _query_block_step(q_nope, q_rope, d_out, kn, kr, v, d_nope, d_rope, block, p
     probs = gl.exp2(logits * scale_log2 - lse2[:, None])
     if MASKED:
         probs = gl.where(_visible_keys(block, positions, NUM_KEYS, BLOCK_K, s_layout), probs, 0.0)
+    # probs passes through the wait only as the timed kernel had it (without it the PTX differs; not timed)
     d_probs, probs = warpgroup_mma_wait(0, deps=[d_probs, probs])
     d_logits = (probs * (d_probs - delta[:, None]) * SCALE).to(kn.dtype)
     ds_nope = gl.convert_layout(d_logits, nope_operand)

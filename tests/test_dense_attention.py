@@ -495,18 +495,18 @@ def test_gluon_backward_compiles_for_hopper_with_its_dots_and_does_not_spill(cas
         assert {s: shapes.count(s) for s in set(shapes)} == {s: c for s, c in want.items() if c}, name
         log = _ptxas_log(compiled.asm["ptx"], tmp_path)
         assert int(re.search(r"Used (\d+) registers", log)[1]) <= 255, name
-        sass = _sass(tmp_path).splitlines()
-        dots = [i for i, line in enumerate(sass) if "HGMMA" in line]
+        sass = _sass(tmp_path)
+        lines = sass.splitlines()
+        dots = [i for i, line in enumerate(lines) if "HGMMA" in line]
         # the loops run between the first and the last dot: no local memory there (the key kernel at
         # DeepSeek-V3.2's shape spills 112 bytes of the d_k_rope store's address offsets before its head loop)
-        assert not [line for line in sass[dots[0]:dots[-1]] if re.search(r"\b(STL|LDL)", line)], (name, log)
+        assert not [line for line in lines[dots[0]:dots[-1]] if re.search(r"\b(STL|LDL)", line)], (name, log)
         if name == "query":
             assert re.findall(r"(\d+) bytes spill stores", log) == ["0"], (name, log)
             continue
         # each step's exp2s run while its dP^T dot is in flight: between the wait for S^T alone (one group
         # outstanding) and the next wait
-        exp2s_under_dp = _exp2s_in_flight("\n".join(sass), r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1",
-                                          r"WARPGROUP\.DEPBAR")
+        exp2s_under_dp = _exp2s_in_flight(sass, r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", r"WARPGROUP\.DEPBAR")
         assert exp2s_under_dp == [128 * block // (32 * 8)], exp2s_under_dp
 
 
