@@ -43,10 +43,6 @@ class LayerContext(NamedTuple):
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
     impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
     query_chunk: int = 0  # queries per chunk of the per-token part (static); 0: all at once (over_query_chunks)
-    # No gradient reaches the main model (the dense warm-up: `model.training_losses(frozen_main=True)`) (static).
-    # Dense attention then expands its per-head keys and values once per layer, for all chunks, in the compute
-    # dtype: no chunk's gradient has to be summed into them.
-    frozen_main: bool = False
 
 
 class _Keys(NamedTuple):
@@ -87,11 +83,13 @@ class DSABlock(nnx.Module):
         source_per_query, source_whole = distill.source if distill is not None else (None, None)
         if distill is not None and ctx.attention == "dense":
             source_whole = jnp.where(is_full, keys.index_keys, source_whole)
-        # With the main model frozen, the dense attention's expanded keys and values ([B,S,H,N], [B,S,P],
-        # [B,S,H,V]) are made here once, not in every chunk (XLA need not hoist a size-inflating product out of
-        # the chunks' loop), and stay in the compute dtype: they get no gradient.
+        # Dense attention's per-head keys and values ([B,S,H,N], [B,S,P], [B,S,H,V]) are made here once for all
+        # chunks, not in every chunk (XLA need not hoist a size-inflating product out of the chunks' loop): at
+        # DeepSeek-V3.2's shapes the expansion costs as much as a chunk of 1024 queries' attention. They reach the
+        # chunks without a gradient; each chunk takes its gradient into kv_rows and W_kvb itself
+        # (`MLAttention.reuse_expanded_keys`), so no [B,S,H,N+V] gradient is summed over the chunks.
         expanded = None
-        if ctx.attention == "dense" and ctx.frozen_main:
+        if ctx.attention == "dense":
             expanded = jax.lax.stop_gradient(self.self_attn.expand_keys(keys.kv_rows))
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
@@ -184,24 +182,24 @@ def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable):
     chunk) in a call of its own.
 
     differentiable: the gradient may flow to `keys` (a bool, or a tree of bools that is a prefix of `keys`: per
-    part). Every chunk adds its part of the keys' gradient into one sum, which autodiff keeps in the keys' dtype;
-    such keys then enter as float32, so that a bf16 model sums its chunks' key gradients in float32 as the
-    unchunked kernels do, and each chunk casts them back (exactly). Not for a cache (inference), which would copy
-    the cache to float32 in every layer, nor for keys that get no gradient.
+    part). Every chunk adds its part of the keys' gradient into one sum, which autodiff would keep in the keys'
+    dtype; such keys instead reach the chunks without a gradient, each beside a float32 sink that collects it
+    (`_gradient_sink`), so that a bf16 model sums its chunks' key gradients in float32 as the unchunked kernels do,
+    and rounds the sum once. The chunks read the keys as they are (a float32 copy would cost every chunk a cast).
+    Not for a cache (inference), nor for keys that get no gradient: both would only allocate a sink.
     """
     num_q = jax.tree.leaves(per_query)[0].shape[1]
     if not chunk or chunk >= num_q:
         return fn(*per_query, keys)
-    dtypes = jax.tree.map(lambda k: k.dtype, keys)
 
-    def in_float32(part, grows_gradient):
+    def with_sinks(part, grows_gradient):
         if not grows_gradient:
             return part
-        return jax.tree.map(lambda k: k.astype(jnp.float32) if jnp.issubdtype(k.dtype, jnp.floating) else k, part)
-    keys = jax.tree.map(lambda grows_gradient, part: in_float32(part, grows_gradient), differentiable, keys)
+        return jax.tree.map(lambda k: _gradient_sink(k) if jnp.issubdtype(k.dtype, jnp.floating) else k, part)
+    keys = jax.tree.map(lambda grows_gradient, part: with_sinks(part, grows_gradient), differentiable, keys)
 
     def one_chunk(per_query, keys):
-        return fn(*per_query, jax.tree.map(lambda k, dtype: k.astype(dtype), keys, dtypes))
+        return fn(*per_query, jax.tree.map(_drain_into_sink, keys, is_leaf=lambda k: isinstance(k, _Sunk)))
 
     # prevent_cse=False: inside a scan (the layers', and lax.map's) nothing can be CSE'd across the recomputation
     one_chunk = jax.checkpoint(one_chunk, prevent_cse=False,
@@ -220,3 +218,53 @@ def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable):
         tail = one_chunk(jax.tree.map(lambda x: x[:, whole:], per_query), keys)
         out = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), out, tail)
     return out
+
+
+class _Sunk(NamedTuple):
+    """Keys whose gradient a float32 sink collects (`_gradient_sink`)."""
+
+    value: jax.Array  # the keys, without a gradient of their own
+    sink: jax.Array  # float32 zeros shaped like value: its cotangent is value's
+
+
+@jax.custom_vjp
+def _gradient_sink(value):
+    """value -> _Sunk(value, float32 zeros like it). In the backward pass the sink's cotangent (float32: the sum
+    of every `_drain_into_sink` use's) becomes value's, rounded to value's dtype once."""
+    return _Sunk(value, jnp.zeros(value.shape, jnp.float32))
+
+
+def _gradient_sink_fwd(value):
+    return _gradient_sink(value), jnp.zeros((), value.dtype)  # the residual only carries the dtype
+
+
+def _gradient_sink_bwd(like, cotangent):
+    # cotangent.value is zero: _drain_into_sink sends none to it
+    return (cotangent.sink.astype(like.dtype),)
+
+
+_gradient_sink.defvjp(_gradient_sink_fwd, _gradient_sink_bwd)
+
+
+@jax.custom_vjp
+def _drain_into_sink_impl(value, sink):
+    del sink  # only its cotangent matters
+    return value
+
+
+def _drain_fwd(value, sink):
+    return value, None
+
+
+def _drain_bwd(_, cotangent):
+    return None, cotangent.astype(jnp.float32)
+
+
+_drain_into_sink_impl.defvjp(_drain_fwd, _drain_bwd)
+
+
+def _drain_into_sink(keys):
+    """A `_Sunk` -> its value, whose cotangent goes to the sink in float32; other leaves as they are."""
+    if not isinstance(keys, _Sunk):
+        return keys
+    return _drain_into_sink_impl(jax.lax.stop_gradient(keys.value), keys.sink)

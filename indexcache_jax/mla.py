@@ -12,6 +12,9 @@ Shape letters: B T S D H, Q q_lora_rank, R kv_lora_rank, N qk_nope_head_dim, P q
 L = R + P, K top-k slots.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -89,10 +92,13 @@ class MLAttention(nnx.Module):
     def expand_keys(self, kv_rows):
         """Latent rows [B,S,L] -> the training form's keys and values, in the compute dtype: k_nope [B,S,H,N] (c_kv
         W_uk), k_rope [B,S,P] (shared by the heads), values [B,S,H,V] (c_kv W_uv)."""
-        c = self.config
-        w_uk, w_uv = self._kv_b()
-        c_kv, k_rope = jnp.split(kv_rows.astype(w_uk.dtype), [c.kv_lora_rank], axis=-1)
-        return jnp.einsum("bsr,rhn->bshn", c_kv, w_uk), k_rope, jnp.einsum("bsr,rhv->bshv", c_kv, w_uv)
+        return _expand_keys(kv_rows, *self._kv_b(), self.config.kv_lora_rank)
+
+    def reuse_expanded_keys(self, kv_rows, expanded):
+        """`expand_keys(kv_rows)`, already made (outside the query chunks, once for all of them): its value, and in
+        the backward pass the expansion's gradient into kv_rows and W_kvb, without its forward product. `expanded`
+        itself gets no gradient."""
+        return _known_expansion(kv_rows, *self._kv_b(), expanded, self.config.kv_lora_rank)
 
     def attend_dense(self, q_nope, q_rope, kv_rows, q_positions, mask=None, with_distribution=False, impl=None,
                      expanded=None):
@@ -102,10 +108,14 @@ class MLAttention(nnx.Module):
         when s <= q_positions[b,t] and (if given) mask[b,t,s]. -> [B,T,D], or with_distribution: ([B,T,D], the
         head-averaged attention distribution f32[B,T,S], stop-gradient: the dense warm-up's distillation target).
         `pallas_kernels.dense_attention` (`impl`): on a GPU its kernels never store the [B,H,T,S] logits; the
-        reference (and any mask) materialises them. expanded: `expand_keys(kv_rows)`, where the caller made it.
+        reference (and any mask) materialises them. expanded: `expand_keys(kv_rows)`, where the caller made it (the
+        gradient then still reaches kv_rows and W_kvb: `reuse_expanded_keys`).
         """
         c = self.config
-        k_nope, k_rope, values = self.expand_keys(kv_rows) if expanded is None else expanded
+        if expanded is None:
+            k_nope, k_rope, values = self.expand_keys(kv_rows)
+        else:
+            k_nope, k_rope, values = self.reuse_expanded_keys(kv_rows, expanded)
         q_rope = q_rope.astype(k_rope.dtype)
         out, lse = pallas_kernels.dense_attention(q_nope, q_rope, k_nope, k_rope, values, q_positions,
                                                   scale=c.softmax_scale, impl=impl, mask=mask, return_lse=True)
@@ -116,3 +126,32 @@ class MLAttention(nnx.Module):
         probs = pallas_kernels.dense_attention_distribution(q_nope, q_rope, k_nope, k_rope, q_positions,
                                                             scale=c.softmax_scale, lse=lse, impl=impl, mask=mask)
         return self._output(out), probs
+
+
+def _expand_keys(kv_rows, w_uk, w_uv, rank: int):
+    """kv_rows [B,S,L], W_uk [R,H,N], W_uv [R,H,V] -> (k_nope [B,S,H,N], k_rope [B,S,P], values [B,S,H,V])."""
+    c_kv, k_rope = jnp.split(kv_rows.astype(w_uk.dtype), [rank], axis=-1)
+    return jnp.einsum("bsr,rhn->bshn", c_kv, w_uk), k_rope, jnp.einsum("bsr,rhv->bshv", c_kv, w_uv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _known_expansion(kv_rows, w_uk, w_uv, expanded, rank: int):
+    """`_expand_keys(kv_rows, w_uk, w_uv, rank)` whose value `expanded` already holds. Why: the dense stage's query
+    chunks share one layer's expansion, which costs about as much as a chunk of 1024 queries' attention at
+    DeepSeek-V3.2's shapes; each chunk's backward pass still takes its gradient into the latent rows and weights
+    (what made the expansion inside the chunk cost), whose sum over the chunks is small ([B,S,L], [R,H,N+V])."""
+    del kv_rows, w_uk, w_uv, rank
+    return expanded
+
+
+def _known_expansion_fwd(kv_rows, w_uk, w_uv, expanded, rank):
+    return expanded, (kv_rows, w_uk, w_uv)
+
+
+def _known_expansion_bwd(rank, inputs, cotangent):
+    # The expansion is bilinear: its transpose needs the inputs, not the forward's product (XLA drops it).
+    _, vjp = jax.vjp(functools.partial(_expand_keys, rank=rank), *inputs)
+    return (*vjp(cotangent), None)
+
+
+_known_expansion.defvjp(_known_expansion_fwd, _known_expansion_bwd)

@@ -121,14 +121,13 @@ class DSATransformer(nnx.Module):
         return self._logits(hidden), indexer_loss(distill_state)
 
     def training_losses(self, tokens, flags, *, attention="sparse", impl=None, remat: str = "none",
-                        query_chunk: int = 0, frozen_main: bool = False):
+                        query_chunk: int = 0):
         """Training: tokens int[B,T+1] -> (the mean next-token cross-entropy of tokens[:, 1:] given tokens[:, :-1],
         the indexers' distillation loss), both f32[]: `next_token_loss` of `with_indexer_loss`, except that with
         query_chunk the LM head and its loss run over the chunks too (each rematerialised), so the f32 [B,T,V*]
-        logits never exist at once (67 GB at 128K tokens with DeepSeek-V3.2's vocabulary of 129280).
-        frozen_main: no gradient reaches the main model (the caller stops it: `freeze_main`); see LayerContext."""
+        logits never exist at once (67 GB at 128K tokens with DeepSeek-V3.2's vocabulary of 129280)."""
         hidden, _, distill_state, _ = self._layers(tokens[:, :-1], flags, None, attention, impl, with_distill=True,
-                                                   remat=remat, query_chunk=query_chunk, frozen_main=frozen_main)
+                                                   remat=remat, query_chunk=query_chunk)
         token_losses = over_query_chunks(lambda h, targets, _: token_cross_entropy(self._logits(h), targets),
                                          (hidden, tokens[:, 1:]), (), query_chunk, differentiable=True)
         return jnp.mean(token_losses), indexer_loss(distill_state)
@@ -139,7 +138,7 @@ class DSATransformer(nnx.Module):
                             query_chunk=query_chunk)[3]
 
     def _layers(self, tokens, flags, cache, attention, impl, *, with_distill: bool, collect_indices: bool = False,
-                remat: str = "none", query_chunk: int = 0, frozen_main: bool = False):
+                remat: str = "none", query_chunk: int = 0):
         """-> (final hidden [B,T,D] before the norm, new cache or None, DistillState or None, per-layer indices
         int32[N,B,T,K] or None). query_chunk: see the module docstring."""
         if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 0:
@@ -152,8 +151,7 @@ class DSATransformer(nnx.Module):
         num_keys = num_q if cache is None else cache.max_len
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
                            rope=rope_angles(positions, c),
-                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk,
-                           frozen_main=frozen_main)
+                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)
@@ -303,7 +301,7 @@ def _training_losses(params, tokens, flags, *, config, attention, impl, remat, q
     if frozen_main:
         params = freeze_main(params)
     return bind(config, params).training_losses(tokens, flags, attention=attention, impl=impl, remat=remat,
-                                                query_chunk=query_chunk, frozen_main=frozen_main)
+                                                query_chunk=query_chunk)
 
 
 def training_losses(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, attention: str = "sparse",
@@ -312,7 +310,7 @@ def training_losses(params: nnx.State, tokens, pattern=None, *, config: ModelCon
     f32[]. The values of `next_token_loss(forward_with_indexer_loss(...))` without the [B,L,V*] logits: with
     query_chunk the LM head runs per chunk of tokens too (DSATransformer.training_losses). Arguments as in
     `forward`; frozen_main: only the indexers' weights get a gradient (the others' is zero), as in the dense
-    warm-up, which lets dense attention expand its keys once per layer rather than per query chunk."""
+    warm-up."""
     _check_attention(attention)
     check_tokens(tokens, config)
     tokens = jnp.asarray(tokens)

@@ -59,3 +59,30 @@ def test_bf16_compute_stays_within_bf16_error():
                                  kv.astype(jnp.bfloat16), _all_earlier(2, 10))
     assert out16.dtype == jnp.bfloat16
     assert rel_err(out16, attn32.attend_dense(q_nope, q_rope, kv, pos)) < 3e-2
+
+
+def test_dense_attention_over_keys_expanded_beforehand_has_the_same_gradient():
+    """attend_dense given `expanded` behind a stop-gradient (as the block makes it, once for all query chunks)
+    against expanding inside: the same output and the same gradient in the queries, the latent rows and every
+    weight (`reuse_expanded_keys` takes the expansion's gradient into the latent rows and W_kvb itself)."""
+    attn, q_nope, q_rope, kv, pos = _setup(seed=6)
+    graphdef, state = nnx.split(attn)
+    cotangent = jax.random.normal(jax.random.key(7), (2, 10, SMALL.hidden_size))
+
+    def objective(state, q_nope, q_rope, kv, beforehand):
+        attn = nnx.merge(graphdef, state)
+        expanded = jax.lax.stop_gradient(attn.expand_keys(kv)) if beforehand else None
+        return jnp.sum(attn.attend_dense(q_nope, q_rope, kv, pos, expanded=expanded) * cotangent)
+
+    def value_and_grads(beforehand):
+        return jax.value_and_grad(objective, argnums=(0, 1, 2, 3))(state, q_nope, q_rope, kv, beforehand)
+
+    (want_value, want), (got_value, got) = value_and_grads(False), value_and_grads(True)
+    assert abs(float(got_value) - float(want_value)) <= 1e-6 * abs(float(want_value))
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(want)]
+    assert any("kv_b_proj" in path for path in paths)
+    for path, g, w in zip(paths, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if "indexer" not in path and np.abs(np.asarray(w)).max() > 0:
+            assert rel_err(g, w) < 1e-5, path
+        else:
+            assert np.abs(np.asarray(g)).max() == 0, path

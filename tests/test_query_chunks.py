@@ -174,24 +174,26 @@ def test_frozen_main_warm_up_trains_the_indexers_alone_with_the_same_gradient(sm
     assert checked >= 5
 
 
-def _loop_depths_of_dots(jaxpr, shape, depth=0):
-    """The loop nesting depth (scan and while bodies) of every dot_general in `jaxpr` whose output has `shape`."""
+def _loop_depths_of(jaxpr, primitive, shape, depth=0):
+    """The loop nesting depth (scan and while bodies) of every `primitive` (a name) in `jaxpr` whose output has
+    `shape`."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and tuple(eqn.outvars[0].aval.shape) == shape:
+        if eqn.primitive.name == primitive and tuple(eqn.outvars[0].aval.shape) == shape:
             found.append(depth)
         inner = depth + (eqn.primitive.name in ("scan", "while"))
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
-                    found += _loop_depths_of_dots(sub, shape, inner)
+                    found += _loop_depths_of(sub, primitive, shape, inner)
     return found
 
 
-def test_frozen_main_expands_the_dense_keys_outside_the_chunks(dense_config):
-    """Traced, not timed: with frozen_main, the dense attention's per-head keys and values [B,S,H,N] are products
-    in the layer scan's body, none inside the chunks' loop (a loop deeper); without it, the chunks make them."""
+def test_dense_attention_expands_its_keys_outside_the_chunks(dense_config):
+    """Traced, not timed: the dense attention's per-head keys and values [B,S,H,N] are products in the layer scan's
+    body (loop depth 1), none inside the chunks' loop (depth 2), whether the main model trains (their gradient
+    then summed over the chunks) or is frozen (the warm-up)."""
     params = init_params(dense_config, seed=1)
     tokens = _tokens(dense_config, 2, 32)
     c = dense_config
@@ -201,11 +203,40 @@ def test_frozen_main_expands_the_dense_keys_outside_the_chunks(dense_config):
         def objective(p):
             return training_losses(p, tokens, "FSFS", config=c, attention="dense", remat="layer", query_chunk=8,
                                    frozen_main=frozen_main)[1]
-        return _loop_depths_of_dots(jax.make_jaxpr(jax.grad(objective))(params).jaxpr, shape)
+        return _loop_depths_of(jax.make_jaxpr(jax.grad(objective))(params).jaxpr, "dot_general", shape)
 
     frozen, plain = depths(True), depths(False)
     assert frozen and plain, (frozen, plain)
-    assert max(frozen) < max(plain), (frozen, plain)
+    assert set(frozen) == set(plain) == {1}, (frozen, plain)
+
+
+def test_chunks_sum_the_keys_gradient_in_float32_and_round_it_once():
+    """bf16 keys shared by 16 chunks and a partial one: their summed gradient is as close to the exact one as one
+    bf16 rounding (1.6x its error allows the chunks' own bf16 roundings before a float32 sum; a sum kept in bf16,
+    autodiff's own, is 3x off); and the chunks read the keys as they are, with no float32 copy cast back in every
+    chunk."""
+    batch, num_q, num_keys, width, chunk = 2, 16 * 4 + 3, 40, 32, 4
+    ks = jax.random.split(jax.random.key(3), 3)
+    queries = jax.random.normal(ks[0], (batch, num_q, width), jnp.bfloat16)
+    keys = jax.random.normal(ks[1], (batch, num_keys, width), jnp.bfloat16)
+    cotangent = jax.random.normal(ks[2], (batch, num_q, num_keys), jnp.bfloat16)
+
+    def logits(q, k):  # -> bf16 [B,C,S]
+        return jnp.einsum("bcd,bsd->bcs", q, k)
+
+    def chunked(k):
+        return block.over_query_chunks(lambda q, k: logits(q, k), (queries,), k, chunk, differentiable=True)
+
+    out, vjp = jax.vjp(chunked, keys)
+    (got,) = vjp(cotangent)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(logits(queries, keys), np.float32))
+    exact = np.einsum("bcs,bcd->bsd", np.asarray(cotangent, np.float64), np.asarray(queries, np.float64))
+    one_rounding = rel_err(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16), exact)
+    assert got.dtype == jnp.bfloat16 and rel_err(got, exact) < 1.6 * one_rounding, (rel_err(got, exact), one_rounding)
+    parts = [jax.vjp(lambda k, i=i: logits(queries[:, i:i + chunk], k), keys)[1](cotangent[:, i:i + chunk])[0]
+             for i in range(0, num_q, chunk)]
+    assert len(parts) == 17 and rel_err(functools.reduce(lambda total, p: total + p, parts), exact) > 2 * one_rounding
+    assert _loop_depths_of(jax.make_jaxpr(chunked)(keys).jaxpr, "convert_element_type", keys.shape) == []
 
 
 def test_query_chunks_give_the_same_logits_indices_and_prefill(small_config, small_params):
