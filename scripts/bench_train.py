@@ -15,7 +15,8 @@ Per (stage, T, remat, query chunk), one line of JSON:
     every run: runs that differ only in remat or query chunk should agree), and loss, the last step's;
   - peak_gb: the device's peak memory so far in this process (runs go smallest first), where the backend tells;
   - power: the SM clock and power while the steps ran (nvidia-smi), where there is one;
-  - "OOM" where the step does not fit (the error's first line is kept).
+  - "OOM" where the step does not fit (the error's first line is kept);
+  - with `--profile DIR`: profile, one more step's device time by source line (`profiled_step`).
 `--compile-only` records the compiled memory alone, for sizes that would not fit; on a CPU with `--impl interpret`
 it is XLA's CPU buffer assignment of the kernels' buffers, which differs from the GPU's (sparse, 2 layers, chunks
 of 8192: 26.8 GB at 32K and 64.4 at 128K, where an H100 measured 25.0 and 44.0): compare CPU runs with each other.
@@ -44,6 +45,7 @@ import jax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+import xla_profile  # noqa: E402
 from bench_kernels import PowerSampler  # noqa: E402
 from indexcache_jax.configlib import from_mapping, read_yaml  # noqa: E402
 from indexcache_jax.model import init_params, pattern_flags  # noqa: E402
@@ -112,6 +114,9 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
         step_s = statistics.median(times)
         record.update(step_ms=round(step_s * 1e3, 1), tokens_per_s=round(length / step_s),
                       loss=round(float(metrics["loss"]), 4), power=power.summary)
+        if args.profile:
+            record["profile"] = profiled_step(compiled, (params, opt_state, batch, flags),
+                                              pathlib.Path(args.profile) / f"{stage}_{length}_{remat}_{query_chunk}")
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a result; anything else is re-raised
         if not _out_of_memory(err):
             raise
@@ -121,6 +126,20 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
         gc.collect()
     record["peak_gb"] = _peak_gb()
     return record
+
+
+def profiled_step(compiled, arguments, directory: pathlib.Path) -> dict:
+    """One more step under `jax.profiler.trace(directory)`: its wall time, the ops' summed device time and the
+    largest groups by source line (`xla_profile.by_source`). The step's outputs are dropped (its donated inputs are
+    then spent: call it last)."""
+    with jax.profiler.trace(str(directory)):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*arguments))
+        wall_s = time.perf_counter() - start
+    times = xla_profile.op_times(xla_profile.trace_file(directory))
+    return {"trace": str(directory), "step_ms": round(wall_s * 1e3, 1),
+            "op_ms": round(sum(ns for ns, _ in times.values()) / 1e6, 1),
+            "by_source": xla_profile.by_source(times, xla_profile.op_sources(compiled.as_text()))}
 
 
 def main(argv=None) -> list[dict]:
@@ -144,6 +163,9 @@ def main(argv=None) -> list[dict]:
                              "per-head temporaries would hide")
     parser.add_argument("--kernel", action="append", default=[], metavar="FIELD=NAME",
                         help="a kernels option of the job (pallas_kernels.Kernels), e.g. --kernel dense_forward=pallas")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed steps, one more step under jax.profiler.trace(DIR/<run>), its device "
+                             "time by source line in the run's JSON (scripts/xla_profile.py)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.steps < 1:

@@ -10,6 +10,7 @@ import stat
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,7 +86,8 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
     out = tmp_path / "train.json"
     common = ["--config", str(REPO / "configs" / "tiny.yaml"), "--contexts", "96", "--layers", "3"]
     runs = bench_train.main(common + ["--steps", "1", "--stages", "indexcache", "--remat", "none",
-                                      "--query-chunks", "0", "32", "--json", str(out)])
+                                      "--query-chunks", "0", "32", "--json", str(out),
+                                      "--profile", str(tmp_path / "traces")])
     assert [(r["stage"], r["remat"], r["query_chunk"], r["pattern"]) for r in runs] == [
         ("indexcache", "none", chunk, "FSS") for chunk in (0, 32)]
     plain, chunked = runs
@@ -93,12 +95,66 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
     assert abs(chunked["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"]), runs
     assert abs(chunked["loss"] - plain["loss"]) <= 1e-3, runs
     assert chunked["compiled_temp_bytes"] < 0.8 * plain["compiled_temp_bytes"], runs
+    for run in runs:  # --profile: one more step's ops, by our source lines, the backward's among them
+        rows = run["profile"]["by_source"]
+        assert run["profile"]["op_ms"] > 0 and abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
+        assert any(r["source"].startswith("indexcache_jax/") and "[transpose]" in r["primitive"] for r in rows), rows
     compiled = bench_train.main(common + ["--stages", "sparse", "dense_warmup", "dense", "--remat", "layer",
                                           "--query-chunks", "32", "--compile-only", "--impl", "reference"])
     assert [(r["stage"], r["pattern"]) for r in compiled] == [("sparse", "FFF"), ("dense_warmup", "FFF"),
                                                               ("dense", "FFF")]
     assert all(r["compiled_temp_bytes"] > 0 and "step_ms" not in r for r in compiled)
     assert json.loads(out.read_text())["runs"] == runs
+
+
+def big_and_small(a, b, c):
+    big = jnp.einsum("ij,jk->ik", a, b)
+    small = jnp.einsum("ij,jk->ik", c, c)
+    fused = jnp.tanh(b @ a).sum()  # on a CPU one fusion, whose own metadata is the sum's
+    return jax.grad(lambda a: jnp.sum(jnp.sin(a @ b)))(big).sum() + small.sum() + fused
+
+
+def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
+    """scripts/xla_profile.py on a CPU trace: the ops of `big_and_small` grouped by line and primitive, the
+    backward's dot marked as a transpose, a fusion around a dot counted as the dot; a [1024]^3 product takes far
+    longer than a [32]^3 one."""
+    import sys
+    sys.path.insert(0, str(REPO / "scripts"))
+    import xla_profile
+    a = jax.random.normal(jax.random.key(0), (1024, 1024))
+    c = a[:32, :32] * 0.5
+    compiled = jax.jit(big_and_small).lower(a, a, c).compile()
+    jax.block_until_ready(compiled(a, a, c))
+    with jax.profiler.trace(str(tmp_path)):
+        jax.block_until_ready(compiled(a, a, c))
+    rows = xla_profile.by_source(xla_profile.op_times(xla_profile.trace_file(tmp_path)),
+                                 xla_profile.op_sources(compiled.as_text()))
+    line = big_and_small.__code__.co_firstlineno
+    ms = {(r["source"].split()[0], r["primitive"]): r["ms"] for r in rows}
+    here = "tests/test_bench_helpers.py"
+    big, small = (ms[(f"{here}:{line + i}", "ij,jk->ik dot_general")] for i in (1, 2))
+    assert big > 20 * small > 0, rows
+    assert ms[(f"{here}:{line + 3}", "dot_general")] > 20 * small, rows  # the fusion counts as its dot
+    assert ms[(f"{here}:{line + 4}", "dot_general [transpose]")] > 20 * small, rows
+    assert abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
+    with pytest.raises(FileNotFoundError, match="xplane"):
+        xla_profile.trace_file(tmp_path / "empty")
+
+
+def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
+    """On a host line a while loop's event spans its body's ops: each op keeps its own time alone (a loop of
+    100 ns around ops of 30 and 50 ns, one of them around one of 20, and a later op of 10)."""
+    import sys
+    import types
+    sys.path.insert(0, str(REPO / "scripts"))
+    import xla_profile
+
+    def event(start, duration, op):
+        return types.SimpleNamespace(start_ns=start, duration_ns=duration, stats=[("hlo_op", op)] if op else [])
+    events = [event(0, 100, "while.1"), event(10, 30, "fusion.2"), event(50, 50, "call.3"), event(60, 20, "dot.4"),
+              event(55, 1, None), event(200, 10, "fusion.2")]
+    assert sorted(xla_profile._self_times(events)) == sorted([("while.1", 20), ("fusion.2", 30), ("call.3", 30),
+                                                              ("dot.4", 20), ("fusion.2", 10)])
 
 
 def _bench_dense():

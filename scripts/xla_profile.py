@@ -1,0 +1,189 @@
+"""Where a compiled step's time goes: a profiler trace's per-op device times, attributed to our source lines.
+
+`scripts/bench_train.py --profile DIR` runs one more step under `jax.profiler.trace(DIR)` and keeps this summary in
+its JSON line; any jitted function can use it the same way:
+
+    compiled = jax.jit(f).lower(*args).compile()
+    with jax.profiler.trace(directory):
+        jax.block_until_ready(compiled(*args))
+    rows = by_source(op_times(trace_file(directory)), op_sources(compiled.as_text()))
+
+Two inputs, joined on the HLO instruction's name:
+  - `op_times`: the trace's events that carry an `hlo_op` stat, on the device planes (`/device:GPU:0`: one event
+    per kernel, several kernels per op possible) or, with none, on the host (the CPU backend), each less the
+    events nested in it (a host loop's event spans its body's), summed per op over the step (a loop body's ops
+    count once per iteration). Lines a profiler derives from others ("XLA Ops",
+    "XLA Modules", ...) are skipped so that nothing counts twice.
+  - `op_sources`: the optimised HLO's metadata per instruction: the JAX op name (`jit(step)/.../transpose(jvp())/
+    bsr,rhn->bshn/dot_general`) and its innermost Python frame, either the `stack_frame_id` tables of recent XLA or
+    the older `source_file`/`source_line`. A fusion that computes a dot is attributed to its dot (whose time
+    dominates it), any other fusion to its root (XLA's own rule for a fusion's metadata).
+`by_source` groups the ops by (file:line, function, primitive, forward or transpose): on the dense stage it tells
+the expansion's transposes (mla.py, `transpose(...)` einsums) from the attention kernels and the optimiser.
+Concurrent streams overlap, so the summed time may exceed the step's wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+
+# Lines a profiler derives from the kernels' own events (xprof's names): counting them would count twice.
+DERIVED_LINES = frozenset({"XLA Ops", "XLA Modules", "Framework Name Scope", "Framework Ops", "Source code",
+                           "Steps", "Launch Stats", "XLA TraceMe", "TensorFlow Ops", "TensorFlow Name Scope"})
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([\w\-]+)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
+_SOURCE = re.compile(r'source_file="([^"]*)"\s+source_line=(\d+)')
+_TABLE_ROW = re.compile(r'^(\d+)\s+(?:"(.*)"|\{(.*)\})\s*$')
+
+
+def trace_file(directory) -> pathlib.Path:
+    """The newest `.xplane.pb` under a `jax.profiler.trace` directory."""
+    files = sorted(pathlib.Path(directory).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {directory}: was the step run inside jax.profiler.trace?")
+    return files[-1]
+
+
+def op_times(xplane_path) -> dict[str, tuple[float, int]]:
+    """HLO instruction name -> (its events' total duration in ns, their count), from the device planes if any
+    carry `hlo_op` events, else from the host's (see the module docstring)."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(str(xplane_path))
+    planes = list(data.planes)
+    device = [p for p in planes if p.name.startswith("/device:")]
+    for group in (device, [p for p in planes if p.name.startswith("/host:")]):
+        times = _hlo_op_events(group)
+        if times:
+            return times
+    return {}
+
+
+def _hlo_op_events(planes) -> dict[str, tuple[float, int]]:
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for plane in planes:
+        for line in plane.lines:
+            if line.name in DERIVED_LINES:
+                continue
+            for op, self_ns in _self_times(line.events):
+                totals[op][0] += self_ns
+                totals[op][1] += 1
+    return {op: (ns, count) for op, (ns, count) in totals.items()}
+
+
+def _self_times(events):
+    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line: on a host line a
+    loop's or a call's event spans its body's ops, which would otherwise count twice."""
+    ops = [(e.start_ns, e.duration_ns, dict(e.stats).get("hlo_op")) for e in events]
+    ops = sorted(((start, duration, op) for start, duration, op in ops if op), key=lambda t: (t[0], -t[1]))
+    self_ns, enclosing = [duration for _, duration, _ in ops], []  # enclosing: indices of the open events
+    for i, (start, duration, _) in enumerate(ops):
+        while enclosing and start >= ops[enclosing[-1]][0] + ops[enclosing[-1]][1]:
+            enclosing.pop()
+        if enclosing:
+            self_ns[enclosing[-1]] -= duration
+        enclosing.append(i)
+    return [(op, max(ns, 0.0)) for (_, _, op), ns in zip(ops, self_ns, strict=True)]
+
+
+def op_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (JAX op name, "file:line function" of its innermost frame, or "" where the HLO
+    has none), from a compiled module's `as_text()`."""
+    tables, body = _split_tables(hlo_text.splitlines())
+    metadata, dot_of_computation, calls = {}, {}, {}
+    computation = None
+    for line in body:
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if not instruction:
+            continue
+        name, opcode = instruction.groups()
+        op_name = _OP_NAME.search(line)
+        metadata[name] = (op_name.group(1) if op_name else "", _frame(line, tables))
+        if opcode in ("dot", "convolution") and computation is not None:
+            dot_of_computation.setdefault(computation, name)
+        callee = _CALLS.search(line)
+        if opcode == "fusion" and callee:
+            calls[name] = callee.group(1)
+    for fusion, callee in calls.items():  # a fusion that computes a dot is the dot's
+        if callee in dot_of_computation:
+            metadata[fusion] = metadata[dot_of_computation[callee]]
+    return metadata
+
+
+def _split_tables(lines):
+    """The stack-frame tables ("FileNames", "FunctionNames", "FileLocations", "StackFrames": id -> row) and the
+    remaining lines."""
+    tables, body, current = {}, [], None
+    for line in lines:
+        if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line.strip(), {})
+            continue
+        row = _TABLE_ROW.match(line) if current is not None else None
+        if row:
+            key, text, fields = row.groups()
+            current[int(key)] = text if text is not None else dict(f.split("=", 1) for f in fields.split())
+            continue
+        current = None
+        body.append(line)
+    return tables, body
+
+
+def _frame(line: str, tables) -> str:
+    source = _SOURCE.search(line)
+    if source:
+        return f"{_short(source.group(1))}:{source.group(2)}"
+    frame_id = _FRAME_ID.search(line)
+    if not frame_id:
+        return ""
+    try:
+        frame = tables["StackFrames"][int(frame_id.group(1))]
+        location = tables["FileLocations"][int(frame["file_location_id"])]
+        file_name = tables["FileNames"][int(location["file_name_id"])]
+        function = tables["FunctionNames"][int(location["function_name_id"])]
+    except KeyError:
+        return ""
+    return f"{_short(file_name)}:{location['line']} {function}"
+
+
+def _short(path: str) -> str:
+    """The last two parts of a path (`indexcache_jax/mla.py`): enough to find it, short enough to read."""
+    return "/".join(pathlib.PurePath(path).parts[-2:])
+
+
+def _primitive(op_name: str) -> str:
+    """The op name's last part, after its einsum's spec where it has one ("bsr,rhn->bshn dot_general")."""
+    parts = op_name.split("/")
+    return f"{parts[-2]} {parts[-1]}" if len(parts) > 1 and "->" in parts[-2] else parts[-1]
+
+
+def by_source(times: dict[str, tuple[float, int]], sources: dict[str, tuple[str, str]], top: int = 25) -> list[dict]:
+    """The ops' time grouped by (frame, primitive, transpose or not), largest first: rows of source, primitive,
+    ms, events, ops (how many HLO instructions) and share of the summed time; the rest in one "other" row."""
+    groups = collections.defaultdict(lambda: [0.0, 0, 0])
+    for op, (ns, count) in times.items():
+        op_name, frame = sources.get(op, ("", ""))
+        primitive = _primitive(op_name) if op_name else op
+        key = (frame or "(no source)", primitive + (" [transpose]" if "transpose(" in op_name else ""))
+        groups[key][0] += ns
+        groups[key][1] += count
+        groups[key][2] += 1
+    total = sum(ns for ns, _, _ in groups.values()) or 1.0
+    rows = [{"source": frame, "primitive": primitive, "ms": round(ns / 1e6, 3), "events": count, "ops": ops,
+             "share": round(ns / total, 4)}
+            for (frame, primitive), (ns, count, ops) in sorted(groups.items(), key=lambda kv: -kv[1][0])]
+    if len(rows) > top:
+        rest = rows[top:]
+        rows = rows[:top] + [{"source": "other", "primitive": f"{len(rest)} groups",
+                              "ms": round(sum(r["ms"] for r in rest), 3), "events": sum(r["events"] for r in rest),
+                              "ops": sum(r["ops"] for r in rest), "share": round(sum(r["share"] for r in rest), 4)}]
+    return rows
