@@ -12,8 +12,8 @@ Two inputs, joined on the HLO instruction's name:
   - `op_times`: the trace's events that carry an `hlo_op` stat, on the device planes (`/device:GPU:0`: one event
     per kernel, several kernels per op possible) or, with none, on the host (the CPU backend), each less the
     events nested in it (a host loop's event spans its body's), summed per op over the step (a loop body's ops
-    count once per iteration). Lines a profiler derives from others ("XLA Ops",
-    "XLA Modules", ...) are skipped so that nothing counts twice.
+    count once per iteration). Lines a profiler derives from others ("XLA Ops", "XLA Modules", ...) are skipped
+    so that nothing counts twice, unless a device has no other (a TPU: then its "XLA Ops" line).
   - `op_sources`: the optimised HLO's metadata per instruction: the JAX op name (`jit(step)/.../transpose(jvp())/
     bsr,rhn->bshn/dot_general`) and its innermost Python frame, either the `stack_frame_id` tables of recent XLA or
     the older `source_file`/`source_line`. A fusion that computes a dot is attributed to its dot (whose time
@@ -66,15 +66,20 @@ def op_times(xplane_path) -> dict[str, tuple[float, int]]:
 
 
 def _hlo_op_events(planes) -> dict[str, tuple[float, int]]:
-    totals = collections.defaultdict(lambda: [0.0, 0])
-    for plane in planes:
-        for line in plane.lines:
-            if line.name in DERIVED_LINES:
-                continue
-            for op, self_ns in _self_times(line.events):
-                totals[op][0] += self_ns
-                totals[op][1] += 1
-    return {op: (ns, count) for op, (ns, count) in totals.items()}
+    """Per op (total ns, events) over the planes' own lines; where those have none, over their "XLA Ops" lines
+    (a TPU's ops are there alone)."""
+    for wanted in (lambda name: name not in DERIVED_LINES, lambda name: name == "XLA Ops"):
+        totals = collections.defaultdict(lambda: [0.0, 0])
+        for plane in planes:
+            for line in plane.lines:
+                if not wanted(line.name):
+                    continue
+                for op, self_ns in _self_times(line.events):
+                    totals[op][0] += self_ns
+                    totals[op][1] += 1
+        if totals:
+            return {op: (ns, count) for op, (ns, count) in totals.items()}
+    return {}
 
 
 def _self_times(events):

@@ -143,7 +143,8 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
 
 def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
     """On a host line a while loop's event spans its body's ops: each op keeps its own time alone (a loop of
-    100 ns around ops of 30 and 50 ns, one of them around one of 20, and a later op of 10)."""
+    100 ns around ops of 30 and 50 ns, one of them around one of 20, and a later op of 10); lines derived from the
+    kernels' count only where there is nothing else."""
     import sys
     import types
     sys.path.insert(0, str(REPO / "scripts"))
@@ -155,6 +156,13 @@ def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
               event(55, 1, None), event(200, 10, "fusion.2")]
     assert sorted(xla_profile._self_times(events)) == sorted([("while.1", 20), ("fusion.2", 30), ("call.3", 30),
                                                               ("dot.4", 20), ("fusion.2", 10)])
+    # A derived "XLA Ops" line repeats the kernels' ops: counted only where a device has nothing else (a TPU).
+    line = types.SimpleNamespace
+    gpu = types.SimpleNamespace(lines=[line(name="Stream #1", events=events[1:2]),
+                                       line(name="XLA Ops", events=events[1:2])])
+    tpu = types.SimpleNamespace(lines=[line(name="XLA Ops", events=events[3:4]), line(name="Steps", events=events)])
+    assert xla_profile._hlo_op_events([gpu]) == {"fusion.2": (30, 1)}
+    assert xla_profile._hlo_op_events([tpu]) == {"dot.4": (20, 1)}
 
 
 def _bench_dense():
