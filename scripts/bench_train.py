@@ -136,10 +136,11 @@ def profiled_step(compiled, arguments, directory: pathlib.Path) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(compiled(*arguments))
         wall_s = time.perf_counter() - start
-    times = xla_profile.op_times(xla_profile.trace_file(directory))
+    hlo = compiled.as_text()
+    times = xla_profile.op_times(xla_profile.trace_file(directory), xla_profile.module_name(hlo))
     return {"trace": str(directory), "step_ms": round(wall_s * 1e3, 1),
             "op_ms": round(sum(ns for ns, _ in times.values()) / 1e6, 1),
-            "by_source": xla_profile.by_source(times, xla_profile.op_sources(compiled.as_text()))}
+            "by_source": xla_profile.by_source(times, xla_profile.op_sources(hlo))}
 
 
 def main(argv=None) -> list[dict]:

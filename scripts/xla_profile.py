@@ -6,7 +6,8 @@ its JSON line; any jitted function can use it the same way:
     compiled = jax.jit(f).lower(*args).compile()
     with jax.profiler.trace(directory):
         jax.block_until_ready(compiled(*args))
-    rows = by_source(op_times(trace_file(directory)), op_sources(compiled.as_text()))
+    hlo = compiled.as_text()
+    rows = by_source(op_times(trace_file(directory), module_name(hlo)), op_sources(hlo))
 
 Two inputs, joined on the HLO instruction's name:
   - `op_times`: the trace's events that carry an `hlo_op` stat, on the device planes (`/device:GPU:0`: one event
@@ -50,22 +51,31 @@ def trace_file(directory) -> pathlib.Path:
     return files[-1]
 
 
-def op_times(xplane_path) -> dict[str, tuple[float, int]]:
+def op_times(xplane_path, module: str | None = None) -> dict[str, tuple[float, int]]:
     """HLO instruction name -> (its events' total duration in ns, their count), from the device planes if any
-    carry `hlo_op` events, else from the host's (see the module docstring)."""
+    carry `hlo_op` events, else from the host's (see the module docstring); module: only the events of this HLO
+    module (`module_name`), since instruction names repeat from one module to the next."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(str(xplane_path))
     planes = list(data.planes)
     device = [p for p in planes if p.name.startswith("/device:")]
     for group in (device, [p for p in planes if p.name.startswith("/host:")]):
-        times = _hlo_op_events(group)
+        times = _hlo_op_events(group, module)
         if times:
             return times
     return {}
 
 
-def _hlo_op_events(planes) -> dict[str, tuple[float, int]]:
+def module_name(hlo_text: str) -> str:
+    """The module's name, as the trace's `hlo_module` stats give it ("jit_train_step")."""
+    match = re.match(r"\s*HloModule\s+([^\s,]+)", hlo_text)
+    if not match:
+        raise ValueError("not an HLO module's text: it does not start with 'HloModule <name>'")
+    return match.group(1)
+
+
+def _hlo_op_events(planes, module: str | None = None) -> dict[str, tuple[float, int]]:
     """Per op (total ns, events) over the planes' own lines; where those have none, over their "XLA Ops" lines
     (a TPU's ops are there alone)."""
     for wanted in (lambda name: name not in DERIVED_LINES, lambda name: name == "XLA Ops"):
@@ -74,7 +84,7 @@ def _hlo_op_events(planes) -> dict[str, tuple[float, int]]:
             for line in plane.lines:
                 if not wanted(line.name):
                     continue
-                for op, self_ns in _self_times(line.events):
+                for op, self_ns in _self_times(line.events, module):
                     totals[op][0] += self_ns
                     totals[op][1] += 1
         if totals:
@@ -82,10 +92,12 @@ def _hlo_op_events(planes) -> dict[str, tuple[float, int]]:
     return {}
 
 
-def _self_times(events):
-    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line: on a host line a
-    loop's or a call's event spans its body's ops, which would otherwise count twice."""
-    ops = [(e.start_ns, e.duration_ns, dict(e.stats).get("hlo_op")) for e in events]
+def _self_times(events, module: str | None = None):
+    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line (of `module` alone
+    where given): on a host line a loop's or a call's event spans its body's ops, which would otherwise count
+    twice."""
+    stats = [(e, dict(e.stats)) for e in events]
+    ops = [(e.start_ns, e.duration_ns, s.get("hlo_op")) for e, s in stats if module in (None, s.get("hlo_module"))]
     ops = sorted(((start, duration, op) for start, duration, op in ops if op), key=lambda t: (t[0], -t[1]))
     self_ns, enclosing = [duration for _, duration, _ in ops], []  # enclosing: indices of the open events
     for i, (start, duration, _) in enumerate(ops):

@@ -125,10 +125,16 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
     c = a[:32, :32] * 0.5
     compiled = jax.jit(big_and_small).lower(a, a, c).compile()
     jax.block_until_ready(compiled(a, a, c))
-    with jax.profiler.trace(str(tmp_path)):
+    with jax.profiler.trace(str(tmp_path / "step")):
         jax.block_until_ready(compiled(a, a, c))
-    rows = xla_profile.by_source(xla_profile.op_times(xla_profile.trace_file(tmp_path)),
-                                 xla_profile.op_sources(compiled.as_text()))
+    with jax.profiler.trace(str(tmp_path / "other")):  # another module's ops only
+        jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x @ x).sum())(a))
+    hlo = compiled.as_text()
+    times = xla_profile.op_times(xla_profile.trace_file(tmp_path / "step"), xla_profile.module_name(hlo))
+    assert times == xla_profile.op_times(xla_profile.trace_file(tmp_path / "step")) and times
+    assert xla_profile.module_name(hlo) == "jit_big_and_small"
+    assert xla_profile.op_times(xla_profile.trace_file(tmp_path / "other"), xla_profile.module_name(hlo)) == {}
+    rows = xla_profile.by_source(times, xla_profile.op_sources(hlo))
     line = big_and_small.__code__.co_firstlineno
     ms = {(r["source"].split()[0], r["primitive"]): r["ms"] for r in rows}
     here = "tests/test_bench_helpers.py"
@@ -139,6 +145,8 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
     assert abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
     with pytest.raises(FileNotFoundError, match="xplane"):
         xla_profile.trace_file(tmp_path / "empty")
+    with pytest.raises(ValueError, match="HloModule"):
+        xla_profile.module_name("module { func.func @main() }")
 
 
 def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
