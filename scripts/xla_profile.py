@@ -93,12 +93,12 @@ def _hlo_op_events(planes, module: str | None = None) -> dict[str, tuple[float, 
 
 
 def _self_times(events, module: str | None = None):
-    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line (of `module` alone
-    where given): on a host line a loop's or a call's event spans its body's ops, which would otherwise count
-    twice."""
-    stats = [(e, dict(e.stats)) for e in events]
-    ops = [(e.start_ns, e.duration_ns, s.get("hlo_op")) for e, s in stats if module in (None, s.get("hlo_module"))]
-    ops = sorted(((start, duration, op) for start, duration, op in ops if op), key=lambda t: (t[0], -t[1]))
+    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line (where module is
+    given, without the events whose `hlo_module` stat names another; an event without that stat is kept): on a
+    host line a loop's or a call's event spans its body's ops, which would otherwise count twice."""
+    ops = sorted(((e.start_ns, e.duration_ns, stats["hlo_op"]) for e, stats in ((e, dict(e.stats)) for e in events)
+                  if stats.get("hlo_op") and module in (None, stats.get("hlo_module", module))),
+                 key=lambda t: (t[0], -t[1]))
     self_ns, enclosing = [duration for _, duration, _ in ops], []  # enclosing: indices of the open events
     for i, (start, duration, _) in enumerate(ops):
         while enclosing and start >= ops[enclosing[-1]][0] + ops[enclosing[-1]][1]:

@@ -114,13 +114,18 @@ def big_and_small(a, b, c):
     return jax.grad(lambda a: jnp.sum(jnp.sin(a @ b)))(big).sum() + small.sum() + fused
 
 
-def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
+@pytest.fixture(scope="module")
+def xla_profile():
+    spec = importlib.util.spec_from_file_location("xla_profile", REPO / "scripts" / "xla_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_xla_profile_gives_each_source_line_its_ops_device_time(xla_profile, tmp_path):
     """scripts/xla_profile.py on a CPU trace: the ops of `big_and_small` grouped by line and primitive, the
     backward's dot marked as a transpose, a fusion around a dot counted as the dot; a [1024]^3 product takes far
     longer than a [32]^3 one."""
-    import sys
-    sys.path.insert(0, str(REPO / "scripts"))
-    import xla_profile
     a = jax.random.normal(jax.random.key(0), (1024, 1024))
     c = a[:32, :32] * 0.5
     compiled = jax.jit(big_and_small).lower(a, a, c).compile()
@@ -149,14 +154,11 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(tmp_path):
         xla_profile.module_name("module { func.func @main() }")
 
 
-def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
+def test_xla_profile_counts_a_loops_event_without_its_bodys(xla_profile):
     """On a host line a while loop's event spans its body's ops: each op keeps its own time alone (a loop of
     100 ns around ops of 30 and 50 ns, one of them around one of 20, and a later op of 10); lines derived from the
     kernels' count only where there is nothing else."""
-    import sys
     import types
-    sys.path.insert(0, str(REPO / "scripts"))
-    import xla_profile
 
     def event(start, duration, op):
         return types.SimpleNamespace(start_ns=start, duration_ns=duration, stats=[("hlo_op", op)] if op else [])
@@ -164,6 +166,8 @@ def test_xla_profile_counts_a_loops_event_without_its_bodys(tmp_path):
               event(55, 1, None), event(200, 10, "fusion.2")]
     assert sorted(xla_profile._self_times(events)) == sorted([("while.1", 20), ("fusion.2", 30), ("call.3", 30),
                                                               ("dot.4", 20), ("fusion.2", 10)])
+    # Events that do not name their module are kept under any module's name (not dropped for it).
+    assert xla_profile._self_times(events, "jit_step") == xla_profile._self_times(events)
     # A derived "XLA Ops" line repeats the kernels' ops: counted only where a device has nothing else (a TPU).
     line = types.SimpleNamespace
     gpu = types.SimpleNamespace(lines=[line(name="Stream #1", events=events[1:2]),
