@@ -17,12 +17,17 @@ import pytest
 from conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_kernels")
 
 
 def test_causal_slot_ids_select_only_visible_keys_and_all_of_them_while_fewer_than_k(bench):
@@ -80,9 +85,7 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
     was printed. The other stages' patterns with layer remat, compiled only (--impl reference). (The job's step
     with layer remat, its loss and memory, are tested in tests/test_remat.py: not timed here again, as each run is
     a compile of the whole step.)"""
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    bench_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_train)
+    bench_train = load_script("bench_train")
     out = tmp_path / "train.json"
     common = ["--config", str(REPO / "configs" / "tiny.yaml"), "--contexts", "96", "--layers", "3"]
     runs = bench_train.main(common + ["--steps", "1", "--stages", "indexcache", "--remat", "none",
@@ -116,10 +119,7 @@ def big_and_small(a, b, c):
 
 @pytest.fixture(scope="module")
 def xla_profile():
-    spec = importlib.util.spec_from_file_location("xla_profile", REPO / "scripts" / "xla_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("xla_profile")
 
 
 def test_xla_profile_gives_each_source_line_its_ops_device_time(xla_profile, tmp_path):
@@ -178,10 +178,7 @@ def test_xla_profile_counts_a_loops_event_without_its_bodys(xla_profile):
 
 
 def _bench_dense():
-    spec = importlib.util.spec_from_file_location("bench_dense", REPO / "scripts" / "bench_dense.py")
-    bench_dense = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_dense)
-    return bench_dense
+    return load_script("bench_dense")
 
 
 def test_dense_bench_tilings_set_all_kernels_or_some_and_name_a_bad_entry():
