@@ -130,13 +130,15 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
 
 def profiled_step(compiled, arguments, directory: pathlib.Path) -> dict:
     """One more step under `jax.profiler.trace(directory)`: its wall time, the ops' summed device time and the
-    largest groups by source line (`xla_profile.by_source`). The step's outputs are dropped (its donated inputs are
-    then spent: call it last)."""
+    largest groups by source line (`xla_profile.by_source`). The step's optimised HLO is kept beside the trace
+    (`directory/step.hlo.txt`) so that the trace can be read again later without the device. The step's outputs are
+    dropped (its donated inputs are then spent: call it last)."""
     with jax.profiler.trace(str(directory)):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*arguments))
         wall_s = time.perf_counter() - start
     hlo = compiled.as_text()
+    (directory / "step.hlo.txt").write_text(hlo)
     times = xla_profile.op_times(xla_profile.trace_file(directory), xla_profile.module_name(hlo))
     return {"trace": str(directory), "step_ms": round(wall_s * 1e3, 1),
             "op_ms": round(sum(ns for ns, _ in times.values()) / 1e6, 1),

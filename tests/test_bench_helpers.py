@@ -5,6 +5,7 @@ run end to end on the tiny model."""
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import stat
 import time
@@ -102,6 +103,11 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
         rows = run["profile"]["by_source"]
         assert run["profile"]["op_ms"] > 0 and abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
         assert any(r["source"].startswith("indexcache_jax/") and "[transpose]" in r["primitive"] for r in rows), rows
+        trace = pathlib.Path(run["profile"]["trace"])  # read again later from the kept HLO, without the step
+        xla_profile = load_script("xla_profile")
+        hlo = (trace / "step.hlo.txt").read_text()
+        assert xla_profile.by_source(xla_profile.op_times(xla_profile.trace_file(trace), xla_profile.module_name(hlo)),
+                                     xla_profile.op_sources(hlo)) == rows
     compiled = bench_train.main(common + ["--stages", "sparse", "dense_warmup", "dense", "--remat", "layer",
                                           "--query-chunks", "32", "--compile-only", "--impl", "reference"])
     assert [(r["stage"], r["pattern"]) for r in compiled] == [("sparse", "FFF"), ("dense_warmup", "FFF"),
