@@ -74,6 +74,8 @@ K_STAGES = 3
 # 128 + 128 -> 128 (192) it spills
 MAX_ACCUMULATED = 320
 TARGET_PROGRAMS = 4 * 132  # the key kernel splits the heads into groups until its grid has ~4 waves of an H100
+# ... but into at most this many: each group adds a partial d_k_rope f32[B, S_p, P] to write and sum
+MAX_KEY_GROUPS = 16
 _LOG2_E = 1.4426950408889634
 
 
@@ -278,18 +280,20 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
     d_rope = gl.zeros([K_BLOCK_K, ROPE], gl.float32, layout=rope_layout)
     first_head = group * GROUP
     for head in range(first_head, gl.minimum(first_head + GROUP, HEADS)):
-        # this head's keys, then the first query blocks; every warp is done with the previous head's
-        gl.thread_barrier()
-        _copy_rows(kn_ptr + (key_row * HEADS + head) * NOPE, HEADS * NOPE, k_nope, K_BLOCK_K, NOPE, num_warps)
-        _copy_rows(v_ptr + (key_row * HEADS + head) * VALUE, HEADS * VALUE, values, K_BLOCK_K, VALUE, num_warps)
-        async_copy.commit_group()
         q_row = batch.to(gl.int64) * NUM_Q * HEADS + head  # (batch, query 0, head) in [B * T_p * H]
         qn_base, qr_base, do_base = qn_ptr + q_row * NOPE, qr_ptr + q_row * ROPE, do_ptr + q_row * VALUE
-        for stage in gl.static_range(STAGES - 1):
-            _copy_query_block(qn_base, qr_base, do_base,  # past the walk: its last block again (or any block)
-                              gl.minimum(start + gl.minimum(stage, gl.maximum(walk - 1, 0)), num_blocks - 1),
-                              qn_ring.index(stage), qr_ring.index(stage), do_ring.index(stage), HEADS, NOPE, ROPE,
-                              VALUE, BLOCK_Q, num_warps)
+        # A key block no query sees (most of them for the first query chunks of a long context) only stores its
+        # zeros: its tiles are not loaded.
+        if walk > 0:
+            # this head's keys, then the first query blocks; every warp is done with the previous head's
+            gl.thread_barrier()
+            _copy_rows(kn_ptr + (key_row * HEADS + head) * NOPE, HEADS * NOPE, k_nope, K_BLOCK_K, NOPE, num_warps)
+            _copy_rows(v_ptr + (key_row * HEADS + head) * VALUE, HEADS * VALUE, values, K_BLOCK_K, VALUE, num_warps)
+            async_copy.commit_group()
+            for stage in gl.static_range(STAGES - 1):
+                _copy_query_block(qn_base, qr_base, do_base,  # past the walk: its last block again
+                                  start + gl.minimum(stage, walk - 1), qn_ring.index(stage), qr_ring.index(stage),
+                                  do_ring.index(stage), HEADS, NOPE, ROPE, VALUE, BLOCK_Q, num_warps)
         row_of_head = (batch * HEADS + head) * NUM_Q
         d_values = gl.zeros([K_BLOCK_K, VALUE], gl.float32, layout=value_layout)
         d_nope = gl.zeros([K_BLOCK_K, NOPE], gl.float32, layout=nope_layout)
@@ -349,10 +353,12 @@ def unsupported_reason(dtype, nope: int, rope: int, value: int):
     return None
 
 
-def head_group(heads: int, key_blocks: int) -> int:
+def head_group(heads: int, seen_blocks: int) -> int:
     """Heads per program of the key kernel: all of them (one partial d_k_rope per key block) where the key blocks
-    alone fill ~TARGET_PROGRAMS programs, else fewer, so that short contexts still fill the GPU."""
-    groups = min(heads, max(1, -(-TARGET_PROGRAMS // key_blocks)))
+    with work (seen_blocks: over the batch, those some query sees) alone fill ~TARGET_PROGRAMS programs, else fewer,
+    down to MAX_KEY_GROUPS groups, so that short contexts and a long context's first query chunks still fill the
+    GPU."""
+    groups = min(heads, MAX_KEY_GROUPS, max(1, -(-TARGET_PROGRAMS // seen_blocks)))
     return -(-heads // groups)
 
 
@@ -366,7 +372,10 @@ def kernel_constants(num_q: int, num_keys: int, heads: int, nope: int, rope: int
     shared = dict(NUM_Q=num_q_p, NUM_KEYS=num_keys, KEYS_P=keys_p, HEADS=heads, NOPE=nope_p, ROPE=rope_p,
                   VALUE=value_p, SCALE=scale)
     key_blocks = keys_p // K_BLOCK_K.value
-    group = head_group(heads, key_blocks * batch)
+    # Causal queries at consecutive positions (a query chunk's) see at least as many keys as there are queries:
+    # the first chunk of a long context has work in only that many key blocks, the rest store zeros and stop.
+    seen_blocks = min(key_blocks, -(-num_q // K_BLOCK_K.value))
+    group = head_group(heads, seen_blocks * batch)
     return {"query": (dict(shared, STAGES=query_stages(nope_p, rope_p, value_p), BLOCK_K=Q_BLOCK_K),
                       (num_q_p // BLOCK_Q.value, heads, batch)),
             "key": (dict(shared, STAGES=K_STAGES, BLOCK_Q=K_BLOCK_Q, GROUP=group),

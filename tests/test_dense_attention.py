@@ -545,6 +545,23 @@ def _stand_in_backward_launch(*arrays, kernel, out_shape, grid, num_warps, **con
     return jax.pure_callback(lambda *x: x, tuple(out_shape), *outs)
 
 
+def test_gluon_key_kernel_fills_the_gpu_with_the_key_blocks_a_chunk_sees():
+    """The key kernel's grid covers every key block, but only those some query sees have work: a long context's
+    first query chunk of 1024 sees 8 blocks of 128 keys, which the kernel splits into enough head groups for a wave
+    of an H100 (132 SMs), within MAX_KEY_GROUPS partial d_k_rope sums; a whole layer keeps few groups."""
+    bwd = pytest.importorskip("pallas_kernels.dense_attention_backward_gluon")
+
+    def key_plan(num_q, num_keys):
+        constants, grid = bwd.kernel_constants(num_q, num_keys, 128, 128, 64, 128, batch=1, scale=0.1)["key"]
+        assert grid[1] == -(-128 // constants["GROUP"])
+        return grid
+    first_chunk = key_plan(1024, 32768)
+    assert first_chunk[0] == 256 and 8 * first_chunk[1] >= 128 and first_chunk[1] <= bwd.MAX_KEY_GROUPS
+    assert key_plan(1024, 131072)[1] == first_chunk[1]  # the same chunk sees the same keys at any context
+    whole = key_plan(32768, 32768)
+    assert whole[0] * whole[1] >= bwd.TARGET_PROGRAMS and whole[1] <= 4
+
+
 def test_gluon_backward_wrapper_pads_plans_the_walk_and_maps_under_vmap(monkeypatch):
     """On CPU, around stand-ins for the launches: the wrapper pads queries, keys and widths, hands the key kernel
     the first query block that sees each key block, sums the rope gradient's per-group partials, slices the
