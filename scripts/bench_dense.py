@@ -11,6 +11,7 @@ backward too (alone: the saved output and lse given). Where the XLA reference fi
     python scripts/bench_dense.py --contexts 131072 --tiles default distribution=64,64,4 --backward  # one kernel's
     python scripts/bench_dense.py --contexts 32768 --forward-kernels gluon pallas  # the two forwards
     python scripts/bench_dense.py --contexts 32768 --backward --backward-kernel pallas  # the Pallas backward
+    python scripts/bench_dense.py --contexts 32768 --layer --backward  # the backward over a layer's chunks too
     python scripts/bench_dense.py --contexts 131072 --distribution-kernels gluon pallas  # the two distributions
 
 One line of JSON per measurement. `--interpret --heads 4 --contexts 128 --chunk 64` runs it on a CPU, slowly.
@@ -159,7 +160,7 @@ def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto",
     n, p, v = args.widths
     num_q = min(args.chunk, num_keys)
     whole = inputs(1, num_keys, num_keys, args.heads, args.widths, 0)
-    chunk_forward_ms, chunk_dist_ms = [], []
+    chunk_forward_ms, chunk_dist_ms, chunk_backward_ms = [], [], []
     for first in range(0, num_keys, num_q):
         x = (whole[0][:, first:first + num_q], whole[1][:, first:first + num_q], *whole[2:5],
              whole[5][:, first:first + num_q])
@@ -167,14 +168,22 @@ def time_layer(args, num_keys: int, tiles: dict, forward_kernel: str = "auto",
                            distribution_kernel=distribution_kernel)
         chunk_forward_ms.append(chunk["forward_ms"])
         chunk_dist_ms.append(chunk["distribution_ms"])
+        if args.backward:
+            chunk_backward_ms.append(chunk["backward_ms"])
     forward_ms, dist_ms = sum(chunk_forward_ms), sum(chunk_dist_ms)
     pairs = visible_pairs(0, num_keys)
-    return {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
-            "forward_kernel": chunk["forward_kernel"], "distribution_kernel": chunk["distribution_kernel"],
-            "chunk_forward_ms": chunk_forward_ms, "chunk_distribution_ms": chunk_dist_ms,
-            "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
-            "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
-            "distribution_tflops": round(pairs * 2 * args.heads * (n + p) / dist_ms / 1e9, 1)}
+    record = {"keys": num_keys, "whole_layer": True, "queries_per_chunk": num_q, **tiles,
+              "forward_kernel": chunk["forward_kernel"], "distribution_kernel": chunk["distribution_kernel"],
+              "chunk_forward_ms": chunk_forward_ms, "chunk_distribution_ms": chunk_dist_ms,
+              "forward_ms": round(forward_ms, 2), "distribution_ms": round(dist_ms, 2),
+              "forward_tflops": round(pairs * 2 * args.heads * (n + p + v) / forward_ms / 1e9, 1),
+              "distribution_tflops": round(pairs * 2 * args.heads * (n + p) / dist_ms / 1e9, 1)}
+    if args.backward:  # the dense stage's backward over the layer's chunks (the first ones see few key blocks)
+        backward_ms = sum(chunk_backward_ms)
+        record.update(backward_kernel=chunk["backward_kernel"], chunk_backward_ms=chunk_backward_ms,
+                      backward_ms=round(backward_ms, 2),
+                      backward_tflops=round(pairs * 2 * args.heads * (4 * (n + p) + 3 * v) / backward_ms / 1e9, 1))
+    return record
 
 
 def main(argv=None) -> list[dict]:

@@ -93,7 +93,8 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
         opt_state = jax.eval_shape(optimizer.init, params) if args.compile_only else optimizer.init(params)
         step = make_train_step(config, model_config, optimizer, impl=config.kernels)
         batch = jax.random.randint(jax.random.key(0), (1, 1, length + 1), 0, model_config.vocab_size)
-        compiled = step.lower(params, opt_state, batch, flags).compile()
+        lowered = step.lower(params, opt_state, batch, flags)
+        compiled = lowered.compile()
         memory = compiled.memory_analysis()
         if memory is not None:
             record.update(compiled_temp_gb=round(memory.temp_size_in_bytes / GB, 2),
@@ -115,7 +116,7 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
         record.update(step_ms=round(step_s * 1e3, 1), tokens_per_s=round(length / step_s),
                       loss=round(float(metrics["loss"]), 4), power=power.summary)
         if args.profile:
-            record["profile"] = profiled_step(compiled, (params, opt_state, batch, flags),
+            record["profile"] = profiled_step(lowered, compiled, (params, opt_state, batch, flags),
                                               pathlib.Path(args.profile) / f"{stage}_{length}_{remat}_{query_chunk}")
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a result; anything else is re-raised
         if not _out_of_memory(err):
@@ -128,11 +129,16 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
     return record
 
 
-def profiled_step(compiled, arguments, directory: pathlib.Path) -> dict:
+def profiled_step(lowered, compiled, arguments, directory: pathlib.Path) -> dict:
     """One more step under `jax.profiler.trace(directory)`: its wall time, the ops' summed device time and the
     largest groups by source line (`xla_profile.by_source`). The step's optimised HLO is kept beside the trace
-    (`directory/step.hlo.txt`) so that the trace can be read again later without the device. The step's outputs are
-    dropped (its donated inputs are then spent: call it last)."""
+    (`directory/step.hlo.txt`) so that the trace can be read again later without the device. On a GPU the profiled
+    step is compiled again without command buffers (`xla_profile.PROFILE_COMPILER_OPTIONS`), else its ops' kernels
+    are traced under the buffers' names; compare its step_ms with the run's. The step's outputs are dropped (its
+    donated inputs are then spent: call it last)."""
+    options = xla_profile.profile_compiler_options(jax.default_backend())
+    if options:
+        compiled = lowered.compile(options)
     with jax.profiler.trace(str(directory)):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*arguments))
@@ -140,7 +146,7 @@ def profiled_step(compiled, arguments, directory: pathlib.Path) -> dict:
     hlo = compiled.as_text()
     (directory / "step.hlo.txt").write_text(hlo)
     times = xla_profile.op_times(xla_profile.trace_file(directory), xla_profile.module_name(hlo))
-    return {"trace": str(directory), "step_ms": round(wall_s * 1e3, 1),
+    return {"trace": str(directory), "compiler_options": options, "step_ms": round(wall_s * 1e3, 1),
             "op_ms": round(sum(ns for ns, _ in times.values()) / 1e6, 1),
             "by_source": xla_profile.by_source(times, xla_profile.op_sources(hlo))}
 

@@ -3,7 +3,7 @@
 `scripts/bench_train.py --profile DIR` runs one more step under `jax.profiler.trace(DIR)` and keeps this summary in
 its JSON line; any jitted function can use it the same way:
 
-    compiled = jax.jit(f).lower(*args).compile()
+    compiled = jax.jit(f).lower(*args).compile(profile_compiler_options(jax.default_backend()))
     with jax.profiler.trace(directory):
         jax.block_until_ready(compiled(*args))
     hlo = compiled.as_text()
@@ -29,6 +29,10 @@ from __future__ import annotations
 import collections
 import pathlib
 import re
+
+# XLA on a GPU records runs of ops as CUDA graphs ("command buffers"), whose kernels the trace names by the buffer
+# (`hlo_op` "command_buffer_12") rather than by their ops: a step compiled for profiling turns them off.
+PROFILE_COMPILER_OPTIONS = {"gpu": {"xla_gpu_enable_command_buffer": ""}}
 
 # Lines a profiler derives from the kernels' own events (xprof's names): counting them would count twice.
 DERIVED_LINES = frozenset({"XLA Ops", "XLA Modules", "Framework Name Scope", "Framework Ops", "Source code",
@@ -65,6 +69,12 @@ def op_times(xplane_path, module: str | None = None) -> dict[str, tuple[float, i
         if times:
             return times
     return {}
+
+
+def profile_compiler_options(platform: str) -> dict:
+    """The compiler options (`Lowered.compile(options)`) under which a step's trace names every op: on a GPU
+    without command buffers (`PROFILE_COMPILER_OPTIONS`); elsewhere none."""
+    return dict(PROFILE_COMPILER_OPTIONS.get(platform, {}))
 
 
 def module_name(hlo_text: str) -> str:

@@ -154,6 +154,12 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(xla_profile, tmp
     assert ms[(f"{here}:{line + 3}", "dot_general")] > 20 * small, rows  # the fusion counts as its dot
     assert ms[(f"{here}:{line + 4}", "dot_general [transpose]")] > 20 * small, rows
     assert abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
+    # A GPU profile's compile turns command buffers off; XLA parses and checks the option on any backend (a wrong
+    # name or value raises), so the CPU checks what the GPU will be given.
+    assert xla_profile.profile_compiler_options("cpu") == {}
+    gpu_options = xla_profile.profile_compiler_options("gpu")
+    assert gpu_options == {"xla_gpu_enable_command_buffer": ""}
+    assert np.allclose(jax.jit(big_and_small).lower(a, a, c).compile(gpu_options)(a, a, c), compiled(a, a, c))
     with pytest.raises(FileNotFoundError, match="xplane"):
         xla_profile.trace_file(tmp_path / "empty")
     with pytest.raises(ValueError, match="HloModule"):
@@ -206,7 +212,8 @@ def test_dense_bench_tilings_set_all_kernels_or_some_and_name_a_bad_entry():
 
 def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
     """scripts/bench_dense.py in interpret mode at a tiny shape: the last chunk is checked against the reference
-    (small errors recorded) and timed, and a whole layer is timed as its chunks; the JSON holds what was printed."""
+    (small errors recorded) and timed, and a whole layer is timed as its chunks (the backward too); the JSON holds
+    what was printed."""
     bench_dense = _bench_dense()
     out = tmp_path / "dense.json"
     runs = bench_dense.main(["--interpret", "--heads", "4", "--widths", "16", "16", "16", "--contexts", "96",
@@ -224,6 +231,8 @@ def test_dense_bench_checks_and_times_a_chunk_and_a_whole_layer(tmp_path):
     assert all(ms > 0 for ms in layer["chunk_forward_ms"] + layer["chunk_distribution_ms"])
     assert layer["forward_ms"] == round(sum(layer["chunk_forward_ms"]), 2) >= max(layer["chunk_forward_ms"])
     assert layer["distribution_ms"] == round(sum(layer["chunk_distribution_ms"]), 2)
+    assert len(layer["chunk_backward_ms"]) == 3 and all(ms > 0 for ms in layer["chunk_backward_ms"])
+    assert layer["backward_ms"] == round(sum(layer["chunk_backward_ms"]), 2) and layer["backward_kernel"] == "pallas"
     assert bench_dense.visible_pairs(64, 32) == 32 * 65 + 32 * 31 // 2
     written = json.loads(out.read_text())
     assert written["runs"] == runs and written["header"]["date"]
