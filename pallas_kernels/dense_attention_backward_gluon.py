@@ -74,7 +74,7 @@ K_STAGES = 3
 # 128 + 128 -> 128 (192) it spills
 MAX_ACCUMULATED = 320
 TARGET_PROGRAMS = 4 * 132  # the key kernel splits the heads into groups until its grid has ~4 waves of an H100
-# ... but into at most this many: each group adds a partial d_k_rope f32[B, S_p, P] to write and sum
+# ... but into at most this many where some key blocks go unseen (`head_group`)
 MAX_KEY_GROUPS = 16
 _LOG2_E = 1.4426950408889634
 
@@ -353,12 +353,15 @@ def unsupported_reason(dtype, nope: int, rope: int, value: int):
     return None
 
 
-def head_group(heads: int, seen_blocks: int) -> int:
+def head_group(heads: int, seen_blocks: int, all_blocks: int) -> int:
     """Heads per program of the key kernel: all of them (one partial d_k_rope per key block) where the key blocks
-    with work (seen_blocks: over the batch, those some query sees) alone fill ~TARGET_PROGRAMS programs, else fewer,
-    down to MAX_KEY_GROUPS groups, so that short contexts and a long context's first query chunks still fill the
-    GPU."""
-    groups = min(heads, MAX_KEY_GROUPS, max(1, -(-TARGET_PROGRAMS // seen_blocks)))
+    with work (seen_blocks of all_blocks, over the batch: those some query sees) alone fill ~TARGET_PROGRAMS
+    programs, else fewer, so that short contexts and a long context's first query chunks still fill the GPU. Where
+    some blocks go unseen, at most MAX_KEY_GROUPS groups: every group's partial covers all the keys, and the unseen
+    blocks' parts are zeros written and summed for nothing."""
+    groups = min(heads, max(1, -(-TARGET_PROGRAMS // seen_blocks)))
+    if seen_blocks < all_blocks:
+        groups = min(groups, MAX_KEY_GROUPS)
     return -(-heads // groups)
 
 
@@ -375,7 +378,7 @@ def kernel_constants(num_q: int, num_keys: int, heads: int, nope: int, rope: int
     # Causal queries at consecutive positions (a query chunk's) see at least as many keys as there are queries:
     # the first chunk of a long context has work in only that many key blocks, the rest store zeros and stop.
     seen_blocks = min(key_blocks, -(-num_q // K_BLOCK_K.value))
-    group = head_group(heads, seen_blocks * batch)
+    group = head_group(heads, seen_blocks * batch, key_blocks * batch)
     return {"query": (dict(shared, STAGES=query_stages(nope_p, rope_p, value_p), BLOCK_K=Q_BLOCK_K),
                       (num_q_p // BLOCK_Q.value, heads, batch)),
             "key": (dict(shared, STAGES=K_STAGES, BLOCK_Q=K_BLOCK_Q, GROUP=group),

@@ -548,7 +548,8 @@ def _stand_in_backward_launch(*arrays, kernel, out_shape, grid, num_warps, **con
 def test_gluon_key_kernel_fills_the_gpu_with_the_key_blocks_a_chunk_sees():
     """The key kernel's grid covers every key block, but only those some query sees have work: a long context's
     first query chunk of 1024 sees 8 blocks of 128 keys, which the kernel splits into enough head groups for a wave
-    of an H100 (132 SMs), within MAX_KEY_GROUPS partial d_k_rope sums; a whole layer keeps few groups."""
+    of an H100 (132 SMs), within MAX_KEY_GROUPS partial d_k_rope sums; a whole layer keeps few groups, and a short
+    one as many as fill the GPU."""
     bwd = pytest.importorskip("pallas_kernels.dense_attention_backward_gluon")
 
     def key_plan(num_q, num_keys):
@@ -560,6 +561,8 @@ def test_gluon_key_kernel_fills_the_gpu_with_the_key_blocks_a_chunk_sees():
     assert key_plan(1024, 131072)[1] == first_chunk[1]  # the same chunk sees the same keys at any context
     whole = key_plan(32768, 32768)
     assert whole[0] * whole[1] >= bwd.TARGET_PROGRAMS and whole[1] <= 4
+    short = key_plan(1024, 1024)  # every block seen: no cap, 2 heads a program (~4 waves), as before the cap
+    assert short == (8, 64, 1) and short[1] > bwd.MAX_KEY_GROUPS
 
 
 def test_gluon_backward_wrapper_pads_plans_the_walk_and_maps_under_vmap(monkeypatch):
