@@ -131,11 +131,11 @@ def run_one(args, stage: str, length: int, remat: str, query_chunk: int = 0) -> 
 
 def profiled_step(lowered, compiled, arguments, directory: pathlib.Path) -> dict:
     """One more step under `jax.profiler.trace(directory)`: its wall time, the ops' summed device time and the
-    largest groups by source line (`xla_profile.by_source`). The step's optimised HLO is kept beside the trace
-    (`directory/step.hlo.txt`) so that the trace can be read again later without the device. On a GPU the profiled
-    step is compiled again without command buffers (`xla_profile.PROFILE_COMPILER_OPTIONS`), else its ops' kernels
-    are traced under the buffers' names; compare its step_ms with the run's. The step's outputs are dropped (its
-    donated inputs are then spent: call it last)."""
+    largest groups by source line (`xla_profile.by_source`) and by kernel (`xla_profile.by_kernel`). The step's
+    optimised HLO is kept beside the trace (`directory/step.hlo.txt`) so that the trace can be read again later
+    without the device. On a GPU the profiled step is compiled again without command buffers
+    (`xla_profile.PROFILE_COMPILER_OPTIONS`), else its ops' kernels are traced under the buffers' names; compare its
+    step_ms with the run's. The step's outputs are dropped (its donated inputs are then spent: call it last)."""
     options = xla_profile.profile_compiler_options(jax.default_backend())
     if options:
         compiled = lowered.compile(options)
@@ -145,10 +145,12 @@ def profiled_step(lowered, compiled, arguments, directory: pathlib.Path) -> dict
         wall_s = time.perf_counter() - start
     hlo = compiled.as_text()
     (directory / "step.hlo.txt").write_text(hlo)
-    times = xla_profile.op_times(xla_profile.trace_file(directory), xla_profile.module_name(hlo))
+    trace, module = xla_profile.trace_file(directory), xla_profile.module_name(hlo)
+    times = xla_profile.op_times(trace, module)
     return {"trace": str(directory), "compiler_options": options, "step_ms": round(wall_s * 1e3, 1),
             "op_ms": round(sum(ns for ns, _ in times.values()) / 1e6, 1),
-            "by_source": xla_profile.by_source(times, xla_profile.op_sources(hlo))}
+            "by_source": xla_profile.by_source(times, xla_profile.op_sources(hlo)),
+            "by_kernel": xla_profile.by_kernel(xla_profile.op_times(trace, module, by="kernel"))}
 
 
 def main(argv=None) -> list[dict]:

@@ -21,6 +21,8 @@ Two inputs, joined on the HLO instruction's name:
     dominates it), any other fusion to its root (XLA's own rule for a fusion's metadata).
 `by_source` groups the ops by (file:line, function, primitive, forward or transpose): on the dense stage it tells
 the expansion's transposes (mla.py, `transpose(...)` einsums) from the attention kernels and the optimiser.
+`by_kernel` ranks the same time by the events' own names (`op_times(..., by="kernel")`; on a GPU the kernels'),
+which separates the kernels that one Triton call or one source line launches.
 Concurrent streams overlap, so the summed time may exceed the step's wall time.
 """
 
@@ -55,17 +57,21 @@ def trace_file(directory) -> pathlib.Path:
     return files[-1]
 
 
-def op_times(xplane_path, module: str | None = None) -> dict[str, tuple[float, int]]:
+def op_times(xplane_path, module: str | None = None, by: str = "op") -> dict[str, tuple[float, int]]:
     """HLO instruction name -> (its events' total duration in ns, their count), from the device planes if any
     carry `hlo_op` events, else from the host's (see the module docstring); module: only the events of this HLO
-    module (`module_name`), since instruction names repeat from one module to the next."""
+    module (`module_name`), since instruction names repeat from one module to the next. by="kernel": keyed by the
+    events' own names instead (on a GPU the kernels': `_key_grads_kernel`, `nvjet_sm90_...`), which tells apart
+    the kernels that one op launches (a Triton call's several, cuBLAS's choice)."""
+    if by not in ("op", "kernel"):
+        raise ValueError(f"by must be 'op' or 'kernel', not {by!r}")
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(str(xplane_path))
     planes = list(data.planes)
     device = [p for p in planes if p.name.startswith("/device:")]
     for group in (device, [p for p in planes if p.name.startswith("/host:")]):
-        times = _hlo_op_events(group, module)
+        times = _hlo_op_events(group, module, by)
         if times:
             return times
     return {}
@@ -85,7 +91,7 @@ def module_name(hlo_text: str) -> str:
     return match.group(1)
 
 
-def _hlo_op_events(planes, module: str | None = None) -> dict[str, tuple[float, int]]:
+def _hlo_op_events(planes, module: str | None = None, by: str = "op") -> dict[str, tuple[float, int]]:
     """Per op (total ns, events) over the planes' own lines; where those have none, over their "XLA Ops" lines
     (a TPU's ops are there alone)."""
     for wanted in (lambda name: name not in DERIVED_LINES, lambda name: name == "XLA Ops"):
@@ -94,7 +100,7 @@ def _hlo_op_events(planes, module: str | None = None) -> dict[str, tuple[float, 
             for line in plane.lines:
                 if not wanted(line.name):
                     continue
-                for op, self_ns in _self_times(line.events, module):
+                for op, self_ns in _self_times(line.events, module, by):
                     totals[op][0] += self_ns
                     totals[op][1] += 1
         if totals:
@@ -102,11 +108,13 @@ def _hlo_op_events(planes, module: str | None = None) -> dict[str, tuple[float, 
     return {}
 
 
-def _self_times(events, module: str | None = None):
-    """(hlo_op, duration less that of the hlo_op events nested in it) per event of one line (where module is
-    given, without the events whose `hlo_module` stat names another; an event without that stat is kept): on a
-    host line a loop's or a call's event spans its body's ops, which would otherwise count twice."""
-    ops = sorted(((e.start_ns, e.duration_ns, stats["hlo_op"]) for e, stats in ((e, dict(e.stats)) for e in events)
+def _self_times(events, module: str | None = None, by: str = "op"):
+    """(hlo_op, or the event's name where by="kernel"; duration less that of the hlo_op events nested in it) per
+    event of one line (where module is given, without the events whose `hlo_module` stat names another; an event
+    without that stat is kept): on a host line a loop's or a call's event spans its body's ops, which would
+    otherwise count twice."""
+    ops = sorted(((e.start_ns, e.duration_ns, stats["hlo_op"] if by == "op" else e.name)
+                  for e, stats in ((e, dict(e.stats)) for e in events)
                   if stats.get("hlo_op") and module in (None, stats.get("hlo_module", module))),
                  key=lambda t: (t[0], -t[1]))
     self_ns, enclosing = [duration for _, duration, _ in ops], []  # enclosing: indices of the open events
@@ -191,6 +199,20 @@ def _primitive(op_name: str) -> str:
     """The op name's last part, after its einsum's spec where it has one ("bsr,rhn->bshn dot_general")."""
     parts = op_name.split("/")
     return f"{parts[-2]} {parts[-1]}" if len(parts) > 1 and "->" in parts[-2] else parts[-1]
+
+
+def by_kernel(times: dict[str, tuple[float, int]], top: int = 15) -> list[dict]:
+    """`op_times(..., by="kernel")` as rows of kernel, ms, events and share, largest first; the rest in one "other"
+    row."""
+    total = sum(ns for ns, _ in times.values()) or 1.0
+    rows = [{"kernel": name, "ms": round(ns / 1e6, 3), "events": count, "share": round(ns / total, 4)}
+            for name, (ns, count) in sorted(times.items(), key=lambda kv: -kv[1][0])]
+    if len(rows) > top:
+        rest = rows[top:]
+        rows = rows[:top] + [{"kernel": f"other ({len(rest)} kernels)", "ms": round(sum(r["ms"] for r in rest), 3),
+                              "events": sum(r["events"] for r in rest),
+                              "share": round(sum(r["share"] for r in rest), 4)}]
+    return rows
 
 
 def by_source(times: dict[str, tuple[float, int]], sources: dict[str, tuple[str, str]], top: int = 25) -> list[dict]:

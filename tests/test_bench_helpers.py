@@ -103,6 +103,8 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
         rows = run["profile"]["by_source"]
         assert run["profile"]["op_ms"] > 0 and abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
         assert any(r["source"].startswith("indexcache_jax/") and "[transpose]" in r["primitive"] for r in rows), rows
+        kernel_rows = run["profile"]["by_kernel"]
+        assert kernel_rows and abs(sum(r["share"] for r in kernel_rows) - 1) < 0.01, kernel_rows
         trace = pathlib.Path(run["profile"]["trace"])  # read again later from the kept HLO, without the step
         xla_profile = load_script("xla_profile")
         hlo = (trace / "step.hlo.txt").read_text()
@@ -154,6 +156,15 @@ def test_xla_profile_gives_each_source_line_its_ops_device_time(xla_profile, tmp
     assert ms[(f"{here}:{line + 3}", "dot_general")] > 20 * small, rows  # the fusion counts as its dot
     assert ms[(f"{here}:{line + 4}", "dot_general [transpose]")] > 20 * small, rows
     assert abs(sum(r["share"] for r in rows) - 1) < 0.01, rows
+    # By kernel: the same events under their own names, the same total; a bad key is named.
+    kernels = xla_profile.op_times(xla_profile.trace_file(tmp_path / "step"), xla_profile.module_name(hlo),
+                                   by="kernel")
+    assert kernels and abs(sum(ns for ns, _ in kernels.values()) - sum(ns for ns, _ in times.values())) < 1e-3
+    kernel_rows = xla_profile.by_kernel(kernels, top=2)
+    assert len(kernel_rows) == min(3, len(kernels)) and abs(sum(r["share"] for r in kernel_rows) - 1) < 0.01
+    assert kernel_rows[0]["ms"] >= kernel_rows[1]["ms"]
+    with pytest.raises(ValueError, match="'ops'"):
+        xla_profile.op_times(xla_profile.trace_file(tmp_path / "step"), by="ops")
     # A GPU profile's compile turns command buffers off; XLA parses and checks the option on any backend (a wrong
     # name or value raises), so the CPU checks what the GPU will be given.
     assert xla_profile.profile_compiler_options("cpu") == {}
@@ -173,11 +184,15 @@ def test_xla_profile_counts_a_loops_event_without_its_bodys(xla_profile):
     import types
 
     def event(start, duration, op):
-        return types.SimpleNamespace(start_ns=start, duration_ns=duration, stats=[("hlo_op", op)] if op else [])
+        return types.SimpleNamespace(start_ns=start, duration_ns=duration, name=f"kernel_of_{op}",
+                                     stats=[("hlo_op", op)] if op else [])
     events = [event(0, 100, "while.1"), event(10, 30, "fusion.2"), event(50, 50, "call.3"), event(60, 20, "dot.4"),
               event(55, 1, None), event(200, 10, "fusion.2")]
     assert sorted(xla_profile._self_times(events)) == sorted([("while.1", 20), ("fusion.2", 30), ("call.3", 30),
                                                               ("dot.4", 20), ("fusion.2", 10)])
+    # by="kernel": the same times under the events' own names
+    assert sorted(xla_profile._self_times(events, by="kernel")) == sorted(
+        (f"kernel_of_{op}", ns) for op, ns in xla_profile._self_times(events))
     # Events that do not name their module are kept under any module's name (not dropped for it).
     assert xla_profile._self_times(events, "jit_step") == xla_profile._self_times(events)
     # A derived "XLA Ops" line repeats the kernels' ops: counted only where a device has nothing else (a TPU).
