@@ -16,7 +16,7 @@ Per (stage, T, remat, query chunk), one line of JSON:
   - peak_gb: the device's peak memory so far in this process (runs go smallest first), where the backend tells;
   - power: the SM clock and power while the steps ran (nvidia-smi), where there is one;
   - "OOM" where the step does not fit (the error's first line is kept);
-  - with `--profile DIR`: profile, one more step's device time by source line (`profiled_step`).
+  - with `--profile DIR`: profile, one more step's device time by source line and by kernel (`profiled_step`).
 `--compile-only` records the compiled memory alone, for sizes that would not fit; on a CPU with `--impl interpret`
 it is XLA's CPU buffer assignment of the kernels' buffers, which differs from the GPU's (sparse, 2 layers, chunks
 of 8192: 26.8 GB at 32K and 64.4 at 128K, where an H100 measured 25.0 and 44.0): compare CPU runs with each other.
@@ -175,8 +175,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kernel", action="append", default=[], metavar="FIELD=NAME",
                         help="a kernels option of the job (pallas_kernels.Kernels), e.g. --kernel dense_forward=pallas")
     parser.add_argument("--profile", metavar="DIR",
-                        help="after the timed steps, one more step under jax.profiler.trace(DIR/<run>), its device "
-                             "time by source line in the run's JSON (scripts/xla_profile.py)")
+                        help="after the timed steps, one more step under jax.profiler.trace(DIR/<run>) (on a GPU "
+                             "compiled without command buffers), its device time by source line and by kernel in "
+                             "the run's JSON (scripts/xla_profile.py)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.steps < 1:

@@ -207,12 +207,7 @@ def by_kernel(times: dict[str, tuple[float, int]], top: int = 15) -> list[dict]:
     total = sum(ns for ns, _ in times.values()) or 1.0
     rows = [{"kernel": name, "ms": round(ns / 1e6, 3), "events": count, "share": round(ns / total, 4)}
             for name, (ns, count) in sorted(times.items(), key=lambda kv: -kv[1][0])]
-    if len(rows) > top:
-        rest = rows[top:]
-        rows = rows[:top] + [{"kernel": f"other ({len(rest)} kernels)", "ms": round(sum(r["ms"] for r in rest), 3),
-                              "events": sum(r["events"] for r in rest),
-                              "share": round(sum(r["share"] for r in rest), 4)}]
-    return rows
+    return _fold_rest(rows, top, lambda rest: {"kernel": f"other ({len(rest)} kernels)"})
 
 
 def by_source(times: dict[str, tuple[float, int]], sources: dict[str, tuple[str, str]], top: int = 25) -> list[dict]:
@@ -230,9 +225,17 @@ def by_source(times: dict[str, tuple[float, int]], sources: dict[str, tuple[str,
     rows = [{"source": frame, "primitive": primitive, "ms": round(ns / 1e6, 3), "events": count, "ops": ops,
              "share": round(ns / total, 4)}
             for (frame, primitive), (ns, count, ops) in sorted(groups.items(), key=lambda kv: -kv[1][0])]
-    if len(rows) > top:
-        rest = rows[top:]
-        rows = rows[:top] + [{"source": "other", "primitive": f"{len(rest)} groups",
-                              "ms": round(sum(r["ms"] for r in rest), 3), "events": sum(r["events"] for r in rest),
-                              "ops": sum(r["ops"] for r in rest), "share": round(sum(r["share"] for r in rest), 4)}]
-    return rows
+    return _fold_rest(rows, top, lambda rest: {"source": "other", "primitive": f"{len(rest)} groups"})
+
+
+def _fold_rest(rows: list[dict], top: int, label) -> list[dict]:
+    """The first `top` rows, then one row for the rest: label(rest)'s fields and the sums of their numbers."""
+    if len(rows) <= top:
+        return rows
+    rest = rows[top:]
+    folded = label(rest)
+    for field in ("ms", "events", "ops", "share"):
+        if field in rest[0]:
+            total = sum(r[field] for r in rest)
+            folded[field] = round(total, 4 if field == "share" else 3) if isinstance(total, float) else total
+    return rows[:top] + [folded]

@@ -31,6 +31,11 @@ def bench():
     return load_script("bench_kernels")
 
 
+@pytest.fixture(scope="module")
+def xla_profile():
+    return load_script("xla_profile")
+
+
 def test_causal_slot_ids_select_only_visible_keys_and_all_of_them_while_fewer_than_k(bench):
     s, k = 40, 8
     ids = np.asarray(bench.causal_slot_ids(jax.random.key(3), s, k))
@@ -80,7 +85,7 @@ def test_timed_steady_runs_for_its_warm_up_before_timing_and_times_the_calls(ben
     assert 0.004 <= seconds < 0.02
 
 
-def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_path):
+def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(xla_profile, tmp_path):
     """scripts/bench_train.py on the tiny config: each query chunk's run compiles and times the job's step; chunks
     train the same (same loss after the same steps) with less compiled memory than none; the JSON file holds what
     was printed. The other stages' patterns with layer remat, compiled only (--impl reference). (The job's step
@@ -106,7 +111,6 @@ def test_train_bench_runs_the_job_step_and_query_chunks_need_less_memory(tmp_pat
         kernel_rows = run["profile"]["by_kernel"]
         assert kernel_rows and abs(sum(r["share"] for r in kernel_rows) - 1) < 0.01, kernel_rows
         trace = pathlib.Path(run["profile"]["trace"])  # read again later from the kept HLO, without the step
-        xla_profile = load_script("xla_profile")
         hlo = (trace / "step.hlo.txt").read_text()
         assert xla_profile.by_source(xla_profile.op_times(xla_profile.trace_file(trace), xla_profile.module_name(hlo)),
                                      xla_profile.op_sources(hlo)) == rows
@@ -123,11 +127,6 @@ def big_and_small(a, b, c):
     small = jnp.einsum("ij,jk->ik", c, c)
     fused = jnp.tanh(b @ a).sum()  # on a CPU one fusion, whose own metadata is the sum's
     return jax.grad(lambda a: jnp.sum(jnp.sin(a @ b)))(big).sum() + small.sum() + fused
-
-
-@pytest.fixture(scope="module")
-def xla_profile():
-    return load_script("xla_profile")
 
 
 def test_xla_profile_gives_each_source_line_its_ops_device_time(xla_profile, tmp_path):
