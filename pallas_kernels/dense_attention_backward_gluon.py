@@ -22,9 +22,11 @@ trip through shared memory. The key block's k_nope, k_rope and values sit in sha
 dO, lse2 and delta stream through a cp.async ring. The rope key is shared by the heads: its gradient sums over
 heads, in registers over the group's heads, then one fp32 partial per group, which the wrapper sums (no atomics:
 the sum's order is fixed). Query blocks that see none of the block's keys are skipped; those whose every real
-query sees all of them skip the mask. Accumulators: d_v, d_k_nope and d_k_rope, 64 x (V + N + P) per warpgroup,
-~160 fp32 registers a thread at 128 + 128 + 64, which bounds the query block to BLOCK_Q queries per step. dP^T runs
-under the exp2s of P^T and d_v under dS^T's arithmetic (`_key_block_step`), with a three-block ring.
+query sees all of them skip the mask. A key block that no query sees (most of a long context's in its first query
+chunks) loads nothing and stores its zeros in 16-byte vectors. Accumulators: d_v, d_k_nope and d_k_rope,
+64 x (V + N + P) per warpgroup, ~160 fp32 registers a thread at 128 + 128 + 64, which bounds the query block to
+BLOCK_Q queries per step. dP^T runs under the exp2s of P^T and d_v under dS^T's arithmetic (`_key_block_step`),
+with a three-block ring.
 
 On an H100 at DeepSeek-V3.2's shapes (128 heads, 128 + 64 -> 128, bf16, last chunk of 1024 queries), the two
 kernels took 20.1-20.4 ms at 32K keys and 83.6-84.2 ms at 128K (468-485 TFLOP/s) with synchronous dots, the Pallas
@@ -54,8 +56,8 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 from pallas_kernels._gluon import gluon_call, vmap_by_folding_into_batch
 from pallas_kernels._gluon_hopper import operand_buffer, store_rows, wait_for_copies, wgmma_layout
 from pallas_kernels._pallas import pad_axis, round_up
-from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _start_key_ring,
-                                                  _visible_keys, _walk_bounds, padded_widths)
+from pallas_kernels.dense_attention_gluon import (BLOCK_Q, MAX_WIDTH, _advance_key_ring, _copy_rows, _rows_layout,
+                                                  _start_key_ring, _visible_keys, _walk_bounds, padded_widths)
 from pallas_kernels.sparse_attention import GLUON_SMEM_BYTES
 
 NUM_WARPS = 8  # two warpgroups
@@ -276,15 +278,16 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
     start = gl.load(start_ptr + batch * (KEYS_P // K_BLOCK_K) + key_block)
     walk = num_blocks - start
     key_row = batch.to(gl.int64) * KEYS_P + first_key  # row in [B * S_p]
-    _copy_rows(kr_ptr + key_row * ROPE, ROPE, k_rope, K_BLOCK_K, ROPE, num_warps)  # shared by the heads
-    d_rope = gl.zeros([K_BLOCK_K, ROPE], gl.float32, layout=rope_layout)
     first_head = group * GROUP
-    for head in range(first_head, gl.minimum(first_head + GROUP, HEADS)):
-        q_row = batch.to(gl.int64) * NUM_Q * HEADS + head  # (batch, query 0, head) in [B * T_p * H]
-        qn_base, qr_base, do_base = qn_ptr + q_row * NOPE, qr_ptr + q_row * ROPE, do_ptr + q_row * VALUE
-        # A key block no query sees (most of them for the first query chunks of a long context) only stores its
-        # zeros: its tiles are not loaded.
-        if walk > 0:
+    last_head = gl.minimum(first_head + GROUP, HEADS)
+    groups = (HEADS + GROUP - 1) // GROUP
+    rope_row = (batch * groups + group).to(gl.int64) * KEYS_P + first_key
+    if walk > 0:
+        _copy_rows(kr_ptr + key_row * ROPE, ROPE, k_rope, K_BLOCK_K, ROPE, num_warps)  # shared by the heads
+        d_rope = gl.zeros([K_BLOCK_K, ROPE], gl.float32, layout=rope_layout)
+        for head in range(first_head, last_head):
+            q_row = batch.to(gl.int64) * NUM_Q * HEADS + head  # (batch, query 0, head) in [B * T_p * H]
+            qn_base, qr_base, do_base = qn_ptr + q_row * NOPE, qr_ptr + q_row * ROPE, do_ptr + q_row * VALUE
             # this head's keys, then the first query blocks; every warp is done with the previous head's
             gl.thread_barrier()
             _copy_rows(kn_ptr + (key_row * HEADS + head) * NOPE, HEADS * NOPE, k_nope, K_BLOCK_K, NOPE, num_warps)
@@ -294,31 +297,41 @@ def _key_grads_kernel(qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, pos_ptr, do_ptr, ls
                 _copy_query_block(qn_base, qr_base, do_base,  # past the walk: its last block again
                                   start + gl.minimum(stage, walk - 1), qn_ring.index(stage), qr_ring.index(stage),
                                   do_ring.index(stage), HEADS, NOPE, ROPE, VALUE, BLOCK_Q, num_warps)
-        row_of_head = (batch * HEADS + head) * NUM_Q
-        d_values = gl.zeros([K_BLOCK_K, VALUE], gl.float32, layout=value_layout)
-        d_nope = gl.zeros([K_BLOCK_K, NOPE], gl.float32, layout=nope_layout)
-        for step in range(0, walk):
-            block = start + step
-            queries = block * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=query_columns)
-            positions = gl.load(pos_ptr + batch * NUM_Q + queries)
-            lse2 = gl.load(lse_ptr + row_of_head + queries)
-            delta = gl.load(delta_ptr + row_of_head + queries)
-            slot = step % STAGES
-            wait_for_copies(STAGES - 2)  # this block (and the head's keys); every warp is past the last block's dots
-            ahead = step + STAGES - 1
-            _copy_query_block(qn_base, qr_base, do_base, start + gl.minimum(ahead, walk - 1),
-                              qn_ring.index(ahead % STAGES), qr_ring.index(ahead % STAGES),
-                              do_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE, BLOCK_Q, num_warps)
-            if gl.max(positions, axis=0) >= first_key:  # some query sees some key of the block
-                d_values, d_nope, d_rope = _key_block_step(
-                    k_nope, k_rope, values, qn_ring.index(slot), qr_ring.index(slot), do_ring.index(slot),
-                    d_values, d_nope, d_rope, lse2, delta, positions, first_key, True, NUM_KEYS, SCALE,
-                    st_layout, value_operand, nope_operand, rope_operand)
-        async_copy.wait_group(0)
-        store_rows(dkn_ptr + head * NOPE, key_row, HEADS * NOPE, d_nope)
-        store_rows(dv_ptr + head * VALUE, key_row, HEADS * VALUE, d_values)
-    groups = (HEADS + GROUP - 1) // GROUP
-    store_rows(dkr_ptr, (batch * groups + group).to(gl.int64) * KEYS_P + first_key, ROPE, d_rope)
+            row_of_head = (batch * HEADS + head) * NUM_Q
+            d_values = gl.zeros([K_BLOCK_K, VALUE], gl.float32, layout=value_layout)
+            d_nope = gl.zeros([K_BLOCK_K, NOPE], gl.float32, layout=nope_layout)
+            for step in range(0, walk):
+                block = start + step
+                queries = block * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=query_columns)
+                positions = gl.load(pos_ptr + batch * NUM_Q + queries)
+                lse2 = gl.load(lse_ptr + row_of_head + queries)
+                delta = gl.load(delta_ptr + row_of_head + queries)
+                slot = step % STAGES
+                wait_for_copies(STAGES - 2)  # this block (and the head's keys); every warp is past the last dots
+                ahead = step + STAGES - 1
+                _copy_query_block(qn_base, qr_base, do_base, start + gl.minimum(ahead, walk - 1),
+                                  qn_ring.index(ahead % STAGES), qr_ring.index(ahead % STAGES),
+                                  do_ring.index(ahead % STAGES), HEADS, NOPE, ROPE, VALUE, BLOCK_Q, num_warps)
+                if gl.max(positions, axis=0) >= first_key:  # some query sees some key of the block
+                    d_values, d_nope, d_rope = _key_block_step(
+                        k_nope, k_rope, values, qn_ring.index(slot), qr_ring.index(slot), do_ring.index(slot),
+                        d_values, d_nope, d_rope, lse2, delta, positions, first_key, True, NUM_KEYS, SCALE,
+                        st_layout, value_operand, nope_operand, rope_operand)
+            async_copy.wait_group(0)
+            store_rows(dkn_ptr + head * NOPE, key_row, HEADS * NOPE, d_nope)
+            store_rows(dv_ptr + head * VALUE, key_row, HEADS * VALUE, d_values)
+        store_rows(dkr_ptr, rope_row, ROPE, d_rope)
+    else:
+        # A key block no query sees (most of them in a long context's first query chunks) loads nothing and stores
+        # its zeros in whole 16-byte vectors along the rows: from the accumulators' wgmma layout each thread would
+        # store 4 bytes at a time, half of every 32-byte sector a warp touches.
+        zero_nope = gl.zeros([K_BLOCK_K, NOPE], dtype, layout=_rows_layout(NOPE, num_warps))
+        zero_values = gl.zeros([K_BLOCK_K, VALUE], dtype, layout=_rows_layout(VALUE, num_warps))
+        for head in range(first_head, last_head):
+            store_rows(dkn_ptr + head * NOPE, key_row, HEADS * NOPE, zero_nope)
+            store_rows(dv_ptr + head * VALUE, key_row, HEADS * VALUE, zero_values)
+        store_rows(dkr_ptr, rope_row, ROPE, gl.zeros([K_BLOCK_K, ROPE], gl.float32,
+                                                     layout=_rows_layout(ROPE, num_warps)))
 
 
 # ---- the wrapper ---------------------------------------------------------------------------------------------------

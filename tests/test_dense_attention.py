@@ -464,7 +464,8 @@ def test_gluon_backward_compiles_for_hopper_with_its_dots_and_does_not_spill(cas
     their loops (d_q: nowhere) and issue their wgmma steps. d_q per key block (unmasked loop, masked loop): S
     (N + P) / 16 steps of m64n(block_k), dP V / 16 of m64n(block_k), then dS . k block_k / 16 of m64nN and of m64nP.
     d_k, d_v per query block, keys on the rows: S^T (N + P) / 16 of m64n(block_q), dP^T V / 16, then block_q / 16
-    each of m64nV, m64nN, m64nP; in the SASS, the step's exp2s between the wait for S^T alone and the next wait."""
+    each of m64nV, m64nN, m64nP; in the SASS, the step's exp2s between the wait for S^T alone and the next wait,
+    and the unseen key blocks' zeros stored in 16-byte vectors."""
     pytest.importorskip("triton.experimental.gluon")
     from test_gluon_kernels import SMEM_LIMIT, _ptxas_log, _sass  # noqa: PLC0415
 
@@ -508,6 +509,9 @@ def test_gluon_backward_compiles_for_hopper_with_its_dots_and_does_not_spill(cas
         # outstanding) and the next wait
         exp2s_under_dp = _exp2s_in_flight(sass, r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", r"WARPGROUP\.DEPBAR")
         assert exp2s_under_dp == [128 * block // (32 * 8)], exp2s_under_dp
+        # a key block no query sees stores its zeros in 16-byte vectors: [128, width] tiles over 256 threads, d_k
+        # and d_v in bf16 (one head at a time), d_k_rope in fp32; the gradients' own stores stay narrower
+        assert len(re.findall(r"\bSTG\.E\.128\b", sass)) == (2 * n_p + 2 * v_p + 4 * p_p) // 32, name
 
 
 def _stand_in_backward_launch(*arrays, kernel, out_shape, grid, num_warps, **constants):
