@@ -43,6 +43,7 @@ class LayerContext(NamedTuple):
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
     impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
     query_chunk: int = 0  # queries per chunk of the per-token part (static); 0: all at once (over_query_chunks)
+    cast_weights_once: bool = False  # the chunks read weights cast before them (nn.compute_copies) (static)
 
 
 class _Keys(NamedTuple):
@@ -91,9 +92,11 @@ class DSABlock(nnx.Module):
         expanded = None
         if ctx.attention == "dense":
             expanded = jax.lax.stop_gradient(self.self_attn.expand_keys(keys.kv_rows))
-        # Over query chunks, the weights are cast to the compute dtype here, once, not in every chunk (nn.py).
+        # Over query chunks, the weights are cast to the compute dtype here, once, not in every chunk (nn.py), where
+        # the caller allows it (LayerContext.cast_weights_once: not where the copies would outlive the layer).
         chunked = 0 < ctx.query_chunk < hidden.shape[1]
-        copies = compute_copies(self, self.self_attn.config.compute_dtype) if chunked else None
+        cast_once = chunked and ctx.cast_weights_once
+        copies = compute_copies(self, self.self_attn.config.compute_dtype) if cast_once else None
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
             *keys_and_source, copies = keys_and_source

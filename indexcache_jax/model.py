@@ -153,9 +153,13 @@ class DSATransformer(nnx.Module):
         offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
         positions = offsets[:, None] + jnp.arange(num_q, dtype=jnp.int32)[None, :]
         num_keys = num_q if cache is None else cache.max_len
+        # Weights cast once per layer for its query chunks (block.py) where that costs no memory: inside the layer
+        # rematerialisation, or in inference (a cache: nothing is differentiated). Without remat the copies would be
+        # kept for the backward pass, every layer's at once.
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
                            rope=rope_angles(positions, c),
-                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk)
+                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk,
+                           cast_weights_once=remat == "layer" or cache is not None)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)

@@ -212,10 +212,11 @@ def test_dense_attention_expands_its_keys_outside_the_chunks(dense_config):
 
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
 def test_chunks_read_weights_cast_once_per_layer_with_the_same_loss_and_gradients(attention, monkeypatch):
-    """bf16 compute over float32 weights: each layer casts its weights once, before its chunks, and so does the
-    chunked LM head; the chunks' projections read those copies (on an H100 XLA cast a DeepSeek-V3.2 layer's weights
-    again in every chunk otherwise: 138 ms of a 32K step, docs/BENCHMARKS.md session 51). The loss and every
-    gradient are those of chunks that cast the weights themselves, bit for bit."""
+    """bf16 compute over float32 weights, layer rematerialisation: each layer casts its weights once, before its
+    chunks, and so does the chunked LM head; the chunks' projections read those copies (on an H100 XLA cast a
+    DeepSeek-V3.2 layer's weights again in every chunk otherwise: 138 ms of a 32K step, docs/BENCHMARKS.md session
+    51). The loss and every gradient are those of chunks that cast the weights themselves, bit for bit. Without the
+    layer rematerialisation no copies: they would be kept for the backward pass, every layer's."""
     c = dataclasses.replace(DENSE, dtype="bfloat16")
     params = init_params(c, seed=1)
     tokens = _tokens(c, 2, 32)
@@ -249,6 +250,12 @@ def test_chunks_read_weights_cast_once_per_layer_with_the_same_loss_and_gradient
     head_doubled, _ = run(real_copies, lambda w, dtype: doubled(real_copy(w, dtype)))
     for other in (layers_doubled, head_doubled):
         assert abs(float(other) - float(loss)) > 1e-3 * abs(float(loss))
+    # without the layer rematerialisation the copies would be kept for the backward pass, every layer's: none made
+    made.clear()
+    monkeypatch.setattr(block, "compute_copies", counted)
+    jax.make_jaxpr(jax.grad(lambda p: sum(training_losses(p, tokens, "FSFS", config=c, attention=attention,
+                                                          remat="none", query_chunk=8))))(params)
+    assert made == []
 
 
 def test_chunks_sum_the_keys_gradient_in_float32_and_round_it_once():
