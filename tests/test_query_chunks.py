@@ -222,14 +222,14 @@ def test_chunks_read_weights_cast_once_per_layer_with_the_same_loss_and_gradient
     tokens = _tokens(c, 2, 32)
     real_copies, real_copy, made = block.compute_copies, model.compute_copy, []
 
-    def objective(p):
-        return sum(training_losses(p, tokens, "FSFS", config=c, attention=attention, remat="layer",
-                                   query_chunk=8))
+    flags = pattern_flags("FSFS", c)
+
+    def objective(p, remat="layer"):  # the model's own method: `training_losses` is jitted and would not retrace
+        return sum(bind(c, p).training_losses(tokens, flags, attention=attention, remat=remat, query_chunk=8))
 
     def run(layer_copies, head_copy):
         monkeypatch.setattr(block, "compute_copies", layer_copies)
         monkeypatch.setattr(model, "compute_copy", head_copy)
-        jax.clear_caches()  # training_losses is jitted: trace it again
         return jax.jit(jax.value_and_grad(objective))(params)
 
     def counted(module, dtype):
@@ -253,8 +253,7 @@ def test_chunks_read_weights_cast_once_per_layer_with_the_same_loss_and_gradient
     # without the layer rematerialisation the copies would be kept for the backward pass, every layer's: none made
     made.clear()
     monkeypatch.setattr(block, "compute_copies", counted)
-    jax.make_jaxpr(jax.grad(lambda p: sum(training_losses(p, tokens, "FSFS", config=c, attention=attention,
-                                                          remat="none", query_chunk=8))))(params)
+    jax.make_jaxpr(jax.grad(lambda p: objective(p, remat="none")))(params)
     assert made == []
 
 
