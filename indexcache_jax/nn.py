@@ -66,7 +66,21 @@ def _project_bwd(spec, dtype, residuals, cotangent):
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
     d_x = jnp.einsum(f"{out},{w_spec}->{x_spec}", cotangent, w_c, preferred_element_type=dtype)
-    d_w = jnp.einsum(f"{x_spec},{out}->{w_spec}", x_c, cotangent, preferred_element_type=w_like.dtype)
+    weight_spec, weight_dtype = f"{x_spec},{out}->{w_spec}", w_like.dtype
+
+    def mixed(x_c, cotangent):  # e.g. bf16 x bf16 -> f32 on the tensor cores
+        return jnp.einsum(weight_spec, x_c, cotangent, preferred_element_type=weight_dtype)
+
+    def upcast(x_c, cotangent):
+        # XLA's CPU runtime lacks some mixed-precision dots (eagerly, "Unsupported element type for
+        # DotThunk::Execute: BF16 x BF16 = F32") and CI workers that ran them crashed later inside a compile: on a
+        # CPU the operands are cast first (the same products, exact in f32, and the same f32 sums)
+        return jnp.einsum(weight_spec, x_c.astype(weight_dtype), cotangent.astype(weight_dtype))
+
+    if x_c.dtype == weight_dtype and cotangent.dtype == weight_dtype:
+        d_w = upcast(x_c, cotangent)
+    else:
+        d_w = jax.lax.platform_dependent(x_c, cotangent, cpu=upcast, default=mixed)
     return d_x.astype(x_like.dtype), d_w, None
 
 
