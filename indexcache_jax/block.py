@@ -26,7 +26,7 @@ from indexcache_jax.distill import DistillState, add_layer, token_kl
 from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer, select_top_k
 from indexcache_jax.mla import DENSE_LSE_NAME, MLAttention
-from indexcache_jax.nn import RMSNorm
+from indexcache_jax.nn import RMSNorm, compute_copies, with_compute_copies
 from pallas_kernels.dispatch import ImplArg
 
 TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by every rematerialisation (here and model.py)
@@ -43,6 +43,7 @@ class LayerContext(NamedTuple):
     attention: str  # "sparse" (DSA) or "dense" (all earlier tokens; no indexer runs) (static)
     impl: ImplArg  # kernel implementation for pallas_kernels.dispatch (static)
     query_chunk: int = 0  # queries per chunk of the per-token part (static); 0: all at once (over_query_chunks)
+    cast_weights_once: bool = False  # the chunks read weights cast before them (nn.compute_copies) (static)
 
 
 class _Keys(NamedTuple):
@@ -91,14 +92,22 @@ class DSABlock(nnx.Module):
         expanded = None
         if ctx.attention == "dense":
             expanded = jax.lax.stop_gradient(self.self_attn.expand_keys(keys.kv_rows))
+        # Over query chunks, the weights are cast to the compute dtype here, once, not in every chunk (nn.py), where
+        # the caller allows it (LayerContext.cast_weights_once: not where the copies would outlive the layer).
+        chunked = 0 < ctx.query_chunk < hidden.shape[1]
+        cast_once = chunked and ctx.cast_weights_once
+        copies = compute_copies(self, self.self_attn.config.compute_dtype) if cast_once else None
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
-            return self._per_token(hidden, x, positions, rope, indices, *keys_and_source, source_per_query,
-                                   is_full, ctx)
+            *keys_and_source, copies = keys_and_source
+            block = self if copies is None else with_compute_copies(self, copies)
+            return block._per_token(hidden, x, positions, rope, indices, *keys_and_source, source_per_query,
+                                    is_full, ctx)
 
         hidden, indices, source_per_query, token_kls = over_query_chunks(
             per_token, (hidden, x, ctx.positions, ctx.rope, indices, source_per_query),
-            (keys, source_whole, expanded), ctx.query_chunk, differentiable=(cache is None, cache is None, False))
+            (keys, source_whole, expanded, copies), ctx.query_chunk,
+            differentiable=(cache is None, cache is None, False, False))
         if distill is not None:
             distill = add_layer(distill, is_full, (source_per_query, source_whole), token_kls)
         return hidden, indices, cache, distill

@@ -39,7 +39,7 @@ from indexcache_jax.mla import DENSE_LSE_NAME
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import indexer_loss, init_state
-from indexcache_jax.nn import RMSNorm, project, weight
+from indexcache_jax.nn import RMSNorm, compute_copy, project, weight, with_compute_copy
 from indexcache_jax.pattern import IndexCachePattern, as_flags
 from indexcache_jax.rope import rope_angles
 from pallas_kernels.dispatch import ImplArg
@@ -128,8 +128,12 @@ class DSATransformer(nnx.Module):
         logits never exist at once (67 GB at 128K tokens with DeepSeek-V3.2's vocabulary of 129280)."""
         hidden, _, distill_state, _ = self._layers(tokens[:, :-1], flags, None, attention, impl, with_distill=True,
                                                    remat=remat, query_chunk=query_chunk)
-        token_losses = over_query_chunks(lambda h, targets, _: token_cross_entropy(self._logits(h), targets),
-                                         (hidden, tokens[:, 1:]), (), query_chunk, differentiable=True)
+        # The head's weight cast to the compute dtype once, not in every chunk (see nn.compute_copies)
+        chunked = 0 < query_chunk < hidden.shape[1]
+        head_copy = compute_copy(self._head_weight(), self.config.compute_dtype) if chunked else None
+        token_losses = over_query_chunks(
+            lambda h, targets, head_copy: token_cross_entropy(self._logits(h, head_copy), targets),
+            (hidden, tokens[:, 1:]), head_copy, query_chunk, differentiable=False)
         return jnp.mean(token_losses), indexer_loss(distill_state)
 
     def layer_indices(self, tokens, flags, *, impl=None, query_chunk: int = 0):
@@ -149,9 +153,13 @@ class DSATransformer(nnx.Module):
         offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
         positions = offsets[:, None] + jnp.arange(num_q, dtype=jnp.int32)[None, :]
         num_keys = num_q if cache is None else cache.max_len
+        # Weights cast once per layer for its query chunks (block.py) where that costs no memory: inside the layer
+        # rematerialisation, or in inference (a cache: nothing is differentiated). Without remat the copies would be
+        # kept for the backward pass, every layer's at once.
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
                            rope=rope_angles(positions, c),
-                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk)
+                           topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk,
+                           cast_weights_once=remat == "layer" or cache is not None)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)
@@ -171,14 +179,17 @@ class DSATransformer(nnx.Module):
         new_cache = None if cache is None else cache.replace(segments=tuple(new_segments))
         return hidden, new_cache, distill_state, jnp.concatenate(per_layer) if collect_indices else None
 
-    def _logits(self, hidden):
-        """[..., D] -> f32[..., V]."""
+    def _head_weight(self) -> nnx.Param:
+        """The LM head's weight: its own [D,V], or the embedding [V,D] when tied."""
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def _logits(self, hidden, head_copy=None):
+        """[..., D] -> f32[..., V]. head_copy: the head's weight in the compute dtype (`nn.compute_copy`), or
+        None to cast it here."""
         c = self.config
         hidden = self.norm(hidden)
-        if self.lm_head is None:
-            logits = project("...d,vd->...v", hidden, self.embed_tokens, c.compute_dtype)
-        else:
-            logits = project("...d,dv->...v", hidden, self.lm_head, c.compute_dtype)
+        spec = "...d,vd->...v" if self.lm_head is None else "...d,dv->...v"
+        logits = project(spec, hidden, with_compute_copy(self._head_weight(), head_copy), c.compute_dtype)
         return logits.astype(jnp.float32)
 
 

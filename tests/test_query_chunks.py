@@ -210,6 +210,53 @@ def test_dense_attention_expands_its_keys_outside_the_chunks(dense_config):
     assert set(frozen) == set(plain) == {1}, (frozen, plain)
 
 
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_chunks_read_weights_cast_once_per_layer_with_the_same_loss_and_gradients(attention, monkeypatch):
+    """bf16 compute over float32 weights, layer rematerialisation: each layer casts its weights once, before its
+    chunks, and so does the chunked LM head; the chunks' projections read those copies (on an H100 XLA cast a
+    DeepSeek-V3.2 layer's weights again in every chunk otherwise: 138 ms of a 32K step, docs/BENCHMARKS.md session
+    51). The loss and every gradient are those of chunks that cast the weights themselves, bit for bit. Without the
+    layer rematerialisation no copies: they would be kept for the backward pass, every layer's."""
+    c = dataclasses.replace(DENSE, dtype="bfloat16")
+    params = init_params(c, seed=1)
+    tokens = _tokens(c, 2, 32)
+    real_copies, real_copy, made = block.compute_copies, model.compute_copy, []
+
+    flags = pattern_flags("FSFS", c)
+
+    def objective(p, remat="layer"):  # the model's own method: `training_losses` is jitted and would not retrace
+        return sum(bind(c, p).training_losses(tokens, flags, attention=attention, remat=remat, query_chunk=8))
+
+    def run(layer_copies, head_copy):
+        monkeypatch.setattr(block, "compute_copies", layer_copies)
+        monkeypatch.setattr(model, "compute_copy", head_copy)
+        return jax.jit(jax.value_and_grad(objective))(params)
+
+    def counted(module, dtype):
+        made.append(real_copies(module, dtype))
+        return made[-1]
+
+    def doubled(copy):
+        return None if copy is None else 2 * copy
+    loss, grads = run(counted, real_copy)
+    assert len(made) == 1 and sum(x is not None for x in made[0]) >= 8  # once per layer scan body
+    want_loss, want_grads = run(lambda module, dtype: [None] * len(real_copies(module, dtype)),
+                                lambda w, dtype: None)  # every chunk casts
+    assert float(loss) == float(want_loss)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the chunks compute with the copies, not with casts of their own: doubled copies change the loss
+    layers_doubled, _ = run(lambda module, dtype: [doubled(x) for x in real_copies(module, dtype)], real_copy)
+    head_doubled, _ = run(real_copies, lambda w, dtype: doubled(real_copy(w, dtype)))
+    for other in (layers_doubled, head_doubled):
+        assert abs(float(other) - float(loss)) > 1e-3 * abs(float(loss))
+    # without the layer rematerialisation the copies would be kept for the backward pass, every layer's: none made
+    made.clear()
+    monkeypatch.setattr(block, "compute_copies", counted)
+    jax.make_jaxpr(jax.grad(lambda p: objective(p, remat="none")))(params)
+    assert made == []
+
+
 def test_chunks_sum_the_keys_gradient_in_float32_and_round_it_once():
     """bf16 keys shared by 16 chunks and a partial one: their summed gradient is as close to the exact one as one
     bf16 rounding (1.6x its error allows the chunks' own bf16 roundings before a float32 sum; a sum kept in bf16,
