@@ -73,8 +73,8 @@ def _project_bwd(spec, dtype, residuals, cotangent):
 
     def upcast(x_c, cotangent):
         # XLA's CPU runtime lacks some mixed-precision dots (eagerly, "Unsupported element type for
-        # DotThunk::Execute: BF16 x BF16 = F32") and CI workers that ran them crashed later inside a compile: on a
-        # CPU the operands are cast first (the same products, exact in f32, and the same f32 sums)
+        # DotThunk::Execute: BF16 x BF16 = F32"): on a CPU the operands are cast first (the same products, exact
+        # in f32, and the same f32 sums)
         return jnp.einsum(weight_spec, x_c.astype(weight_dtype), cotangent.astype(weight_dtype))
 
     if x_c.dtype == weight_dtype and cotangent.dtype == weight_dtype:
