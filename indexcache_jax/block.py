@@ -94,8 +94,7 @@ class DSABlock(nnx.Module):
             expanded = jax.lax.stop_gradient(self.self_attn.expand_keys(keys.kv_rows))
         # Over query chunks, the weights are cast to the compute dtype here, once, not in every chunk (nn.py), where
         # the caller allows it (LayerContext.cast_weights_once: not where the copies would outlive the layer).
-        chunked = 0 < ctx.query_chunk < hidden.shape[1]
-        cast_once = chunked and ctx.cast_weights_once
+        cast_once = ctx.cast_weights_once and runs_in_chunks(ctx.query_chunk, hidden.shape[1])
         copies = compute_copies(self, self.self_attn.config.compute_dtype) if cast_once else None
 
         def per_token(hidden, x, positions, rope, indices, source_per_query, keys_and_source):
@@ -179,12 +178,17 @@ def initial_distill_source(config: ModelConfig, batch: int, num_q: int, num_keys
     return jnp.zeros((batch, num_q, topk), jnp.float32), ()
 
 
+def runs_in_chunks(chunk: int, num_queries: int) -> bool:
+    """Whether `over_query_chunks` splits `num_queries` queries into chunks of `chunk` (0, or >= T: one call)."""
+    return 0 < chunk < num_queries
+
+
 def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable):
     """fn(*per_query, keys) over chunks of `chunk` queries -> its outputs, concatenated over queries.
 
-    per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: a pytree (a layer's `_Keys`; () for
-    the LM head, model.py) passed whole to every chunk. chunk 0
-    (or >= T): one call over all T. Otherwise every chunk is one `jax.checkpoint`ed call, which keeps only its
+    per_query: a tuple of pytrees of [B,T,...] arrays, split along T; keys: a pytree (a layer's `_Keys` and weight
+    copies; the LM head's weight copy, model.py) passed whole to every chunk. chunk 0 (or >= T): one call over all
+    T. Otherwise every chunk is one `jax.checkpoint`ed call, which keeps only its
     inputs and its top-k (SAVED_BY_CHUNK_REMAT) for the backward pass, so one chunk's activations are live at a time;
     the price is one more forward pass of fn (and no more inside a layer rematerialisation, whose recomputation
     needs only the chunks' inputs). Chunks run in a `lax.map`, and a last partial chunk (T not a multiple of
@@ -198,7 +202,7 @@ def over_query_chunks(fn, per_query, keys, chunk: int, *, differentiable):
     Not for a cache (inference), nor for keys that get no gradient: both would only allocate a sink.
     """
     num_q = jax.tree.leaves(per_query)[0].shape[1]
-    if not chunk or chunk >= num_q:
+    if not runs_in_chunks(chunk, num_q):
         return fn(*per_query, keys)
 
     def with_sinks(part, grows_gradient):

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indexcache_jax.block import TOPK_NAME, DSABlock, LayerContext, initial_distill_source, over_query_chunks
+from indexcache_jax.block import (TOPK_NAME, DSABlock, LayerContext, initial_distill_source, over_query_chunks,
+                                  runs_in_chunks)
 from indexcache_jax.mla import DENSE_LSE_NAME
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
@@ -129,7 +130,7 @@ class DSATransformer(nnx.Module):
         hidden, _, distill_state, _ = self._layers(tokens[:, :-1], flags, None, attention, impl, with_distill=True,
                                                    remat=remat, query_chunk=query_chunk)
         # The head's weight cast to the compute dtype once, not in every chunk (see nn.compute_copies)
-        chunked = 0 < query_chunk < hidden.shape[1]
+        chunked = runs_in_chunks(query_chunk, hidden.shape[1])
         head_copy = compute_copy(self._head_weight(), self.config.compute_dtype) if chunked else None
         token_losses = over_query_chunks(
             lambda h, targets, head_copy: token_cross_entropy(self._logits(h, head_copy), targets),
