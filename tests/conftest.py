@@ -2,6 +2,7 @@
 first layer, Shared layers), and the --runslow switch."""
 
 import dataclasses
+import gc
 import os
 import pathlib
 import tempfile
@@ -20,7 +21,7 @@ jax.config.update("jax_enable_x64", False)
 # XLA compiles the tests at its default LLVM optimisation level. Session 36 set
 # --xla_backend_optimization_level=0 here to save compile time; from then on about one suite run in three lost an
 # xdist worker to an abort inside XLA (compiling, or serialising/deserialising an executable for the persistent
-# cache), never reproduced in isolation.
+# cache), never reproduced in isolation. Session 53 found the cause: see `_release_compiled_programs`.
 
 
 def pytest_configure(config):
@@ -39,6 +40,20 @@ def pytest_configure(config):
 # default, to keep the suite within CI's time; `--runslow` draws more.
 hypothesis.settings.register_profile("default_suite", max_examples=6)
 hypothesis.settings.register_profile("runslow", max_examples=24)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test file, drop JAX's caches of compiled programs. Why: every CPU executable that stays alive
+    keeps its code mapped (a few memory maps for a small function, hundreds for a model's gradient), and a process
+    may hold at most vm.max_map_count maps (65530 by default). An xdist worker that runs half the suite kept
+    everything it compiled (jit caches), passed that limit late in the suite, and then XLA crashed with a
+    segmentation fault wherever it next mapped code: in a compile, or loading from the persistent cache. Session 53
+    reproduced it by lowering the limit to 9000 (test_query_chunks.py and test_remat.py alone reach 14,000 maps in
+    one process). Programs a later file needs again load from the persistent cache."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_addoption(parser):

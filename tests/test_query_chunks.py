@@ -313,6 +313,13 @@ def _compiled_gradient(config, params, tokens, remat, query_chunk, attention="sp
     return jax.jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_gradients():
+    """The module's compiled gradients go when it ends (conftest's `_release_compiled_programs` says why)."""
+    yield
+    _dense_ffn_gradient.cache_clear()
+
+
 @functools.cache
 def _dense_ffn_gradient(length: int, remat: str, query_chunk: int, attention: str = "sparse"):
     """The compiled gradient of the dense-FFN model (seed 1, batch 2) at `length` tokens, compiled once for the
