@@ -12,6 +12,11 @@ of the layer in the backward pass; the indices are kept because re-selecting the
 scores over every visible key and the top-k (and they take no gradient). On an H100 with two DeepSeek-V3.2-shaped
 layers this halves the step's temporaries for 8-11% more time, and 32K tokens fit where 16K did without it
 (docs/BENCHMARKS.md, session 34).
+remat="layer_keep_attention" also keeps each layer's attention output and log-sum-exp (the kernels' residuals,
+`ATTENTION_RESIDUALS`), so neither recomputation runs the attention's forward kernel again: with the dense
+attention [B,T,H,V] more per layer (1 GiB at 32K tokens at DeepSeek-V3.2's shapes, 128 heads x 128 in bf16), with
+the sparse one [B,T,H,R] (4 GiB: the latent width 512), in the compute dtype. The kernels alone name these; the
+reference kernels' autodiff saves other values, so under impl="reference" it is "layer".
 
 Query chunks (`query_chunk`, long contexts): what remat="layer" still holds at once is one layer's per-token
 tensors over the whole sequence, the [T, heads, latent] queries and outputs of the absorbed attention (and the
@@ -43,11 +48,16 @@ from indexcache_jax.distill import indexer_loss, init_state
 from indexcache_jax.nn import RMSNorm, compute_copy, project, weight, with_compute_copy
 from indexcache_jax.pattern import IndexCachePattern, as_flags
 from indexcache_jax.rope import rope_angles
+from pallas_kernels.dense_attention import OUTPUT_NAME as DENSE_OUTPUT_NAME
 from pallas_kernels.dispatch import ImplArg
+from pallas_kernels.sparse_attention import LSE_NAME as SPARSE_LSE_NAME, OUTPUT_NAME as SPARSE_OUTPUT_NAME
 
 ATTENTION_MODES = ("sparse", "dense")
-REMAT_MODES = ("none", "layer")
+REMAT_MODES = ("none", "layer", "layer_keep_attention")
 SAVED_BY_LAYER_REMAT = (TOPK_NAME, DENSE_LSE_NAME)
+# What remat="layer_keep_attention" keeps besides: the attention kernels' residuals, its output and lse. The layer's
+# policy reaches the query chunks' rematerialisation inside it too, so neither runs the attention's forward again.
+ATTENTION_RESIDUALS = (DENSE_OUTPUT_NAME, DENSE_LSE_NAME, SPARSE_OUTPUT_NAME, SPARSE_LSE_NAME)
 
 
 def _stacked_blocks(config: ModelConfig, ffn: str, num: int, rngs: nnx.Rngs) -> DSABlock:
@@ -73,10 +83,11 @@ def scan_layers(stack: DSABlock, hidden, indices, flags, ctx: LayerContext, cach
 
     if remat not in REMAT_MODES:  # checked here, where every entry point's layers pass
         raise ValueError(f"remat must be one of {list(REMAT_MODES)}, got {remat!r}")
-    if remat == "layer":
+    if remat != "none":
+        saved = SAVED_BY_LAYER_REMAT + (ATTENTION_RESIDUALS if remat == "layer_keep_attention" else ())
         # prevent_cse=False: inside a scan nothing can be CSE'd across the recomputation (jax.checkpoint's docs)
         layer_step = jax.checkpoint(layer_step, prevent_cse=False,
-                                    policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_LAYER_REMAT))
+                                    policy=jax.checkpoint_policies.save_only_these_names(*saved))
     (hidden, indices, distill), (cache, per_layer) = jax.lax.scan(layer_step, (hidden, indices, distill),
                                                                   (stacked_params, flags, cache))
     return hidden, indices, cache, distill, per_layer
@@ -160,7 +171,7 @@ class DSATransformer(nnx.Module):
         ctx = LayerContext(positions=positions, write_offsets=None if cache is None else offsets,
                            rope=rope_angles(positions, c),
                            topk=c.topk_for(num_keys), attention=attention, impl=impl, query_chunk=query_chunk,
-                           cast_weights_once=remat == "layer" or cache is not None)
+                           cast_weights_once=remat != "none" or cache is not None)
 
         hidden = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         hidden = hidden.astype(c.compute_dtype)
@@ -260,8 +271,8 @@ def forward(params: nnx.State, tokens, pattern=None, *, config: ModelConfig, att
             impl: ImplArg = None, remat: str = "none", query_chunk: int = 0):
     """Logits f32[B,T,V] of a whole sequence (training and evaluation; no cache). `pattern`: see pattern_flags;
     attention="dense" attends to all earlier tokens and runs no indexer (the dense warm-up's model); remat: what
-    the gradient keeps ("none", or "layer"); query_chunk: queries per chunk of each layer's per-token part (0:
-    all at once). See the module docstring for both."""
+    the gradient keeps (`REMAT_MODES`); query_chunk: queries per chunk of each layer's per-token part (0: all at
+    once). See the module docstring for both."""
     _check_attention(attention)
     check_tokens(tokens, config)
     return _forward(params, jnp.asarray(tokens), pattern_flags(pattern, config), config=config, attention=attention,

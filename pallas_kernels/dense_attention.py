@@ -42,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from pallas_kernels._pallas import compiler_params, dot_size, next_pow2, pad_axis, round_up
@@ -303,6 +304,13 @@ def _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpr
     return out[:, :num_q, :, :value_dim], jnp.moveaxis(lse[:, :, :num_q], 1, 2)
 
 
+# The names of the backward pass's residuals, for rematerialisation policies (`jax.checkpoint_policies`): a policy
+# that saves both lets a recomputation drop the forward kernel, whose outputs are then all known (the out name costs
+# [B,T,H,V] per call; the lse, f32[B,T,H], is small).
+OUTPUT_NAME = "dense_attention_output"
+LSE_NAME = "dense_attention_lse"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _attention(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel, forward_tiles,
                backward_kernel, backward_tiles):
@@ -314,6 +322,9 @@ def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, i
                    forward_tiles, backward_kernel, backward_tiles):
     out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
                         *forward_tiles)
+    # Named here, on the residuals: a name on the custom_vjp's outputs names other variables, so a policy that
+    # saved those would still run this kernel again (tests/test_remat.py)
+    out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
     return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from pallas_kernels._latent_slots import LatentSlots
@@ -263,6 +264,12 @@ class Tiles(NamedTuple):
     backward_d_s_bytes: int = 0
 
 
+# The names of the backward pass's residuals, for rematerialisation policies (`jax.checkpoint_policies`): a policy
+# that saves both lets a recomputation drop the forward kernel (the output costs [B,T,H,R] per call).
+OUTPUT_NAME = "sparse_attention_output"
+LSE_NAME = "sparse_attention_lse"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _sparse_mla(q, kv, indices, scale, value_dim, interpret, tiles):
     """-> (out [B,T,H,R], lse f32[B,T,H]), both differentiable."""
@@ -274,6 +281,9 @@ def _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles):
                             interpret=interpret, block_k=tiles.block_k, block_h=tiles.block_h,
                             num_warps=tiles.num_warps, forward_kernel=tiles.forward_kernel)
     out, lse = out[:, :, 0], lse[:, :, 0]
+    # Named here, on the residuals: a name on the custom_vjp's outputs names other variables, so a policy that
+    # saved those would still run this kernel again (tests/test_remat.py)
+    out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
     return (out, lse), (q, kv, indices, out, lse)
 
 

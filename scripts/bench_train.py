@@ -162,7 +162,8 @@ def main(argv=None) -> list[dict]:
                         help="override a model field, e.g. --set intermediate_size=2048")
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=["sparse", "indexcache"])
-    parser.add_argument("--remat", nargs="+", choices=("none", "layer"), default=["none", "layer"])
+    parser.add_argument("--remat", nargs="+", choices=("none", "layer", "layer_keep_attention"),
+                        default=["none", "layer"])
     parser.add_argument("--query-chunks", type=int, nargs="+", default=[0], metavar="C",
                         help="the job's query_chunk (0: all queries at once)")
     parser.add_argument("--steps", type=int, default=3)

@@ -5,6 +5,8 @@ which compiles the same gradients for its chunks). Reference kernels on CPU. The
 those of XLA's CPU compile: on a GPU these tests skip them, and `scripts/bench_train.py` measures the memory at
 real shapes (docs/BENCHMARKS.md)."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from indexcache_jax import init_params
 from indexcache_jax.model import forward_with_indexer_loss, next_token_loss
 from indexcache_jax.train import load_train_config
 from indexcache_jax.train.loop import make_optimizer, make_train_step
+from conftest import DENSE
 from test_train import JOB, SMALL as SMALL_JOB
 
 
@@ -97,9 +100,51 @@ def test_train_step_with_less_memory_matches_the_plain_step(variant):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
+def _forward_kernel_runs(compiled, kernel: str) -> dict[str, int]:
+    """The Pallas kernel `kernel`'s runs in a compiled interpret-mode program (its outer loop, named by the kernel),
+    by the pass that runs it: the forward ("jvp(...)") or a recomputation inside the backward ("transpose(...)")."""
+    runs = {}
+    for op_name in re.findall(r"\bwhile\(.*?op_name=\"([^\"]*)\"", compiled.as_text()):
+        if op_name.endswith(f"/{kernel}/while"):
+            where = op_name.split("/")[1].split("(")[0]
+            runs[where] = runs.get(where, 0) + 1
+    return runs
+
+
+@cpu_compile_only
+@pytest.mark.parametrize("attention,kernel", [("dense", "dense_attention_forward"), ("sparse", "sparse_mla")])
+def test_keeping_the_attention_output_runs_the_forward_kernel_once_with_the_same_gradients(attention, kernel):
+    """remat="layer_keep_attention" (interpret kernels, 32 tokens as two chunks of 16: the layer's policy must reach
+    the chunks' recomputation inside it): the attention's forward kernel runs in the forward pass only, and the
+    loss and gradients are those of remat="layer", which runs the kernel again in the backward pass."""
+    params = init_params(DENSE, seed=1)
+    tokens = _tokens(DENSE, 1, 32)
+
+    def compiled(remat):
+        def objective(params):
+            logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], "FSFS", config=DENSE,
+                                                             attention=attention, remat=remat, impl="interpret",
+                                                             query_chunk=16)
+            return next_token_loss(logits, tokens) + 0.5 * indexer_loss
+        return jax.jit(jax.value_and_grad(objective)).lower(params).compile()
+
+    plain, keeping = compiled("layer"), compiled("layer_keep_attention")
+    assert _forward_kernel_runs(plain, kernel) == {"jvp": 1, "transpose": 1}
+    assert _forward_kernel_runs(keeping, kernel) == {"jvp": 1}
+    (loss, grads), (kept_loss, kept_grads) = plain(params), keeping(params)
+    assert abs(float(kept_loss) - float(loss)) <= 1e-6 * abs(float(loss))
+    checked = 0
+    for got, want in zip(jax.tree.leaves(kept_grads), jax.tree.leaves(grads), strict=True):
+        if np.abs(np.asarray(want)).max() > 0:
+            assert rel_err(got, want) < 1e-5
+            checked += 1
+    assert checked > 10
+
+
 def test_unknown_remat_mode_is_named(small_config, small_params):
     tokens = _tokens(small_config, 1, 8)
-    with pytest.raises(ValueError, match="remat must be one of \\['none', 'layer'\\], got 'all'"):
+    modes = "\\['none', 'layer', 'layer_keep_attention'\\]"
+    with pytest.raises(ValueError, match=f"remat must be one of {modes}, got 'all'"):
         forward_with_indexer_loss(small_params, tokens, config=small_config, remat="all")
     with pytest.raises(ValueError, match="remat"):
         model.forward(small_params, tokens, config=small_config, remat="everything")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 
 import jax
 import numpy as np
@@ -20,7 +21,9 @@ from conftest import REPO
 from indexcache_jax import cli
 from indexcache_jax.checkpoint import load_model
 from indexcache_jax.configlib import ConfigError
+from indexcache_jax.model import REMAT_MODES
 from indexcache_jax.train import TrainingError, load_train_config, param_labels, train
+from indexcache_jax.train.config import TrainConfig
 from indexcache_jax.train.data import PASSKEY_QUESTION, batches, load_sequences, passkey_document
 from indexcache_jax.train.loop import _manager, restore_latest
 
@@ -254,6 +257,11 @@ def test_bad_config_values_name_the_field(override, field):
         return
     with pytest.raises(ConfigError, match=field.split(".")[-1]):
         load_train_config(JOB, SMALL + [override])
+
+
+def test_the_job_takes_every_remat_mode_of_the_model():
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["remat"]) == REMAT_MODES
+    assert load_train_config(JOB, SMALL + ["remat=layer_keep_attention"]).remat == "layer_keep_attention"
 
 
 def test_kernels_section_reaches_the_kernels_and_the_run_records_it(tmp_path):
