@@ -23,12 +23,10 @@ import pallas_kernels
 from indexcache_jax.config import ModelConfig
 from indexcache_jax.nn import RMSNorm, project, weight
 from indexcache_jax.rope import apply_rope
-from pallas_kernels.dense_attention import LSE_NAME as DENSE_LSE_RESIDUAL
-
-# The dense attention's log-sum-exp per head, f32[B,T,H], kept by every rematerialisation (block.py, model.py): the
-# warm-up's backward needs only the distribution, which takes it, so the attention's forward is not run again. The
-# kernels' name for their lse residual: one name for both.
-DENSE_LSE_NAME = DENSE_LSE_RESIDUAL
+# DENSE_LSE_NAME: the dense attention's log-sum-exp per head, f32[B,T,H], kept by every rematerialisation (block.py,
+# model.py): the warm-up's backward needs only the distribution, which takes it, so the attention's forward is not
+# run again. It is the kernels' own name for their lse residual, so one name keeps both.
+from pallas_kernels.dense_attention import LSE_NAME as DENSE_LSE_NAME
 
 
 class MLAttention(nnx.Module):

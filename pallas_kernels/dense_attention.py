@@ -323,7 +323,7 @@ def _attention_fwd(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, i
     out, lse = _forward(q_nope, q_rope, k_nope, k_rope, values, q_positions, scale, interpret, forward_kernel,
                         *forward_tiles)
     # Named here, on the residuals: a name on the custom_vjp's outputs names other variables, so a policy that
-    # saved those would still run this kernel again (tests/test_remat.py)
+    # saved those would still run this kernel again (checked: docs/BENCHMARKS.md, session 53)
     out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
     return (out, lse), (q_nope, q_rope, k_nope, k_rope, values, q_positions, out, lse)
 

@@ -282,7 +282,7 @@ def _sparse_mla_fwd(q, kv, indices, scale, value_dim, interpret, tiles):
                             num_warps=tiles.num_warps, forward_kernel=tiles.forward_kernel)
     out, lse = out[:, :, 0], lse[:, :, 0]
     # Named here, on the residuals: a name on the custom_vjp's outputs names other variables, so a policy that
-    # saved those would still run this kernel again (tests/test_remat.py)
+    # saved those would still run this kernel again (checked: docs/BENCHMARKS.md, session 53)
     out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
     return (out, lse), (q, kv, indices, out, lse)
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import xla_profile  # noqa: E402
 from bench_kernels import PowerSampler  # noqa: E402
 from indexcache_jax.configlib import from_mapping, read_yaml  # noqa: E402
-from indexcache_jax.model import init_params, pattern_flags  # noqa: E402
+from indexcache_jax.model import REMAT_MODES, init_params, pattern_flags  # noqa: E402
 from indexcache_jax.train.config import TrainConfig, apply_overrides  # noqa: E402
 from indexcache_jax.train.loop import make_optimizer, make_train_step, master_weights_config  # noqa: E402
 
@@ -162,8 +162,7 @@ def main(argv=None) -> list[dict]:
                         help="override a model field, e.g. --set intermediate_size=2048")
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=["sparse", "indexcache"])
-    parser.add_argument("--remat", nargs="+", choices=("none", "layer", "layer_keep_attention"),
-                        default=["none", "layer"])
+    parser.add_argument("--remat", nargs="+", choices=REMAT_MODES, default=["none", "layer"])
     parser.add_argument("--query-chunks", type=int, nargs="+", default=[0], metavar="C",
                         help="the job's query_chunk (0: all queries at once)")
     parser.add_argument("--steps", type=int, default=3)
