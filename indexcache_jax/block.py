@@ -25,12 +25,16 @@ from indexcache_jax.config import ModelConfig
 from indexcache_jax.distill import DistillState, add_layer, token_kl
 from indexcache_jax.ffn import MLP, MoE
 from indexcache_jax.indexer import LightningIndexer, select_top_k
-from indexcache_jax.mla import DENSE_LSE_NAME, MLAttention
+from indexcache_jax.mla import DENSE_LSE_NAME, SPARSE_TARGET_NAME, MLAttention
 from indexcache_jax.nn import RMSNorm, compute_copies, with_compute_copies
 from pallas_kernels.dispatch import ImplArg
 
 TOPK_NAME = "dsa_topk_indices"  # a Full layer's selection, kept by every rematerialisation (here and model.py)
-SAVED_BY_CHUNK_REMAT = (TOPK_NAME, DENSE_LSE_NAME)
+# What every rematerialisation keeps (the chunks' here, the layers' in model.py): besides the top-k, the dense
+# attention's lse and the sparse stages' distillation target, each [B,T,K] or smaller per layer. Keeping the target
+# spares the backward a run of its kernel: the sparse step at 32K 3.6% faster for 0.4 GB a layer on an H100
+# (docs/BENCHMARKS.md, session 54).
+SAVED_BY_CHUNK_REMAT = (TOPK_NAME, DENSE_LSE_NAME, SPARSE_TARGET_NAME)
 
 
 class LayerContext(NamedTuple):

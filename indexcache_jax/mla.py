@@ -28,6 +28,9 @@ from indexcache_jax.rope import apply_rope
 # run again. It is the kernels' own name for their lse residual, so one name keeps both.
 from pallas_kernels.dense_attention import LSE_NAME as DENSE_LSE_NAME
 
+# The sparse stages' distillation target f32[B,T,K], named so that a rematerialisation can keep it (model.py).
+SPARSE_TARGET_NAME = "sparse_distillation_target"
+
 
 class MLAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -80,8 +83,9 @@ class MLAttention(nnx.Module):
         out = self._output(jnp.einsum("bthr,rhv->bthv", o_latent, self._kv_b()[1]))
         if not with_distribution:
             return out
-        return out, pallas_kernels.sparse_attention_distribution(
-            q_mqa, kv_rows, indices, scale=c.softmax_scale, value_dim=c.kv_lora_rank, lse=lse, impl=impl)
+        return out, checkpoint_name(pallas_kernels.sparse_attention_distribution(
+            q_mqa, kv_rows, indices, scale=c.softmax_scale, value_dim=c.kv_lora_rank, lse=lse, impl=impl),
+            SPARSE_TARGET_NAME)
 
     def _absorbed_query(self, q_nope, q_rope):
         """q_nope [B,T,H,N], q_rope [B,T,H,P] -> the MQA-form query [B,T,H,L]: W_uk folded into q_nope."""

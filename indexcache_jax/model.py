@@ -7,11 +7,13 @@ function serves every pattern.
 
 Rematerialisation (`remat`, training at long context): without it the backward pass keeps every layer's
 activations, which at DeepSeek-V3.2's attention shapes is many GB per layer at 32K tokens. remat="layer" keeps
-only each layer's inputs (the scan carry) and its top-k indices (`SAVED_BY_LAYER_REMAT`), and recomputes the rest
-of the layer in the backward pass; the indices are kept because re-selecting them means re-running the indexer's
-scores over every visible key and the top-k (and they take no gradient). On an H100 with two DeepSeek-V3.2-shaped
-layers this halves the step's temporaries for 8-11% more time, and 32K tokens fit where 16K did without it
-(docs/BENCHMARKS.md, session 34).
+only each layer's inputs (the scan carry), its top-k indices and, when the indexers are distilled, the sparse
+attention's distribution over those slots (`SAVED_BY_LAYER_REMAT`), and recomputes the rest of the layer in the
+backward pass; the indices are kept because re-selecting them means re-running the indexer's scores over every
+visible key and the top-k (and they take no gradient); the distribution, the distillation target f32[B,T,K], because
+recomputing it is a kernel run of its own, for as many bytes as the indices (the sparse step 3.6% faster at 32K:
+docs/BENCHMARKS.md, session 54). On an H100 with two DeepSeek-V3.2-shaped layers remat="layer" halves the step's
+temporaries for 8-11% more time, and 32K tokens fit where 16K did without it (docs/BENCHMARKS.md, session 34).
 remat="layer_keep_attention" also keeps each layer's attention output and log-sum-exp (the kernels' residuals,
 `ATTENTION_RESIDUALS`), so neither recomputation runs the attention's forward kernel again: with the dense
 attention [B,T,H,V] more per layer (1 GiB at 32K tokens at DeepSeek-V3.2's shapes, 128 heads x 128 in bf16), with
@@ -39,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indexcache_jax.block import (TOPK_NAME, DSABlock, LayerContext, initial_distill_source, over_query_chunks,
-                                  runs_in_chunks)
+from indexcache_jax.block import (SAVED_BY_CHUNK_REMAT, DSABlock, LayerContext, initial_distill_source,
+                                  over_query_chunks, runs_in_chunks)
 from indexcache_jax.mla import DENSE_LSE_NAME
 from indexcache_jax.cache import KVCache
 from indexcache_jax.config import ModelConfig
@@ -54,7 +56,7 @@ from pallas_kernels.sparse_attention import LSE_NAME as SPARSE_LSE_NAME, OUTPUT_
 
 ATTENTION_MODES = ("sparse", "dense")
 REMAT_MODES = ("none", "layer", "layer_keep_attention")
-SAVED_BY_LAYER_REMAT = (TOPK_NAME, DENSE_LSE_NAME)
+SAVED_BY_LAYER_REMAT = SAVED_BY_CHUNK_REMAT  # the top-k, the dense lse, the sparse distillation target
 # What remat="layer_keep_attention" keeps besides: the attention kernels' residuals, its output and lse. The layer's
 # policy reaches the query chunks' rematerialisation inside it too, so neither runs the attention's forward again.
 ATTENTION_RESIDUALS = (DENSE_OUTPUT_NAME, DENSE_LSE_NAME, SPARSE_OUTPUT_NAME, SPARSE_LSE_NAME)

@@ -141,6 +141,26 @@ def test_keeping_the_attention_output_runs_the_forward_kernel_once_with_the_same
     assert checked > 10
 
 
+@cpu_compile_only
+@pytest.mark.parametrize("remat", ["layer", "none"])
+def test_rematerialisations_keep_the_sparse_distillation_target(remat):
+    """The sparse stages' distillation target (the attention's distribution over the slots) is kept by the layers'
+    rematerialisation and by the query chunks' (remat="none" with chunks): its kernel runs in the forward pass
+    only, not again in the backward pass."""
+    params = init_params(DENSE, seed=1)
+    tokens = _tokens(DENSE, 1, 32)
+
+    def objective(params):
+        logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], "FSFS", config=DENSE,
+                                                         attention="sparse", remat=remat, impl="interpret",
+                                                         query_chunk=16)
+        return next_token_loss(logits, tokens) + 0.5 * indexer_loss
+    compiled = jax.jit(jax.value_and_grad(objective)).lower(params).compile()
+    assert _forward_kernel_runs(compiled, "sparse_attention_distribution") == {"jvp": 1}
+    # the attention's forward does run again (its residuals are not kept): the count tells the passes apart
+    assert _forward_kernel_runs(compiled, "sparse_mla") == {"jvp": 1, "transpose": 1}
+
+
 def test_unknown_remat_mode_is_named(small_config, small_params):
     tokens = _tokens(small_config, 1, 8)
     modes = "\\['none', 'layer', 'layer_keep_attention'\\]"

@@ -133,9 +133,10 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     # The kernels the job runs and their memory bounds (the implementation too: the CLI's --impl overrides it)
     kernels: Kernels = Kernels()
-    # What the backward pass keeps: "none" (every activation), "layer" (each layer's inputs and top-k indices,
-    # the rest recomputed; what long contexts need to fit in memory: indexcache_jax/model.py, docs/BENCHMARKS.md)
-    # or "layer_keep_attention" (also each layer's attention output: more memory, one attention forward fewer)
+    # What the backward pass keeps: "none" (every activation), "layer" (each layer's inputs, top-k indices and
+    # sparse distillation target, the rest recomputed; what long contexts need to fit in memory:
+    # indexcache_jax/model.py, docs/BENCHMARKS.md) or "layer_keep_attention" (also each layer's attention output:
+    # more memory, one attention forward fewer)
     remat: Literal["none", "layer", "layer_keep_attention"] = "none"
     # Queries per chunk of each layer's per-token part (0: all at once): bounds the per-head activations of one
     # layer by the chunk instead of the sequence, for one more forward pass of that part (indexcache_jax/model.py)
