@@ -3,25 +3,38 @@ first layer, Shared layers), and the --runslow switch."""
 
 import dataclasses
 import gc
+import importlib.metadata
 import os
 import pathlib
 import tempfile
 
-import hypothesis
-import jax
-import numpy as np
-import pytest
 
-from indexcache_jax import ModelConfig, MoEConfig, init_params
+def _cpu_only() -> bool:
+    """JAX is told to use the CPU, or no GPU plugin is installed."""
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        return True
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return not any(name.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")) for name in names)
+
+
+if _cpu_only():
+    # Before jax starts its backend, and inherited by the CLI subprocesses of the job tests. The tests compile
+    # hundreds of small programs and run most once: LLVM's optimisation of the CPU code costs more than it saves
+    # (docs/BENCHMARKS.md, session 54). It changes the machine code, not XLA's buffers or what is computed. Session
+    # 36 set it first; the worker crashes that followed (for which 8643e75 dropped it) were workers past
+    # vm.max_map_count, which `_release_compiled_programs` prevents (session 53).
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+import hypothesis  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from indexcache_jax import ModelConfig, MoEConfig, init_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 jax.config.update("jax_enable_x64", False)
-
-# XLA compiles the tests at its default LLVM optimisation level. Session 36 set
-# --xla_backend_optimization_level=0 here to save compile time; from then on about one suite run in three lost an
-# xdist worker to an abort inside XLA (compiling, or serialising/deserialising an executable for the persistent
-# cache), never reproduced in isolation. Session 53 found the cause: see `_release_compiled_programs`.
 
 
 def pytest_configure(config):
