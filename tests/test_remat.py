@@ -25,10 +25,11 @@ ON_CPU = jax.default_backend() == "cpu"
 cpu_compile_only = pytest.mark.skipif(not ON_CPU, reason="counts XLA's CPU compile (see the module docstring)")
 
 
-def _objective(config, tokens, pattern, attention, remat):
+def _objective(config, tokens, pattern, attention, remat, **options):
+    """The LM loss plus half the distillation loss; options: forward_with_indexer_loss's impl and query_chunk."""
     def objective(params):
         logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], pattern, config=config,
-                                                         attention=attention, remat=remat)
+                                                         attention=attention, remat=remat, **options)
         return next_token_loss(logits, tokens) + 0.5 * indexer_loss
     return objective
 
@@ -54,8 +55,9 @@ def test_layer_remat_gives_the_same_loss_and_gradients(small_config, small_param
     assert checked > 20
 
 
-def _compiled_gradient(config, params, tokens, remat):
-    return jax.jit(jax.value_and_grad(_objective(config, tokens, "FSFS", "sparse", remat))).lower(params).compile()
+def _compiled_gradient(config, params, tokens, remat, attention="sparse", **options):
+    objective = _objective(config, tokens, "FSFS", attention, remat, **options)
+    return jax.jit(jax.value_and_grad(objective)).lower(params).compile()
 
 
 @cpu_compile_only
@@ -119,16 +121,8 @@ def test_keeping_the_attention_output_runs_the_forward_kernel_once_with_the_same
     loss and gradients are those of remat="layer", which runs the kernel again in the backward pass."""
     params = init_params(DENSE, seed=1)
     tokens = _tokens(DENSE, 1, 32)
-
-    def compiled(remat):
-        def objective(params):
-            logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], "FSFS", config=DENSE,
-                                                             attention=attention, remat=remat, impl="interpret",
-                                                             query_chunk=16)
-            return next_token_loss(logits, tokens) + 0.5 * indexer_loss
-        return jax.jit(jax.value_and_grad(objective)).lower(params).compile()
-
-    plain, keeping = compiled("layer"), compiled("layer_keep_attention")
+    plain, keeping = (_compiled_gradient(DENSE, params, tokens, remat, attention, impl="interpret", query_chunk=16)
+                      for remat in ("layer", "layer_keep_attention"))
     assert _forward_kernel_runs(plain, kernel) == {"jvp": 1, "transpose": 1}
     assert _forward_kernel_runs(keeping, kernel) == {"jvp": 1}
     (loss, grads), (kept_loss, kept_grads) = plain(params), keeping(params)
@@ -148,14 +142,7 @@ def test_rematerialisations_keep_the_sparse_distillation_target(remat):
     rematerialisation and by the query chunks' (remat="none" with chunks): its kernel runs in the forward pass
     only, not again in the backward pass."""
     params = init_params(DENSE, seed=1)
-    tokens = _tokens(DENSE, 1, 32)
-
-    def objective(params):
-        logits, indexer_loss = forward_with_indexer_loss(params, tokens[:, :-1], "FSFS", config=DENSE,
-                                                         attention="sparse", remat=remat, impl="interpret",
-                                                         query_chunk=16)
-        return next_token_loss(logits, tokens) + 0.5 * indexer_loss
-    compiled = jax.jit(jax.value_and_grad(objective)).lower(params).compile()
+    compiled = _compiled_gradient(DENSE, params, _tokens(DENSE, 1, 32), remat, impl="interpret", query_chunk=16)
     assert _forward_kernel_runs(compiled, "sparse_attention_distribution") == {"jvp": 1}
     # the attention's forward does run again (its residuals are not kept): the count tells the passes apart
     assert _forward_kernel_runs(compiled, "sparse_mla") == {"jvp": 1, "transpose": 1}
